@@ -1,0 +1,15 @@
+"""kvjax: long-context LLM inference in JAX with a compressed KV cache."""
+
+from kvjax.attention import cached_attention_reference, prefill_attention_reference
+from kvjax.cache import KVCache, LayerCache, Prefix, Tail, kv_nbytes_needed
+from kvjax.generate import GenerateOutput, generate, generate_stream
+from kvjax.layer import decode_layer, decode_positions, prefill_layer
+from kvjax.observation import Observation, ObsSpec
+from kvjax.sampling import Greedy, Temperature, TopK, TopP
+
+__all__ = [
+    "GenerateOutput", "Greedy", "KVCache", "LayerCache", "Observation", "ObsSpec", "Prefix",
+    "Tail", "Temperature", "TopK", "TopP", "cached_attention_reference", "decode_layer",
+    "decode_positions", "generate", "generate_stream", "kv_nbytes_needed", "prefill_layer",
+    "prefill_attention_reference",
+]

@@ -1,0 +1,139 @@
+"""Pure-jnp attention references: the specification of the Pallas kernels.
+
+Two entry points:
+  * `prefill_attention_reference`: causal self-attention over a right-padded prompt, chunked
+    over queries so the T x T matrix is never held whole for long prompts.
+  * `cached_attention_reference`: new query tokens against a `LayerCache` (compressed prefix,
+    optionally with thin keys, plus the dense tail), one softmax over both.
+Softmax and accumulation are in f32. Axis letters: B batch, T queries, N q heads, K kv heads,
+G = N // K, H head dim, C prefix slots, S tail slots / keys, Dk kept key channels.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache import LayerCache
+
+ATTN_IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+_Q_CHUNK = 512
+
+
+def resolve_attn_impl(attn_impl: str) -> str:
+    """Map "auto" to the implementation for the default backend (reference on CPU)."""
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"{attn_impl=} is not one of {ATTN_IMPLS}")
+    if attn_impl != "auto":
+        return attn_impl
+    return "reference"
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis in f32; fully masked rows give zeros (never NaN)."""
+    logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+
+
+def _window_ok(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
+    if sliding_window is None:
+        return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+    return q_pos - k_pos < sliding_window
+
+
+def _group(q: jax.Array, n_kv: int) -> jax.Array:
+    """[B, T, N, H] -> [B, T, K, G, H] (query heads of one kv head are contiguous)."""
+    b, t, n, h = q.shape
+    return q.reshape(b, t, n_kv, n // n_kv, h)
+
+
+def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                                *, scale: float | None = None,
+                                sliding_window: int | None = None) -> jax.Array:
+    """Causal attention over a right-padded prompt.
+
+    Args:
+      q: [B, T, N, H] post-RoPE queries; k, v: [B, T, K, H].
+      lengths: [B] valid prompt lengths (keys at index >= length are masked).
+      scale: logit scale, default 1/sqrt(H).
+      sliding_window: keys more than `sliding_window - 1` positions back are masked (Mistral).
+
+    Returns:
+      [B, T, N, H] attention outputs in q's dtype (rows of padding queries are garbage-free
+      but meaningless).
+    """
+    b, t, n, h = q.shape
+    scale = default_scale(h) if scale is None else scale
+    chunk = min(t, _Q_CHUNK)
+    n_chunks = -(-t // chunk)
+    qg = _group(q, k.shape[2])
+    qg = jnp.pad(qg, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0), (0, 0)))
+    key_pos = jnp.arange(t)
+    key_valid = key_pos[None, :] < lengths[:, None]  # [B, S]
+
+    def one_chunk(i):
+        qb = jax.lax.dynamic_slice_in_dim(qg, i * chunk, chunk, axis=1)  # [B, Tc, K, G, H]
+        q_pos = i * chunk + jnp.arange(chunk)
+        logits = jnp.einsum("bqkgh,bskh->bkgqs", qb, k, preferred_element_type=jnp.float32)
+        causal = (key_pos[None, :] <= q_pos[:, None]) & _window_ok(
+            q_pos[:, None], key_pos[None, :], sliding_window)  # [Tc, S]
+        mask = causal[None, None, None] & key_valid[:, None, None, None, :]
+        p = _masked_softmax(logits * scale, mask)
+        return jnp.einsum("bkgqs,bskh->bqkgh", p, v.astype(jnp.float32))
+
+    out = jax.lax.map(one_chunk, jnp.arange(n_chunks))  # [n_chunks, B, Tc, K, G, H]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * chunk, n, h)[:, :t]
+    return out.astype(q.dtype)
+
+
+def _gather_query_channels(qg: jax.Array, channels: jax.Array) -> jax.Array:
+    """qg [B, T, K, G, H], channels [B, K, Dk] -> [B, T, K, G, Dk]."""
+    idx = channels[:, None, :, None, :]
+    idx = jnp.broadcast_to(idx, qg.shape[:-1] + (channels.shape[-1],))
+    return jnp.take_along_axis(qg, idx, axis=-1)
+
+
+def cached_attention_reference(q: jax.Array, q_pos: jax.Array, layer: LayerCache, *,
+                               scale: float | None = None,
+                               sliding_window: int | None = None) -> jax.Array:
+    """Attention of new queries over a compressed prefix and a dense tail, one softmax.
+
+    Args:
+      q: [B, T, N, H] post-RoPE queries of the new tokens.
+      q_pos: [B, T] their positions (tail slots at positions > q_pos are masked: causal).
+      layer: prefix (k [B, K, C, Dk], v [B, K, C, Hv], pos, length [B, K], channels) and tail
+        (k, v [B, K, S, H], pos [B, S], count [B]); the new tokens are already in the tail.
+      scale: logit scale, default 1/sqrt(H) with the full H even for thin keys.
+      sliding_window: Mistral-style window on positions.
+
+    Returns:
+      [B, T, N, Hv] outputs in q's dtype.
+    """
+    b, t, n, h = q.shape
+    p, tl = layer.prefix, layer.tail
+    scale = default_scale(h) if scale is None else scale
+    qg = _group(q, p.k.shape[1])
+    q_pref = qg if p.channels is None else _gather_query_channels(qg, p.channels)
+    lp = jnp.einsum("btkgd,bkcd->bkgtc", q_pref, p.k, preferred_element_type=jnp.float32)
+    lt = jnp.einsum("btkgh,bksh->bkgts", qg, tl.k, preferred_element_type=jnp.float32)
+    qp = q_pos[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    slot = jnp.arange(p.capacity)
+    mp = (slot[None, None, :] < p.length[..., None])[:, :, None, None, :]
+    mp = mp & _window_ok(qp, p.pos[:, :, None, None, :], sliding_window)
+    tpos = tl.pos[:, None, None, None, :]
+    mt = (jnp.arange(tl.capacity)[None, :] < tl.count[:, None])[:, None, None, None, :]
+    mt = mt & (tpos <= qp) & _window_ok(qp, tpos, sliding_window)
+    probs = _masked_softmax(jnp.concatenate([lp, lt], -1) * scale,
+                            jnp.concatenate([jnp.broadcast_to(mp, lp.shape),
+                                             jnp.broadcast_to(mt, lt.shape)], -1))
+    pp, pt = probs[..., :p.capacity], probs[..., p.capacity:]
+    out = (jnp.einsum("bkgtc,bkcd->btkgd", pp, p.v.astype(jnp.float32))
+           + jnp.einsum("bkgts,bksd->btkgd", pt, tl.v.astype(jnp.float32)))
+    return out.reshape(b, t, n, -1).astype(q.dtype)

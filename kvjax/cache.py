@@ -1,0 +1,167 @@
+"""The explicit KV-cache pytree (ARCHITECTURE.md section 3).
+
+Per layer a `LayerCache` holds a compressed **prefix** (what survived compression of the prompt,
+with per-kv-head valid lengths and original positions) and a dense **tail** (tokens appended
+after prefill). Layers are a tuple, so per-layer capacities (PyramidKV, ZigZagKV) are real
+per-layer array sizes. Axis letters: B batch, K kv heads, C prefix slots, S tail slots,
+H head dim, Dk kept key channels.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """Prompt keys/values that survived compression.
+
+    Attributes:
+      k: [B, K, C, Dk] post-RoPE keys (Dk < H when key channels were pruned).
+      v: [B, K, C, Hv] values.
+      pos: [B, K, C] int32 original token positions of the slots.
+      length: [B, K] int32 number of valid slots per kv head (slots >= length are padding).
+      channels: [B, K, Dk] int32 kept key-channel indices, or None when keys are full width.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    length: jax.Array
+    channels: jax.Array | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Tail:
+    """Dense, full-width tokens appended after prefill (question tokens, generated tokens).
+
+    Attributes:
+      k: [B, K, S, H] post-RoPE keys.
+      v: [B, K, S, H] values.
+      pos: [B, S] int32 positions of the slots.
+      count: [B] int32 number of valid slots (slots are filled in order).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    count: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    prefix: Prefix
+    tail: Tail
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """All layers plus the next RoPE position of every sequence.
+
+    Attributes:
+      layers: one LayerCache per layer (a tuple: capacities may differ per layer).
+      next_pos: [B] int32 position of the next token; continues from the original prompt
+        length however many slots survived compression.
+    """
+
+    layers: tuple[LayerCache, ...]
+    next_pos: jax.Array
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every array of the cache (what device memory really holds)."""
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+    @property
+    def batch_size(self) -> int:
+        return self.next_pos.shape[0]
+
+    @property
+    def tail_capacity(self) -> int:
+        return self.layers[0].tail.capacity
+
+
+def init_tail(batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype) -> Tail:
+    """Return an empty tail of `capacity` slots per sequence."""
+    shape = (batch, n_kv_heads, capacity, head_dim)
+    return Tail(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                pos=jnp.zeros((batch, capacity), jnp.int32),
+                count=jnp.zeros((batch,), jnp.int32))
+
+
+def prefix_from_prompt(k: jax.Array, v: jax.Array, lengths: jax.Array) -> Prefix:
+    """Wrap the full prompt keys/values as an uncompressed prefix.
+
+    Args:
+      k: [B, T, K, H] post-RoPE prompt keys (right padded).
+      v: [B, T, K, H] prompt values.
+      lengths: [B] true prompt lengths.
+
+    Returns:
+      A Prefix with C = T slots, `length[b, :] = lengths[b]` and `pos = arange(T)`.
+    """
+    b, t, n_kv, _ = k.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, n_kv, t))
+    length = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (b, n_kv))
+    return Prefix(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), pos=pos, length=length)
+
+
+def append_to_tail(tail: Tail, k: jax.Array, v: jax.Array, positions: jax.Array,
+                   n_new: jax.Array) -> Tail:
+    """Write T new tokens per sequence at `count` and advance `count` by `n_new`.
+
+    Args:
+      tail: the current tail.
+      k: [B, T, K, H] new post-RoPE keys; v: [B, T, K, H] new values.
+      positions: [B, T] positions of the new tokens.
+      n_new: [B] how many of the T tokens are real (the rest is padding and will be
+        overwritten by later writes; they sit beyond `count` and are never attended).
+
+    Returns:
+      The tail with the tokens written. The caller guarantees count + T <= capacity.
+    """
+    def write_one(buf, new, start):  # buf [K, S, H], new [K, T, H]
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0))
+
+    def write_pos(buf, new, start):  # buf [S], new [T]
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start,))
+
+    start = tail.count
+    new_k = jax.vmap(write_one)(tail.k, k.transpose(0, 2, 1, 3), start)
+    new_v = jax.vmap(write_one)(tail.v, v.transpose(0, 2, 1, 3), start)
+    new_pos = jax.vmap(write_pos)(tail.pos, positions, start)
+    return Tail(k=new_k, v=new_v, pos=new_pos, count=tail.count + n_new.astype(jnp.int32))
+
+
+def kv_nbytes_needed(cache: KVCache) -> int:
+    """Bytes of keys and values a layout without padding would need (valid entries only).
+
+    Uses host values of `length` and `count` (call outside jit).
+    """
+    total = 0
+    for layer in cache.layers:
+        p, t = layer.prefix, layer.tail
+        slots = int(jnp.sum(p.length))
+        total += slots * (p.k.shape[-1] * p.k.dtype.itemsize + p.v.shape[-1] * p.v.dtype.itemsize)
+        tail_slots = int(jnp.sum(t.count)) * t.k.shape[1]
+        total += tail_slots * t.k.shape[-1] * (t.k.dtype.itemsize + t.v.dtype.itemsize)
+    return total
+
+
+def ceil_budget(n: int, compression_ratio: float) -> int:
+    """Slots kept out of `n` at `compression_ratio`: ceil((1 - r) * n), at least 1."""
+    return max(1, math.ceil(round((1.0 - compression_ratio) * n, 9)))

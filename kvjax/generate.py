@@ -1,0 +1,239 @@
+"""Jitted prefill / compress / decode loops over any model exposing `kvjax_split()`.
+
+A model plugs in by returning `(fn, params)` from `kvjax_split()`, where `fn` is hashable (a
+static jit argument) and has `fn.prefill(params, tokens, lengths, *, tail_capacity, obs_spec,
+attn_impl) -> (logits [B, V], KVCache, observations)`, `fn.decode(params, tokens, n_new, cache,
+*, attn_impl) -> (logits [B, T, V], KVCache)` and an int `fn.max_seq_len`. `models.Decoder`
+does this with `nnx.split` / `nnx.merge`; kvjax itself never imports flax.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.attention import resolve_attn_impl
+from kvjax.cache import KVCache
+from kvjax.compress import compress_cache, obs_spec_for
+from kvjax.sampling import Greedy
+
+MIN_BUCKET = 64
+MAX_EOS = 8
+
+
+def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
+    """Smallest power of two >= max(n, minimum): bounds the number of compilations."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def pad_prompts(input_ids, pad_id: int = 0, bucket: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad a batch of token lists to a length bucket.
+
+    Args:
+      input_ids: a sequence of token-id sequences (ragged), or a 2-D int array [B, T].
+
+    Returns:
+      tokens [B, T_bucket] int32 and lengths [B] int32.
+    """
+    rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in _as_rows(input_ids)]
+    if not rows:
+        raise ValueError("input_ids is an empty batch")
+    lengths = np.array([len(r) for r in rows], np.int32)
+    if (lengths == 0).any():
+        raise ValueError(f"empty prompt at batch index {int(np.argmin(lengths))}")
+    width = bucket_length(lengths.max()) if bucket else int(lengths.max())
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    return tokens, lengths
+
+
+def _as_rows(input_ids) -> list:
+    if isinstance(input_ids, (np.ndarray, jax.Array)):
+        arr = np.asarray(input_ids)
+        if arr.ndim == 1:
+            return [arr]
+        if arr.ndim != 2:
+            raise ValueError(f"input_ids.ndim={arr.ndim} must be 1 or 2")
+        return list(arr)
+    if isinstance(input_ids, Sequence) and input_ids and isinstance(input_ids[0], (int, np.integer)):
+        return [input_ids]
+    return list(input_ids)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Loop state of the jitted decode (donated between calls).
+
+    Attributes:
+      step: [] int32 tokens generated so far; tokens: [B, S_out] int32 output buffer;
+      lengths: [B] generated tokens per sequence (EOS included); done: [B] bool;
+      logits: [B, V] f32 logits for the next token; cache: KVCache; rng: PRNG key.
+    """
+
+    step: jax.Array
+    tokens: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    logits: jax.Array
+    cache: KVCache
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """tokens [B, max_new_tokens] (pad after EOS), lengths [B], the final cache."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    cache: KVCache
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl"))
+def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto"):
+    """Run the prompt and compress the cache with `press` -> (last logits [B, V], KVCache)."""
+    logits, cache, obs = fn.prefill(params, tokens, lengths, tail_capacity=tail_capacity,
+                                    obs_spec=obs_spec_for(press), attn_impl=attn_impl)
+    return logits, compress_cache(press, cache, obs)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "attn_impl"), donate_argnames=("cache",))
+def extend(fn, params, tokens, n_new, cache, *, attn_impl="auto"):
+    """Append right-padded tokens [B, T] (n_new [B] real) -> (logits at the last real, cache)."""
+    logits, cache = fn.decode(params, tokens, n_new, cache, attn_impl=attn_impl)
+    last = jnp.take_along_axis(logits, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)
+    return last[:, 0], cache
+
+
+def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id) -> DecodeState:
+    rng, key = jax.random.split(state.rng)
+    tok = jnp.where(state.done, pad_id, sampler(state.logits, key))
+    tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, state.step))
+    active = ~state.done
+    done = state.done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+    logits, cache = fn.decode(params, tok[:, None], active.astype(jnp.int32), state.cache,
+                              attn_impl=attn_impl)
+    return DecodeState(step=state.step + 1, tokens=tokens,
+                       lengths=state.lengths + active.astype(jnp.int32), done=done,
+                       logits=logits[:, 0], cache=cache, rng=rng)
+
+
+def _room(state: DecodeState) -> jax.Array:
+    tail = state.cache.layers[0].tail
+    return (jnp.max(tail.count) < tail.capacity) & (state.step < state.tokens.shape[1])
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "sampler", "attn_impl", "pad_id"),
+                   donate_argnames=("state",))
+def decode(fn, params, state, max_new_tokens, eos_ids, *, sampler, attn_impl="auto", pad_id=0):
+    """Generate until every sequence hit EOS, `max_new_tokens` (traced) or the buffer end."""
+    def cond(s):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done) & _room(s)
+
+    def body(s):
+        return _step(fn, params, s, eos_ids, sampler, attn_impl, pad_id)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "sampler", "attn_impl", "pad_id"),
+                   donate_argnames=("state",))
+def decode_step(fn, params, state, eos_ids, *, sampler, attn_impl="auto", pad_id=0):
+    """One token of the same loop body, for streaming to a terminal or notebook."""
+    return _step(fn, params, state, eos_ids, sampler, attn_impl, pad_id)
+
+
+def eos_array(eos_id) -> jax.Array:
+    """EOS ids as a fixed-size int32 array (padded with -1) so changing them never recompiles."""
+    ids = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
+    if len(ids) > MAX_EOS:
+        raise ValueError(f"{len(ids)=} EOS ids; at most {MAX_EOS} are supported")
+    return jnp.asarray(ids + [-1] * (MAX_EOS - len(ids)), jnp.int32)
+
+
+def check_budget(fn, prompt_len: int, max_new_tokens: int) -> None:
+    """Validate max_new_tokens and the model's context length (clear errors, before jit)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"{max_new_tokens=} must be a non-negative int")
+    if prompt_len > fn.max_seq_len:
+        raise ValueError(f"prompt length {prompt_len} exceeds the model's context "
+                         f"{fn.max_seq_len=}")
+    if prompt_len + max_new_tokens > fn.max_seq_len:
+        raise ValueError(f"prompt length {prompt_len} + {max_new_tokens=} exceeds the "
+                         f"model's context {fn.max_seq_len=}")
+
+
+def init_state(logits, cache, batch: int, out_len: int, rng) -> DecodeState:
+    """The decode loop's initial state, after prefill (and any extend)."""
+    rng = jax.random.key(0) if rng is None else rng
+    return DecodeState(step=jnp.zeros((), jnp.int32), tokens=jnp.zeros((batch, out_len), jnp.int32),
+                       lengths=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
+                       logits=logits, cache=cache, rng=rng)
+
+
+def start(model, input_ids, *, max_new_tokens: int, press=None, attn_impl: str = "auto",
+          rng=None, tail_extra: int = 0):
+    """Validate, pad, prefill and compress: returns (fn, params, DecodeState, lengths)."""
+    fn, params = model.kvjax_split()
+    tokens, lengths = pad_prompts(input_ids)
+    check_budget(fn, int(lengths.max()) + tail_extra, max_new_tokens)
+    attn_impl = resolve_attn_impl(attn_impl)
+    out_len = bucket_length(max_new_tokens + tail_extra)
+    logits, cache = prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                            tail_capacity=out_len, press=press, attn_impl=attn_impl)
+    return fn, params, init_state(logits, cache, len(lengths), out_len, rng), lengths
+
+
+def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None, rng=None,
+             press=None, attn_impl: str = "auto", pad_id: int = 0) -> GenerateOutput:
+    """Generate up to `max_new_tokens` for a ragged batch of prompts.
+
+    Args:
+      model: a model with `kvjax_split()` (e.g. `models.Decoder`).
+      input_ids: a batch of token-id lists of different lengths (or one list).
+      max_new_tokens: tokens to generate at most (traced: changing it does not recompile).
+      sampler: Greedy(), Temperature(t), TopK(k), TopP(p).
+      eos_id: an id or ids that end a sequence; None never stops early.
+      rng: PRNG key for sampling (default key 0).
+      press: a compression press applied right after prefill; None keeps the full cache.
+      attn_impl: "auto" (Pallas on GPU/TPU, reference on CPU), "reference", ...
+
+    Returns:
+      GenerateOutput(tokens [B, max_new_tokens], lengths [B], cache).
+    """
+    fn, params, state, _ = start(model, input_ids, max_new_tokens=max_new_tokens, press=press,
+                                 attn_impl=attn_impl, rng=rng)
+    state = decode(fn, params, state, jnp.int32(max_new_tokens), eos_array(eos_id),
+                   sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id)
+    return GenerateOutput(tokens=np.asarray(state.tokens)[:, :max_new_tokens],
+                          lengths=np.asarray(state.lengths), cache=state.cache)
+
+
+def stream_state(fn, params, state: DecodeState, *, max_new_tokens: int, sampler=Greedy(),
+                 eos_id=None, attn_impl: str = "auto", pad_id: int = 0
+                 ) -> Iterator[tuple[np.ndarray, DecodeState]]:
+    """Yield (tokens [B] of this step, state) one step at a time with the jitted step."""
+    eos = eos_array(eos_id)
+    attn_impl = resolve_attn_impl(attn_impl)
+    for _ in range(max_new_tokens):
+        if bool(jnp.all(state.done)) or not bool(_room(state)):
+            return
+        step = int(state.step)
+        state = decode_step(fn, params, state, eos, sampler=sampler, attn_impl=attn_impl,
+                            pad_id=pad_id)
+        yield np.asarray(state.tokens[:, step]), state
+
+
+def generate_stream(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None,
+                    rng=None, press=None, attn_impl: str = "auto"
+                    ) -> Iterator[np.ndarray]:
+    """Streaming variant of `generate`: yields the new token of every sequence, step by step."""
+    fn, params, state, _ = start(model, input_ids, max_new_tokens=max_new_tokens, press=press,
+                                 attn_impl=attn_impl, rng=rng)
+    for toks, _ in stream_state(fn, params, state, max_new_tokens=max_new_tokens,
+                                sampler=sampler, eos_id=eos_id, attn_impl=attn_impl):
+        yield toks

@@ -1,0 +1,72 @@
+"""`models.load(source)`: a Hugging Face directory, a GGUF file, "smollm2", or a saved dir."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.hf import decoder_from_tensors, read_hf_config, read_safetensors_dir
+
+EMBEDDED_MODELS = ("smollm2",)
+
+
+def default_dtype():
+    """f32 on CPU (XLA CPU bf16 matmuls are ~10x slower), bf16 on GPU/TPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def load(source: str | Path, *, dtype=None, progress: bool = True):
+    """Load a model and its tokenizer.
+
+    Args:
+      source: "smollm2" (the embedded SmolLM2-135M-Instruct GGUF), a path to a GGUF file of a
+        llama-architecture model, a Hugging Face checkpoint directory (config.json,
+        tokenizer.json, *.safetensors), or a directory written by `models.save`.
+      dtype: parameter/compute dtype; default f32 on CPU, bf16 on accelerators.
+      progress: show progress bars.
+
+    Returns:
+      (Decoder, Tokenizer).
+    """
+    dtype = default_dtype() if dtype is None else dtype
+    if str(source) in EMBEDDED_MODELS:
+        from models.smollm2 import find_smollm2
+        source = find_smollm2()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model source {str(source)!r} does not exist (expected "
+                                f"{EMBEDDED_MODELS}, a .gguf file or a checkpoint directory)")
+    if path.is_file():
+        return _load_gguf(path, dtype, progress)
+    from models.checkpoint import SAVED_MARKER, restore
+    if (path / SAVED_MARKER).is_file():
+        return restore(path, dtype=dtype)
+    return _load_hf_dir(path, dtype, progress)
+
+
+def _load_gguf(path: Path, dtype, progress: bool):
+    if path.suffix != ".gguf":
+        raise ValueError(f"{str(path)!r} is a file but not a .gguf file")
+    from models.gguf import load_gguf
+    ckpt = load_gguf(path, progress=progress)
+    cfg = ModelConfig.from_hf_config(ckpt.hf_config)
+    return decoder_from_tensors(cfg, ckpt.tensors, dtype=dtype), ckpt.tokenizer
+
+
+def _load_hf_dir(path: Path, dtype, progress: bool):
+    cfg = ModelConfig.from_hf_config(read_hf_config(path))
+    tensors = read_safetensors_dir(path, progress=progress)
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    model = decoder_from_tensors(cfg, tensors, dtype=dtype)
+    if not (path / "tokenizer.json").is_file():
+        return model, None
+    from models.tokenizer import Tokenizer
+    return model, Tokenizer.from_hf_dir(path)
+
+
+def save(model, tokenizer, path: str | Path) -> Path:
+    """Save converted parameters (orbax), the config and the tokenizer for a fast reload."""
+    from models.checkpoint import save as _save
+    return _save(model, tokenizer, Path(path))
