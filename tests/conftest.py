@@ -1,0 +1,55 @@
+"""Shared fixtures: offline hub, tiny random transformers models saved as HF directories."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY_HF = {
+    "llama_gqa4_untied": dict(family="llama", num_attention_heads=4, num_key_value_heads=1),
+    "llama_gqa3_tied_rope3": dict(
+        family="llama", num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral_window8": dict(family="mistral", num_attention_heads=4, num_key_value_heads=1,
+                            sliding_window=8),
+    "llama_mha": dict(family="llama", num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A tiny random transformers Llama/Mistral in eval mode (f32, eager attention)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    spec = dict(TINY_HF[name])
+    family = spec.pop("family")
+    base = dict(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+                tie_word_embeddings=False, attn_implementation="eager")
+    base.update(spec)
+    torch.manual_seed(seed)
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**base)).eval()
+    return LlamaForCausalLM(LlamaConfig(**base)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dirs(tmp_path_factory):
+    """name -> (transformers model, saved directory) for every TINY_HF config."""
+    out = {}
+    for name in TINY_HF:
+        model = make_hf_model(name)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (model, path)
+    return out
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float().numpy()
