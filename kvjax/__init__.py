@@ -2,7 +2,7 @@
 
 from kvjax.attention import cached_attention_reference, prefill_attention_reference
 from kvjax.cache import KVCache, LayerCache, Prefix, Tail, kv_nbytes_needed
-from kvjax.generate import GenerateOutput, generate, generate_stream
+from kvjax.loops import GenerateOutput, generate, generate_stream
 from kvjax.layer import decode_layer, decode_positions, prefill_layer
 from kvjax.observation import Observation, ObsSpec
 from kvjax.sampling import Greedy, Temperature, TopK, TopP

@@ -11,7 +11,7 @@ from flax import nnx
 
 import kvjax
 import models
-gen = importlib.import_module("kvjax.generate")
+gen = importlib.import_module("kvjax.loops")
 
 
 @pytest.fixture(scope="module")

@@ -175,17 +175,19 @@ def init_state(logits, cache, batch: int, out_len: int, rng) -> DecodeState:
                        logits=logits, cache=cache, rng=rng)
 
 
-def start(model, input_ids, *, max_new_tokens: int, press=None, attn_impl: str = "auto",
+def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: str = "auto",
           rng=None, tail_extra: int = 0):
-    """Validate, pad, prefill and compress: returns (fn, params, DecodeState, lengths)."""
-    fn, params = model.kvjax_split()
+    """Validate, pad, prefill and compress: returns (DecodeState, lengths).
+
+    `tail_extra` reserves tail slots for tokens appended before decoding (a question).
+    """
     tokens, lengths = pad_prompts(input_ids)
     check_budget(fn, int(lengths.max()) + tail_extra, max_new_tokens)
     attn_impl = resolve_attn_impl(attn_impl)
     out_len = bucket_length(max_new_tokens + tail_extra)
     logits, cache = prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
                             tail_capacity=out_len, press=press, attn_impl=attn_impl)
-    return fn, params, init_state(logits, cache, len(lengths), out_len, rng), lengths
+    return init_state(logits, cache, len(lengths), out_len, rng), lengths
 
 
 def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None, rng=None,
@@ -205,8 +207,9 @@ def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=
     Returns:
       GenerateOutput(tokens [B, max_new_tokens], lengths [B], cache).
     """
-    fn, params, state, _ = start(model, input_ids, max_new_tokens=max_new_tokens, press=press,
-                                 attn_impl=attn_impl, rng=rng)
+    fn, params = model.kvjax_split()
+    state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
+                     attn_impl=attn_impl, rng=rng)
     state = decode(fn, params, state, jnp.int32(max_new_tokens), eos_array(eos_id),
                    sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id)
     return GenerateOutput(tokens=np.asarray(state.tokens)[:, :max_new_tokens],
@@ -232,8 +235,9 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), 
                     rng=None, press=None, attn_impl: str = "auto"
                     ) -> Iterator[np.ndarray]:
     """Streaming variant of `generate`: yields the new token of every sequence, step by step."""
-    fn, params, state, _ = start(model, input_ids, max_new_tokens=max_new_tokens, press=press,
-                                 attn_impl=attn_impl, rng=rng)
+    fn, params = model.kvjax_split()
+    state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
+                     attn_impl=attn_impl, rng=rng)
     for toks, _ in stream_state(fn, params, state, max_new_tokens=max_new_tokens,
                                 sampler=sampler, eos_id=eos_id, attn_impl=attn_impl):
         yield toks
