@@ -20,7 +20,8 @@ from kvjax.observation import Observation, ObsSpec, observe
 def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
                   tail_capacity: int, sliding_window: int | None = None,
                   obs_spec: ObsSpec = ObsSpec(), attn_impl: str = "auto",
-                  scale: float | None = None) -> tuple[jax.Array, LayerCache, Observation]:
+                  scale: float | None = None, q_prerope: jax.Array | None = None,
+                  rope_inv_freq=None) -> tuple[jax.Array, LayerCache, Observation]:
     """Causal attention over a right-padded prompt; build the layer's cache and observation.
 
     Args:
@@ -31,6 +32,8 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
       obs_spec: what the press needs observed (static).
       attn_impl: "auto" | "reference" | "pallas_gpu" | "pallas_tpu" (static).
       scale: logit scale, default 1/sqrt(H).
+      q_prerope: [B, T, N, H] queries before RoPE and rope_inv_freq: [H/2] rotary inverse
+        frequencies; only presses that model future queries (ExpectedAttention) need them.
 
     Returns:
       out [B, T, N, H], the LayerCache (prefix = the whole prompt, empty tail), Observation.
@@ -41,7 +44,9 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     b, _, n_kv, h = k.shape
     layer = LayerCache(prefix=prefix_from_prompt(k, v, lengths),
                        tail=init_tail(b, n_kv, tail_capacity, h, k.dtype))
-    return out, layer, observe(q, k, lengths, obs_spec, scale=scale)
+    obs = observe(q, k, lengths, obs_spec, scale=scale, q_prerope=q_prerope,
+                  rope_inv_freq=rope_inv_freq)
+    return out, layer, obs
 
 
 def decode_layer(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,

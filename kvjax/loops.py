@@ -21,12 +21,20 @@ from kvjax.compress import compress_cache, obs_spec_for
 from kvjax.sampling import Greedy
 
 MIN_BUCKET = 64
+BUCKET_STEP = 256
 MAX_EOS = 8
 
 
 def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
-    """Smallest power of two >= max(n, minimum): bounds the number of compilations."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+    """Padded length for n tokens: powers of two up to 256, then multiples of 256.
+
+    Bounds the number of compilations (16 buckets up to 4k) while keeping the padding of
+    long prompts, and so of their compressed prefixes, under 25%.
+    """
+    n = max(int(n), minimum)
+    if n <= BUCKET_STEP:
+        return 1 << (n - 1).bit_length()
+    return -(-n // BUCKET_STEP) * BUCKET_STEP
 
 
 def pad_prompts(input_ids, pad_id: int = 0, bucket: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +191,8 @@ def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: 
     """
     tokens, lengths = pad_prompts(input_ids)
     check_budget(fn, int(lengths.max()) + tail_extra, max_new_tokens)
+    if press is not None:
+        press.check_prompt(int(lengths.min()))
     attn_impl = resolve_attn_impl(attn_impl)
     out_len = bucket_length(max_new_tokens + tail_extra)
     logits, cache = prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),

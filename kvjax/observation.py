@@ -25,14 +25,20 @@ class ObsSpec:
 
     window: int = 0
     column_sums: bool = False
+    query_stats: bool = False
+    query_stats_skip: int = 0
 
     def __post_init__(self):
         if self.window < 0:
             raise ValueError(f"{self.window=} must be >= 0")
+        if self.query_stats_skip < 0:
+            raise ValueError(f"{self.query_stats_skip=} must be >= 0")
 
     def merge(self, other: "ObsSpec") -> "ObsSpec":
         return ObsSpec(window=max(self.window, other.window),
-                       column_sums=self.column_sums or other.column_sums)
+                       column_sums=self.column_sums or other.column_sums,
+                       query_stats=self.query_stats or other.query_stats,
+                       query_stats_skip=max(self.query_stats_skip, other.query_stats_skip))
 
 
 @jax.tree_util.register_dataclass
@@ -44,11 +50,17 @@ class Observation:
       q_window: [B, W, N, H] post-RoPE queries of positions length-W .. length-1, or None.
       window_valid: [B, W] False where length - W + w < 0 (prompt shorter than W).
       column_sums: [B, N, T] sum over query rows of causal attention probabilities, or None.
+      q_mean: [B, N, H] mean of pre-RoPE queries over positions [skip, length), or None.
+      q_cov: [B, N, H, H] their covariance (divided by the count), or None.
+      rope_inv_freq: [H/2] the layer's rotary inverse frequencies, or None.
     """
 
     q_window: jax.Array | None = None
     window_valid: jax.Array | None = None
     column_sums: jax.Array | None = None
+    q_mean: jax.Array | None = None
+    q_cov: jax.Array | None = None
+    rope_inv_freq: jax.Array | None = None
 
 
 def gather_window(q: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
@@ -120,12 +132,33 @@ def causal_column_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, *,
     return cols.reshape(b, n, t)
 
 
+def query_statistics(q: jax.Array, lengths: jax.Array, skip: int) -> tuple[jax.Array, jax.Array]:
+    """Mean [B, N, H] and covariance [B, N, H, H] of q [B, T, N, H] over positions
+    [skip, length) of each sequence (f32)."""
+    pos = jnp.arange(q.shape[1])
+    w = ((pos[None, :] >= skip) & (pos[None, :] < lengths[:, None])).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None, None]  # [B, 1, 1]
+    q = q.astype(jnp.float32)
+    mean = jnp.einsum("bt,btnh->bnh", w, q) / count
+    centered = (q - mean[:, None]) * w[:, :, None, None]
+    cov = jnp.einsum("btni,btnj->bnij", centered, centered) / count[..., None]
+    return mean, cov
+
+
 def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
-            scale: float | None = None) -> Observation:
+            scale: float | None = None, q_prerope: jax.Array | None = None,
+            rope_inv_freq=None) -> Observation:
     """Build the Observation that `spec` asks for from one layer's prefill q and k."""
-    q_window = window_valid = column_sums = None
+    q_window = window_valid = column_sums = q_mean = q_cov = None
     if spec.window:
         q_window, window_valid = gather_window(q, lengths, spec.window)
     if spec.column_sums:
         column_sums = causal_column_sums(q, k, lengths, scale=scale)
-    return Observation(q_window=q_window, window_valid=window_valid, column_sums=column_sums)
+    if spec.query_stats:
+        if q_prerope is None or rope_inv_freq is None:
+            raise ValueError("this press needs pre-RoPE queries and the RoPE frequencies: pass "
+                             "q_prerope= and rope_inv_freq= to kvjax.prefill_layer")
+        q_mean, q_cov = query_statistics(q_prerope, lengths, spec.query_stats_skip)
+    inv_freq = None if rope_inv_freq is None else jnp.asarray(rope_inv_freq, jnp.float32)
+    return Observation(q_window=q_window, window_valid=window_valid, column_sums=column_sums,
+                       q_mean=q_mean, q_cov=q_cov, rope_inv_freq=inv_freq)

@@ -54,12 +54,17 @@ class Pipeline:
         """Split the chat prompt into (context ids to compress, ids appended after)."""
         if question_aware:
             context, question = context + question, ""
-        sep = "\n" + _SEPARATOR_CHAR * max(8, len(context) // 64 + 8)
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": context + sep}], add_generation_prompt=True)
-        if text.count(sep) != 1:
-            raise ValueError("the chat template altered the context separator; cannot split")
-        ctx_text, suffix = text.split(sep)
+        if self.tokenizer.chat_template is None:  # plain LM: bos + context, question on a new line
+            bos = self.tokenizer.bos_id
+            ctx_text = ("" if bos is None else self.tokenizer.id_to_token(bos)) + context
+            suffix = "\n"
+        else:
+            sep = _SEPARATOR_CHAR * (len(context) + 10)  # as kvpress: split the template there
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": context + sep}], add_generation_prompt=True)
+            if text.count(sep) != 1:
+                raise ValueError("the chat template altered the context separator")
+            ctx_text, suffix = text.split(sep)
         ctx_ids = self.tokenizer.encode(ctx_text, add_bos=False)
         q_ids = self.tokenizer.encode(question + suffix + answer_prefix, add_bos=False)
         return ctx_ids, q_ids

@@ -51,11 +51,12 @@ class Attention(nnx.Module):
         self.o_proj = _linear(cfg.n_heads * cfg.head_dim, cfg.d_model, dtype, rngs)
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
+        """Return post-RoPE q [B, T, N, H], k, v [B, T, K, H] and pre-RoPE q."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
-        return self.rope(q, positions), self.rope(k, positions), v
+        return self.rope(q, positions), self.rope(k, positions), v, q
 
     def _out(self, o: jax.Array) -> jax.Array:
         return self.o_proj(o.reshape(o.shape[0], o.shape[1], -1))
@@ -63,15 +64,16 @@ class Attention(nnx.Module):
     def prefill(self, x, lengths, *, tail_capacity, obs_spec, attn_impl):
         """x [B, T, D] -> (y [B, T, D], LayerCache, Observation)."""
         positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        q, k, v = self._qkv(x, positions)
+        q, k, v, q_pre = self._qkv(x, positions)
         o, layer, obs = kvjax.prefill_layer(
             q, k, v, lengths, tail_capacity=tail_capacity, sliding_window=self.sliding_window,
-            obs_spec=obs_spec, attn_impl=attn_impl)
+            obs_spec=obs_spec, attn_impl=attn_impl, q_prerope=q_pre,
+            rope_inv_freq=self.rope.inverse_frequencies())
         return self._out(o), layer, obs
 
     def decode(self, x, positions, n_new, layer, *, attn_impl):
         """x [B, T, D] new tokens -> (y [B, T, D], LayerCache)."""
-        q, k, v = self._qkv(x, positions)
+        q, k, v, _ = self._qkv(x, positions)
         o, layer = kvjax.decode_layer(q, k, v, positions, n_new, layer,
                                       sliding_window=self.sliding_window, attn_impl=attn_impl)
         return self._out(o), layer

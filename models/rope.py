@@ -39,9 +39,13 @@ class Rope:
     theta: float
     scaling: RopeScaling | None = None
 
+    def inverse_frequencies(self) -> np.ndarray:
+        """[H/2] rotary inverse frequencies (with any scaling applied)."""
+        return inverse_frequencies(self.head_dim, self.theta, self.scaling)
+
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Rotate x [B, T, heads, H] by positions [B, T] (HF rotate-half convention)."""
-        inv = jnp.asarray(inverse_frequencies(self.head_dim, self.theta, self.scaling))
+        inv = jnp.asarray(self.inverse_frequencies())
         angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
         angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
         cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)

@@ -1,0 +1,20 @@
+"""Compression presses: frozen dataclasses passed to jit as static arguments."""
+
+from kvjax.presses.adakv import AdaKVPress
+from kvjax.presses.base import LayerContext, Press, ScorerPress
+from kvjax.presses.composed import ComposedPress
+from kvjax.presses.expected_attention import ExpectedAttentionPress
+from kvjax.presses.knorm import KnormPress
+from kvjax.presses.observed_attention import ObservedAttentionPress
+from kvjax.presses.pyramidkv import PyramidKVPress
+from kvjax.presses.random import RandomPress
+from kvjax.presses.registry import PRESSES, make_press, press_names
+from kvjax.presses.snapkv import SnapKVPress
+from kvjax.presses.streaming_llm import StreamingLLMPress
+from kvjax.presses.tova import TOVAPress
+
+__all__ = [
+    "AdaKVPress", "ComposedPress", "ExpectedAttentionPress", "KnormPress", "LayerContext",
+    "ObservedAttentionPress", "PRESSES", "Press", "PyramidKVPress", "RandomPress", "ScorerPress",
+    "SnapKVPress", "StreamingLLMPress", "TOVAPress", "make_press", "press_names",
+]

@@ -1,0 +1,57 @@
+"""Every press by name, with example arguments: drives the CLI and the generic tests."""
+
+from kvjax.presses.adakv import AdaKVPress
+from kvjax.presses.composed import ComposedPress
+from kvjax.presses.expected_attention import ExpectedAttentionPress
+from kvjax.presses.knorm import KnormPress
+from kvjax.presses.observed_attention import ObservedAttentionPress
+from kvjax.presses.pyramidkv import PyramidKVPress
+from kvjax.presses.random import RandomPress
+from kvjax.presses.snapkv import SnapKVPress
+from kvjax.presses.streaming_llm import StreamingLLMPress
+from kvjax.presses.tova import TOVAPress
+
+
+def _adakv(compression_ratio=0.0, **kwargs):
+    alpha = kwargs.pop("alpha_safeguard", 0.2)
+    return AdaKVPress(press=SnapKVPress(compression_ratio=compression_ratio, **kwargs),
+                      alpha_safeguard=alpha)
+
+
+def _snap_knorm(compression_ratio=0.0, **kwargs):
+    half = 1 - (1 - compression_ratio) ** 0.5
+    return ComposedPress(presses=(SnapKVPress(compression_ratio=half, **kwargs),
+                                  KnormPress(compression_ratio=half)))
+
+
+# name -> (factory(compression_ratio=..., **kwargs), example kwargs for tests, one-line summary)
+PRESSES = {
+    "streaming_llm": (StreamingLLMPress, dict(n_sink=4), "attention sinks + recent tokens"),
+    "snapkv": (SnapKVPress, dict(window_size=8, kernel_size=5),
+               "attention from the last W prompt queries, pooled"),
+    "pyramidkv": (PyramidKVPress, dict(window_size=8), "SnapKV with layer budgets shrinking "
+                  "linearly with depth"),
+    "adakv": (_adakv, dict(window_size=8), "AdaKV head-wise budgets over SnapKV scores"),
+    "observed_attention": (ObservedAttentionPress, {}, "H2O-style mean attention received"),
+    "tova": (TOVAPress, {}, "attention of the last prompt token, averaged over heads"),
+    "knorm": (KnormPress, {}, "smallest key norms"),
+    "expected_attention": (ExpectedAttentionPress, dict(n_future_positions=64),
+                           "closed-form expected attention of future queries"),
+    "random": (RandomPress, dict(seed=0), "uniformly random tokens (baseline)"),
+    "snapkv_knorm": (_snap_knorm, dict(window_size=8), "ComposedPress: SnapKV then KNorm"),
+}
+
+
+def press_names() -> list[str]:
+    return sorted(PRESSES)
+
+
+def make_press(name: str, compression_ratio: float = 0.0, **kwargs):
+    """Build a press by registry name, e.g. make_press("snapkv", 0.75, window_size=32)."""
+    if name not in PRESSES:
+        raise ValueError(f"unknown press {name=}; known: {', '.join(press_names())}")
+    factory = PRESSES[name][0]
+    try:
+        return factory(compression_ratio=compression_ratio, **kwargs)
+    except TypeError as e:  # unknown hyperparameter name
+        raise ValueError(f"bad arguments {kwargs} for press {name!r}: {e}") from e

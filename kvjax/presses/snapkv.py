@@ -1,0 +1,61 @@
+"""SnapKV: keep the tokens the last W prompt queries attend to (arXiv 2404.14469)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from kvjax.observation import ObsSpec
+from kvjax.presses.base import ScorerPress
+from kvjax.presses.window import in_window, pool1d, window_attention
+
+POOLINGS = ("avg", "max")
+
+
+def check_window(press, min_prompt_len: int) -> None:
+    if min_prompt_len <= press.window_size:
+        raise ValueError(f"prompt length {min_prompt_len} must exceed "
+                         f"window_size={press.window_size} of {type(press).__name__}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SnapKVPress(ScorerPress):
+    """SnapKV (Li et al. 2024, arXiv 2404.14469).
+
+    Scores each prompt token by the mean attention it receives from the last `window_size`
+    prompt queries, smoothed by 1-D pooling along tokens (`kernel_size`, avg as in kvpress;
+    `pooling="max"` with kernel 7 is the ThinK/PyramidKV papers' setting), averaged over the
+    query heads of each kv group. The window itself is always kept. kvpress defaults.
+    """
+
+    window_size: int = 64
+    kernel_size: int = 5
+    pooling: str = "avg"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window_size < 1:
+            raise ValueError(f"{self.window_size=} must be >= 1")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"{self.kernel_size=} must be a positive odd int")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{self.pooling=} is not one of {POOLINGS}")
+
+    @property
+    def obs_spec(self):
+        return ObsSpec(window=self.window_size)
+
+    def check_prompt(self, min_prompt_len):
+        check_window(self, min_prompt_len)
+
+    def score(self, prefix, obs, ctx):
+        return snapkv_scores(prefix, obs, ctx.prompt_len, self.window_size, self.kernel_size,
+                             self.pooling)
+
+
+def snapkv_scores(prefix, obs, prompt_len, window, kernel_size, pooling="avg"):
+    """[B, K, C] SnapKV scores; window slots get +inf so they are always kept."""
+    probs = window_attention(prefix, obs, prompt_len, window)  # [B, K, G, W, C]
+    win = in_window(prefix, prompt_len, window)  # [B, K, C]
+    s = jnp.where(win[:, :, None], 0.0, probs.mean(axis=3))  # pool over the pre-window region
+    s = pool1d(s, kernel_size, pooling).mean(axis=2)
+    return jnp.where(win, jnp.inf, s)
