@@ -116,6 +116,9 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{model_type=} is not supported; expected one of "
                              f"{SUPPORTED_MODEL_TYPES}")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"{flag}={hf[flag]!r}: biased projections are not supported")
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         return cls(

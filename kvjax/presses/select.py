@@ -32,9 +32,13 @@ def mask_invalid(scores: jax.Array, length: jax.Array) -> jax.Array:
 
 
 def topk_mask(scores: jax.Array, n_keep: jax.Array, capacity: int) -> jax.Array:
-    """Boolean mask [B, K, C] of the n_keep [B, K] best slots per row (n_keep <= capacity)."""
+    """Boolean mask [B, K, C] of the n_keep [B, K] best slots per row (n_keep <= capacity).
+
+    Ties go to the earlier slot (a stable sort), so the choice never depends on the batch
+    shape or backend (XLA's top-k does not promise an order among equal scores).
+    """
     capacity = min(capacity, scores.shape[-1])
-    _, idx = jax.lax.top_k(scores, capacity)  # [B, K, C'] best first
+    idx = jnp.argsort(-scores, axis=-1, stable=True)[..., :capacity]  # [B, K, C'] best first
     chosen = jnp.arange(capacity) < n_keep[..., None]
     mask = jnp.zeros(scores.shape, bool)
     return jax.vmap(jax.vmap(lambda m, i, c: m.at[i].set(c)))(mask, idx, chosen)
