@@ -1,0 +1,150 @@
+"""The `kvjax` command: generate, demo, presses (and eval, when installed).
+
+The one place in kvjax that imports `models` (lazily, inside the handlers).
+"""
+
+import argparse
+import ast
+import sys
+import time
+
+DEMO_PRESS = "snapkv"
+
+
+def parse_press_args(items: list[str] | None) -> dict:
+    """["window_size=32", "pooling=max"] -> {"window_size": 32, "pooling": "max"}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--press-arg {item!r} must look like name=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw
+    return out
+
+
+def build_press(args):
+    """The press named on the command line, or None for the full cache."""
+    from kvjax.presses import make_press
+    if args.press in (None, "full", "none"):
+        return None
+    kwargs = parse_press_args(args.press_arg)
+    if getattr(args, "seed", None) is not None:
+        kwargs.setdefault("seed", args.seed)
+    return make_press(args.press, args.compression_ratio, **kwargs)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2', a .gguf file, an HF checkpoint dir or a saved kvjax dir")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+
+
+def _add_press_args(p: argparse.ArgumentParser, default=None) -> None:
+    p.add_argument("--press", default=default, help="press name (see `kvjax presses`) or full")
+    p.add_argument("--compression-ratio", type=float, default=0.5)
+    p.add_argument("--press-arg", action="append", metavar="NAME=VALUE",
+                   help="press hyperparameter, repeatable (e.g. window_size=32)")
+    p.add_argument("--seed", type=int, default=None, help="seed for random presses")
+    p.add_argument("--question-aware", action="store_true",
+                   help="compress context and question together (default: question-agnostic)")
+
+
+def _load(args):
+    import models
+    dtype = None if args.dtype == "auto" else args.dtype
+    return models.load(args.model, dtype=dtype)
+
+
+def cmd_generate(args) -> int:
+    from kvjax.memory import memory_report
+    from kvjax.pipeline import Pipeline
+    from kvjax.sampling import Greedy, Temperature, TopK, TopP
+    press = build_press(args)
+    model, tokenizer = _load(args)
+    sampler = (TopP(args.top_p, args.temperature) if args.top_p else
+               TopK(args.top_k, args.temperature) if args.top_k else
+               Temperature(args.temperature) if args.temperature else Greedy())
+    pipe = Pipeline(model, tokenizer)
+    import jax
+    t0 = time.perf_counter()
+    n_ctx = len(pipe.encode(args.prompt, question_aware=args.question_aware)[0])
+    state, n_new, t1 = None, 0, None
+    for piece, state in pipe.stream_with_state(
+            args.prompt, "", max_new_tokens=args.max_new_tokens, press=press, sampler=sampler,
+            rng=jax.random.key(args.sample_seed)):
+        t1 = t1 or time.perf_counter()
+        n_new += 1
+        print(piece, end="", flush=True)
+    t2 = time.perf_counter()
+    print()
+    if state is not None:
+        print(f"[prompt {n_ctx} tokens | prefill+first token {t1 - t0:.2f}s "
+              f"({n_ctx / (t1 - t0):.0f} tok/s, incl. compilation) | decode {n_new} tokens "
+              f"{max(n_new - 1, 0) / max(t2 - t1, 1e-9):.1f} tok/s | "
+              f"{memory_report(state.cache)}]")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kvjax.demo import run_demo
+    press = build_press(args)
+    model, tokenizer = _load(args)
+    rows = run_demo(model, tokenizer, press=press, n_tokens=args.context_tokens,
+                    question_aware=args.question_aware)
+    return 0 if rows[0]["correct"] else 1
+
+
+def cmd_presses(args) -> int:
+    from kvjax.presses import PRESSES
+    for name in sorted(PRESSES):
+        factory, example, summary = PRESSES[name]
+        print(f"{name:<20} {summary}  (e.g. {example or 'no extra arguments'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvjax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream a chat answer, then speed and KV-cache bytes")
+    _add_model_args(g)
+    _add_press_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--sample-seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+    d = sub.add_parser("demo", help="needle in a ~2k-token haystack: full vs compressed cache")
+    _add_model_args(d)
+    _add_press_args(d, default=DEMO_PRESS)
+    d.add_argument("--context-tokens", type=int, default=2000)
+    d.set_defaults(func=cmd_demo)
+    p = sub.add_parser("presses", help="list the registered presses")
+    p.set_defaults(func=cmd_presses)
+    _add_optional_subcommands(sub)
+    return parser
+
+
+def _add_optional_subcommands(sub) -> None:
+    try:
+        from kvjax.eval.cli import add_eval_parser
+    except ImportError:
+        return
+    add_eval_parser(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kvjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
