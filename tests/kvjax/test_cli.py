@@ -1,0 +1,49 @@
+"""The kvjax command line."""
+
+import pytest
+
+from kvjax import cli
+from kvjax.presses import press_names
+
+
+def test_presses_lists_registry(capsys):
+    assert cli.main(["presses"]) == 0
+    out = capsys.readouterr().out
+    for name in press_names():
+        assert name in out
+
+
+def test_parse_press_args():
+    assert cli.parse_press_args(["window_size=32", "pooling=max", "alpha=0.5"]) == dict(
+        window_size=32, pooling="max", alpha=0.5)
+    with pytest.raises(ValueError, match="name=value"):
+        cli.parse_press_args(["window_size"])
+
+
+def test_unknown_press_is_a_clear_error(capsys):
+    assert cli.main(["generate", "--prompt", "hi", "--press", "snapkvv"]) == 2
+    assert "unknown press name='snapkvv'" in capsys.readouterr().err
+
+
+def test_bad_press_argument(capsys):
+    assert cli.main(["demo", "--press", "snapkv", "--press-arg", "windw=3"]) == 2
+    assert "bad arguments" in capsys.readouterr().err
+
+
+def test_build_press():
+    args = cli.build_parser().parse_args(
+        ["demo", "--press", "snapkv", "--compression-ratio", "0.75", "--press-arg",
+         "window_size=16"])
+    press = cli.build_press(args)
+    assert press.compression_ratio == 0.75 and press.window_size == 16
+
+
+@pytest.mark.slow
+def test_generate_and_demo_on_smollm2(capsys):
+    assert cli.main(["generate", "--prompt", "Name a colour.", "--max-new-tokens", "8",
+                     "--press", "knorm", "--compression-ratio", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "KV cache:" in out
+    assert cli.main(["demo", "--context-tokens", "600"]) == 0  # full cache finds the needle
+    out = capsys.readouterr().out
+    assert "full cache" in out and "SnapKVPress(0.5)" in out
