@@ -1,0 +1,39 @@
+"""Shared helpers for the benchmark scripts (timing, prompts, output)."""
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    kind = getattr(d, "device_kind", d.platform)
+    return f"{d.platform}:{kind} ({platform.processor() or platform.machine()}, " \
+           f"{jax.device_count()} device(s))"
+
+
+def timed(fn, *args, repeat: int = 1, **kwargs):
+    """Best wall time of `repeat` calls (results blocked on); returns (seconds, last result)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def prompt_ids(tokenizer, n_tokens: int, seed: int = 0) -> list[int]:
+    """A deterministic natural-ish prompt of exactly n_tokens tokens."""
+    from kvjax.demo import needle_sample
+    ids = tokenizer.encode(needle_sample(tokenizer, n_tokens + 64, seed=seed).context,
+                           add_bos=False)
+    return ids[:n_tokens]
+
+
+def save_json(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
