@@ -117,7 +117,8 @@ def extend(fn, params, tokens, n_new, cache, *, attn_impl="auto"):
     return last[:, 0], cache
 
 
-def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id) -> DecodeState:
+def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id,
+          decoding_press=None) -> DecodeState:
     rng, key = jax.random.split(state.rng)
     tok = jnp.where(state.done, pad_id, sampler(state.logits, key))
     tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, state.step))
@@ -125,25 +126,34 @@ def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id) -
     done = state.done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
     logits, cache = fn.decode(params, tok[:, None], active.astype(jnp.int32), state.cache,
                               attn_impl=attn_impl)
+    if decoding_press is not None:
+        cache = decoding_press.maybe_merge(cache)
     return DecodeState(step=state.step + 1, tokens=tokens,
                        lengths=state.lengths + active.astype(jnp.int32), done=done,
                        logits=logits[:, 0], cache=cache, rng=rng)
 
 
 def _room(state: DecodeState) -> jax.Array:
+    """Room for one more token: in the output buffer and in the tail (a DecodingPress merges
+    before the tail fills)."""
     tail = state.cache.layers[0].tail
     return (jnp.max(tail.count) < tail.capacity) & (state.step < state.tokens.shape[1])
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "sampler", "attn_impl", "pad_id"),
-                   donate_argnames=("state",))
-def decode(fn, params, state, max_new_tokens, eos_ids, *, sampler, attn_impl="auto", pad_id=0):
-    """Generate until every sequence hit EOS, `max_new_tokens` (traced) or the buffer end."""
+@functools.partial(jax.jit, static_argnames=("fn", "sampler", "attn_impl", "pad_id",
+                                             "decoding_press"), donate_argnames=("state",))
+def decode(fn, params, state, max_new_tokens, eos_ids, *, sampler, attn_impl="auto", pad_id=0,
+           decoding_press=None):
+    """Generate until every sequence hit EOS, `max_new_tokens` (traced) or the buffer end.
+
+    With a `decoding_press` the tail is merged into the prefix every `compression_interval`
+    tokens, so generation may run past the tail's capacity with bounded memory.
+    """
     def cond(s):
         return (s.step < max_new_tokens) & ~jnp.all(s.done) & _room(s)
 
     def body(s):
-        return _step(fn, params, s, eos_ids, sampler, attn_impl, pad_id)
+        return _step(fn, params, s, eos_ids, sampler, attn_impl, pad_id, decoding_press)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -176,7 +186,7 @@ def check_budget(fn, prompt_len: int, max_new_tokens: int) -> None:
 
 
 def init_state(logits, cache, batch: int, out_len: int, rng) -> DecodeState:
-    """The decode loop's initial state, after prefill (and any extend)."""
+    """The decode loop's initial state, after prefill (and any extend); out_len = token buffer."""
     rng = jax.random.key(0) if rng is None else rng
     return DecodeState(step=jnp.zeros((), jnp.int32), tokens=jnp.zeros((batch, out_len), jnp.int32),
                        lengths=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
@@ -184,10 +194,11 @@ def init_state(logits, cache, batch: int, out_len: int, rng) -> DecodeState:
 
 
 def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: str = "auto",
-          rng=None, tail_extra: int = 0):
+          rng=None, tail_extra: int = 0, decoding_press=None):
     """Validate, pad, prefill and compress: returns (DecodeState, lengths).
 
-    `tail_extra` reserves tail slots for tokens appended before decoding (a question).
+    `tail_extra` reserves tail slots for tokens appended before decoding (a question). With a
+    `decoding_press` the tail holds `compression_interval` (+ tail_extra) slots only.
     """
     tokens, lengths = pad_prompts(input_ids)
     check_budget(fn, int(lengths.max()) + tail_extra, max_new_tokens)
@@ -195,13 +206,16 @@ def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: 
         press.check_prompt(int(lengths.min()))
     attn_impl = resolve_attn_impl(attn_impl)
     out_len = bucket_length(max_new_tokens + tail_extra)
+    tail = out_len if decoding_press is None else bucket_length(
+        decoding_press.compression_interval + tail_extra, minimum=1)
     logits, cache = prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                            tail_capacity=out_len, press=press, attn_impl=attn_impl)
+                            tail_capacity=tail, press=press, attn_impl=attn_impl)
     return init_state(logits, cache, len(lengths), out_len, rng), lengths
 
 
 def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None, rng=None,
-             press=None, attn_impl: str = "auto", pad_id: int = 0) -> GenerateOutput:
+             press=None, attn_impl: str = "auto", pad_id: int = 0,
+             decoding_press=None) -> GenerateOutput:
     """Generate up to `max_new_tokens` for a ragged batch of prompts.
 
     Args:
@@ -213,15 +227,18 @@ def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=
       rng: PRNG key for sampling (default key 0).
       press: a compression press applied right after prefill; None keeps the full cache.
       attn_impl: "auto" (Pallas on GPU/TPU, reference on CPU), "reference", ...
+      decoding_press: a `DecodingPress` that merges the tail into the prefix every
+        `compression_interval` generated tokens (memory bounded by prefix + interval).
 
     Returns:
       GenerateOutput(tokens [B, max_new_tokens], lengths [B], cache).
     """
     fn, params = model.kvjax_split()
     state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
-                     attn_impl=attn_impl, rng=rng)
+                     attn_impl=attn_impl, rng=rng, decoding_press=decoding_press)
     state = decode(fn, params, state, jnp.int32(max_new_tokens), eos_array(eos_id),
-                   sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id)
+                   sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id,
+                   decoding_press=decoding_press)
     return GenerateOutput(tokens=np.asarray(state.tokens)[:, :max_new_tokens],
                           lengths=np.asarray(state.lengths), cache=state.cache)
 
