@@ -207,7 +207,7 @@ def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: 
     attn_impl = resolve_attn_impl(attn_impl)
     out_len = bucket_length(max_new_tokens + tail_extra)
     tail = out_len if decoding_press is None else bucket_length(
-        decoding_press.compression_interval + tail_extra, minimum=1)
+        decoding_press.compression_interval + tail_extra, minimum=16)
     logits, cache = prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
                             tail_capacity=tail, press=press, attn_impl=attn_impl)
     return init_state(logits, cache, len(lengths), out_len, rng), lengths

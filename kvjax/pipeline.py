@@ -71,17 +71,24 @@ class Pipeline:
 
     def run(self, context: str, question: str = "", *, max_new_tokens: int = 64, press=None,
             answer_prefix: str = "", question_aware: bool = False, sampler=Greedy(),
-            rng=None) -> PipelineResult:
-        """Answer one question about one context; returns text, cache and timings."""
+            rng=None, decoding_press=None) -> PipelineResult:
+        """Answer one question about one context; returns text, cache and timings.
+
+        Args:
+          context, question: text; the context is compressed alone unless `question_aware`.
+          max_new_tokens: answer budget; press: applied after the context prefill;
+          answer_prefix: text the answer starts with (appended after the generation prompt);
+          sampler, rng: sampling; decoding_press: optional `DecodingPress`.
+        """
         ctx_ids, q_ids = self.encode(context, question, answer_prefix=answer_prefix,
                                      question_aware=question_aware)
         t0 = time.perf_counter()
-        state = self._prefill(ctx_ids, q_ids, max_new_tokens, press, rng)
+        state = self._prefill(ctx_ids, q_ids, max_new_tokens, press, rng, decoding_press)
         jax.block_until_ready(state.logits)
         t1 = time.perf_counter()
         state = gen.decode(self.fn, self.params, state, jnp.int32(max_new_tokens),
                            gen.eos_array(self.tokenizer.eos_ids), sampler=sampler,
-                           attn_impl=self.attn_impl)
+                           attn_impl=self.attn_impl, decoding_press=decoding_press)
         tokens = np.asarray(state.tokens)[0, :int(state.lengths[0])].tolist()
         t2 = time.perf_counter()
         return PipelineResult(text=self.tokenizer.decode(tokens), tokens=tokens,
@@ -117,10 +124,11 @@ class Pipeline:
             yield text[len(shown):], state
             shown = text
 
-    def _prefill(self, ctx_ids, q_ids, max_new_tokens, press, rng) -> gen.DecodeState:
+    def _prefill(self, ctx_ids, q_ids, max_new_tokens, press, rng,
+                 decoding_press=None) -> gen.DecodeState:
         state, _ = gen.start(self.fn, self.params, [ctx_ids], max_new_tokens=max_new_tokens,
                              press=press, attn_impl=self.attn_impl, rng=rng,
-                             tail_extra=len(q_ids))
+                             tail_extra=len(q_ids), decoding_press=decoding_press)
         if not q_ids:
             return state
         width = gen.bucket_length(len(q_ids), minimum=16)
