@@ -21,12 +21,15 @@ _Q_CHUNK = 512
 
 
 def resolve_attn_impl(attn_impl: str) -> str:
-    """Map "auto" to the implementation for the default backend (reference on CPU)."""
+    """Map "auto" to the default backend's implementation: Pallas on GPU/TPU, else reference.
+
+    A Pallas value forced off its backend runs that kernel in interpret mode (kvjax.dispatch).
+    """
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"{attn_impl=} is not one of {ATTN_IMPLS}")
     if attn_impl != "auto":
         return attn_impl
-    return "reference"
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "reference")
 
 
 def default_scale(head_dim: int) -> float:
@@ -134,6 +137,14 @@ def cached_attention_reference(q: jax.Array, q_pos: jax.Array, layer: LayerCache
                             jnp.concatenate([jnp.broadcast_to(mp, lp.shape),
                                              jnp.broadcast_to(mt, lt.shape)], -1))
     pp, pt = probs[..., :p.capacity], probs[..., p.capacity:]
-    out = (jnp.einsum("bkgtc,bkcd->btkgd", pp, p.v.astype(jnp.float32))
-           + jnp.einsum("bkgts,bksd->btkgd", pt, tl.v.astype(jnp.float32)))
+    out_p = jnp.einsum("bkgtc,bkcd->btkgd", pp, p.v.astype(jnp.float32))
+    if p.value_channels is not None:  # thin values: scatter back to the full width
+        out_p = _scatter_channels(out_p, p.value_channels, tl.v.shape[-1])
+    out = out_p + jnp.einsum("bkgts,bksd->btkgd", pt, tl.v.astype(jnp.float32))
     return out.reshape(b, t, n, -1).astype(q.dtype)
+
+
+def _scatter_channels(x: jax.Array, channels: jax.Array, width: int) -> jax.Array:
+    """x [B, T, K, G, Dv] -> [B, T, K, G, width] with x in `channels` [B, K, Dv], zeros else."""
+    one_hot = jax.nn.one_hot(channels, width, dtype=x.dtype)  # [B, K, Dv, width]
+    return jnp.einsum("btkgd,bkdw->btkgw", x, one_hot)

@@ -25,6 +25,8 @@ class Prefix:
       pos: [B, K, C] int32 original token positions of the slots.
       length: [B, K] int32 number of valid slots per kv head (slots >= length are padding).
       channels: [B, K, Dk] int32 kept key-channel indices, or None when keys are full width.
+      value_channels: [B, K, Hv] int32 kept value-channel indices (ThinK value pruning), or
+        None when values are full width; pruned output channels get no prefix contribution.
     """
 
     k: jax.Array
@@ -32,6 +34,7 @@ class Prefix:
     pos: jax.Array
     length: jax.Array
     channels: jax.Array | None = None
+    value_channels: jax.Array | None = None
 
     @property
     def capacity(self) -> int:

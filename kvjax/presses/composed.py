@@ -19,9 +19,12 @@ class ComposedPress(Press):
     def __post_init__(self):
         if not isinstance(self.presses, tuple) or not self.presses:
             raise ValueError(f"presses={self.presses!r} must be a non-empty tuple of presses")
-        for p in self.presses:
+        for i, p in enumerate(self.presses):
             if not isinstance(p, Press):
                 raise ValueError(f"{p!r} is not a Press")
+            if _is_channel_pruner(p) and i != len(self.presses) - 1:
+                raise ValueError("a ThinKPress must come last in a ComposedPress (it wraps "
+                                 "the token presses before it)")
 
     @property
     def compression_ratio(self) -> float:
@@ -39,6 +42,17 @@ class ComposedPress(Press):
             p.check_prompt(min_prompt_len)
 
     def compress_layer(self, layer, obs, ctx):
+        last = self.presses[-1]
+        if _is_channel_pruner(last) and len(self.presses) > 1:
+            # ThinK needs the uncompressed layer for its full-width recent window
+            rest = self.presses[:-1]
+            inner = rest[0] if len(rest) == 1 else ComposedPress(presses=rest)
+            return dataclasses.replace(last, press=inner).compress_layer(layer, obs, ctx)
         for p in self.presses:
             layer = p.compress_layer(layer, obs, ctx)
         return layer
+
+
+def _is_channel_pruner(press) -> bool:
+    from kvjax.presses.think import ThinKPress
+    return isinstance(press, ThinKPress) and press.press is None
