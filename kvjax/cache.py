@@ -72,6 +72,41 @@ class LayerCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Pool:
+    """One flat prefix pool per sequence shared by all layers (per-input layer budgets).
+
+    Layer l of sequence b owns slots [offset[b, l], offset[b, l] + length[b, l]) of every kv
+    head; the pool has exactly sum_l budget_l slots per sequence (a static total), so the
+    bytes held equal the kept entries whatever the per-input budget vector.
+
+    Attributes:
+      k: [B, K, P, H]; v: [B, K, P, Hv]; pos: [B, K, P] int32 original positions.
+      offset, length: [B, L] int32 segment starts and sizes.
+      max_segment: static bound on any segment's size (the view's width).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    offset: jax.Array
+    length: jax.Array
+    max_segment: int = dataclasses.field(metadata=dict(static=True), default=1)
+
+    def view(self, layer: int) -> Prefix:
+        """Layer `layer`'s segment as a Prefix of `max_segment` slots (gather, masked by
+        length); what the reference attention reads."""
+        p = self.k.shape[2]
+        idx = self.offset[:, layer, None] + jnp.arange(self.max_segment)  # [B, S]
+        idx = jnp.clip(idx, 0, p - 1)[:, None, :]
+        idx = jnp.broadcast_to(idx, self.k.shape[:2] + (self.max_segment,))
+        take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)),
+                                             axis=2)
+        length = jnp.broadcast_to(self.length[:, layer, None], self.k.shape[:2])
+        return Prefix(k=take(self.k), v=take(self.v), pos=take(self.pos), length=length)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class KVCache:
     """All layers plus the next RoPE position of every sequence.
 
@@ -79,10 +114,25 @@ class KVCache:
       layers: one LayerCache per layer (a tuple: capacities may differ per layer).
       next_pos: [B] int32 position of the next token; continues from the original prompt
         length however many slots survived compression.
+      pool: a shared prefix Pool (ZigZagKV's per-input layer budgets); then every layer's own
+        prefix is empty and `layer(i)` reads the pool segment.
     """
 
     layers: tuple[LayerCache, ...]
     next_pos: jax.Array
+    pool: Pool | None = None
+
+    def layer(self, i: int) -> LayerCache:
+        """Layer i as attention reads it (the pool segment as its prefix when pooled)."""
+        if self.pool is None:
+            return self.layers[i]
+        return LayerCache(prefix=self.pool.view(i), tail=self.layers[i].tail)
+
+    def store(self, i: int, layer: LayerCache) -> LayerCache:
+        """What to keep in `layers[i]` after a decode step returned `layer`."""
+        if self.pool is None:
+            return layer
+        return dataclasses.replace(self.layers[i], tail=layer.tail)
 
     @property
     def nbytes(self) -> int:
@@ -156,6 +206,11 @@ def kv_nbytes_needed(cache: KVCache) -> int:
     Uses host values of `length` and `count` (call outside jit).
     """
     total = 0
+    if cache.pool is not None:
+        pl = cache.pool
+        slots = int(jnp.sum(pl.length)) * pl.k.shape[1]
+        total += slots * (pl.k.shape[-1] * pl.k.dtype.itemsize
+                          + pl.v.shape[-1] * pl.v.dtype.itemsize)
     for layer in cache.layers:
         p, t = layer.prefix, layer.tail
         slots = int(jnp.sum(p.length))

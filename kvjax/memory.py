@@ -54,8 +54,11 @@ def memory_report(cache: KVCache) -> MemoryReport:
     """Summarise what `cache` holds (call outside jit: reads lengths to the host)."""
     kv_held = sum(layer.prefix.k.nbytes + layer.prefix.v.nbytes + layer.tail.k.nbytes
                   + layer.tail.v.nbytes for layer in cache.layers)
+    if cache.pool is not None:
+        kv_held += cache.pool.k.nbytes + cache.pool.v.nbytes
     return MemoryReport(
         bytes_held=cache.nbytes, kv_bytes_held=kv_held, kv_bytes_needed=kv_nbytes_needed(cache),
-        prefix_capacity=tuple(layer.prefix.capacity for layer in cache.layers),
-        prefix_tokens=tuple(int(np.asarray(layer.prefix.length).sum()) for layer in cache.layers),
+        prefix_capacity=tuple(cache.layer(i).prefix.capacity for i in range(len(cache.layers))),
+        prefix_tokens=tuple(int(np.asarray(cache.layer(i).prefix.length).sum())
+                            for i in range(len(cache.layers))),
         key_width=tuple(layer.prefix.k.shape[-1] for layer in cache.layers))

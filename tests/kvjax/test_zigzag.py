@@ -1,0 +1,161 @@
+"""ZigZagKV: LMBA against brute force, the allocator on hand-computed cases, equal-LMBA
+reduces to SnapKV, the pooled layout's bytes and its equivalence with a plain masked layout."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kvjax
+import models
+from kvjax import loops
+from kvjax.presses import select
+from kvjax.presses.zigzag import ZigZagKVPress, allocate, lmba_per_head
+
+W = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = models.ModelConfig.tiny(n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97)
+    return models.Decoder(cfg, rngs=nnx.Rngs(7))
+
+
+PROMPTS = [list(np.random.RandomState(0).randint(0, 97, 61)),
+           list(np.random.RandomState(1).randint(0, 97, 44))]
+
+
+def _prefill(model, press, prompts=PROMPTS):
+    fn, params = model.kvjax_split()
+    tokens, lengths = loops.pad_prompts(prompts)
+    return loops.prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                         tail_capacity=8, press=press)
+
+
+def test_lmba_hand_case_and_brute_force():
+    # one head, window of 2 rows: mean row = [0.5, 0.3, 0.1, 0.1]; 0.9 needs 3 tokens
+    rows = jnp.array([[0.6, 0.2, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1]])
+    assert int(lmba_per_head(rows, jnp.ones(4, bool), 0.9)) == 3
+    assert int(lmba_per_head(rows, jnp.ones(4, bool), 0.5)) == 1
+    assert int(lmba_per_head(rows, jnp.ones(4, bool), 1.0)) == 4
+    rng = np.random.RandomState(0)
+    probs = rng.dirichlet(np.ones(13) * 0.3, size=(5, 3))  # [heads, W, C]
+    got = np.asarray(lmba_per_head(jnp.asarray(probs), jnp.ones(13, bool), 0.8))
+    for h in range(5):
+        a = probs[h].mean(0)
+        brute = min(n for n in range(1, 14) if np.sort(a)[::-1][:n].sum() >= 0.8 * a.sum()
+                    - 1e-9)
+        assert got[h] == brute
+
+
+def test_allocation_hand_cases():
+    b = allocate(jnp.array([1.0, 2.0, 3.0]), jnp.int32(10), jnp.int32(20), floor_ratio=0.2,
+                 window=4)
+    assert b.tolist() == [6, 10, 14]  # 2 + 8 * 3 * u with u = 1/6, 2/6, 3/6
+    b = allocate(jnp.array([1.0, 1.0, 10.0]), jnp.int32(10), jnp.int32(18), floor_ratio=0.2,
+                 window=4)
+    assert b.tolist() == [6, 6, 18]  # [4, 4, 22] clamped to [5, 18], excess 2 spread evenly
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_allocation_sum_exact_and_floor(seed):
+    rng = np.random.RandomState(seed)
+    lmba = jnp.asarray(rng.randint(1, 50, 12).astype(np.float32))
+    t = int(rng.randint(40, 200))
+    b_avg = math.ceil(t * rng.uniform(0.1, 0.9))
+    budgets = np.asarray(allocate(lmba, jnp.int32(b_avg), jnp.int32(t), floor_ratio=0.3,
+                                  window=W))
+    assert budgets.sum() == 12 * b_avg
+    assert budgets.min() >= min(W + 1, b_avg) and budgets.max() <= t
+    raw = 0.3 * b_avg + (b_avg - 0.3 * b_avg) * 12 * np.asarray(lmba) / float(lmba.sum())
+    assert (raw >= 0.3 * b_avg - 1e-5).all()  # every B_l is at least the floor before clamping
+
+
+def test_equal_lmba_gives_uniform_budgets_and_snapkv_indices(model):
+    zz = ZigZagKVPress(compression_ratio=0.5, window_size=W, profile=(1.0, 1.0, 1.0, 1.0))
+    snap = kvjax.SnapKVPress(compression_ratio=0.5, window_size=W, kernel_size=7,
+                             pooling="max")
+    _, a = _prefill(model, zz)
+    _, b = _prefill(model, snap)
+    for la, lb in zip(a.layers, b.layers):
+        for r, n in enumerate(len(p) for p in PROMPTS):
+            assert (np.asarray(la.prefix.length[r]) == math.ceil(n / 2)).all()
+            for h in range(2):
+                k = int(la.prefix.length[r, h])
+                assert np.asarray(la.prefix.pos[r, h, :k]).tolist() == \
+                    np.asarray(lb.prefix.pos[r, h, :k]).tolist()
+
+
+def test_pool_bytes_follow_budgets_with_one_compilation(model):
+    press = ZigZagKVPress(compression_ratio=0.6, window_size=W)
+    loops.prefill.clear_cache()
+    _, cache = _prefill(model, press)
+    _, cache2 = _prefill(model, press, prompts=[PROMPTS[1], PROMPTS[0][:50]])
+    assert loops.prefill._cache_size() == 1
+    pool = cache.pool
+    budgets = np.asarray(pool.length)
+    assert not (budgets[0] == budgets[0, 0]).all() or not (budgets[1] == budgets[1, 0]).all()
+    assert budgets[0].tolist() != budgets[1].tolist()  # two different budget vectors
+    for r, n in enumerate(len(p) for p in PROMPTS):
+        assert budgets[r].sum() == 4 * math.ceil(n * 0.4)
+    c = cache.layers[0].tail.k.shape  # [B, K, S, H]
+    per_slot = c[1] * c[3] * 4 * 2  # one pool slot of one row: K heads x (k + v) x H f32
+    pool_slots = 4 * math.ceil(64 * 0.4)  # L * B_avg of the 64-token bucket, per row
+    assert pool.k.nbytes + pool.v.nbytes == 2 * pool_slots * per_slot
+    rep = kvjax.memory_report(cache)
+    tail_bytes = sum(l.tail.k.nbytes + l.tail.v.nbytes for l in cache.layers)
+    assert rep.kv_bytes_needed == int(budgets.sum()) * per_slot  # valid entries = budgets
+    # documented padding: only what length bucketing adds (pool sized for the 64-slot bucket)
+    assert rep.kv_bytes_held - tail_bytes == 2 * pool_slots * per_slot
+
+
+def _masked_layout(full, cache):
+    """The same kept tokens as per-layer arrays of the full capacity, masked by length."""
+    layers = []
+    for i, (lf, lp) in enumerate(zip(full.layers, cache.layers)):
+        view = cache.layer(i).prefix
+        keep = np.zeros(lf.prefix.pos.shape, bool)
+        for r in range(keep.shape[0]):
+            for h in range(keep.shape[1]):
+                keep[r, h, np.asarray(view.pos[r, h, :int(view.length[r, h])])] = True
+        prefix = select.compact(lf.prefix, jnp.asarray(keep), lf.prefix.capacity)
+        layers.append(dataclasses.replace(lp, prefix=prefix))
+    return kvjax.KVCache(layers=tuple(layers), next_pos=cache.next_pos)
+
+
+def test_pool_generation_equals_masked_layout(model):
+    press = ZigZagKVPress(compression_ratio=0.6, window_size=W)
+    logits, pooled = _prefill(model, press)
+    _, full = _prefill(model, None)
+    masked = _masked_layout(full, pooled)
+    fn, params = model.kvjax_split()
+    tok_a = tok_b = jnp.argmax(logits, -1)[:, None]
+    for _ in range(6):
+        la, pooled = fn.decode(params, tok_a, jnp.array([1, 1]), pooled)
+        lb, masked = fn.decode(params, tok_b, jnp.array([1, 1]), masked)
+        np.testing.assert_allclose(np.asarray(la), np.asarray(lb), atol=1e-5)
+        tok_a = tok_b = jnp.argmax(la[:, -1], -1)[:, None]
+    out = kvjax.generate(model, PROMPTS, max_new_tokens=6, press=press)
+    assert out.lengths.tolist() == [6, 6] and out.cache.pool is not None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(attention_mass=0.0), "attention_mass=0.0"),
+    (dict(attention_mass=1.5), "attention_mass=1.5"),
+    (dict(budget_floor_ratio=-0.1), "budget_floor_ratio=-0.1"),
+    (dict(budget_floor_ratio=1.1), "budget_floor_ratio=1.1"),
+    (dict(compression_ratio=1.0), "compression_ratio=1.0"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ZigZagKVPress(**kwargs)
+
+
+def test_profile_layer_mismatch(model):
+    with pytest.raises(ValueError, match="profile has 3 layers, the model 4"):
+        _prefill(model, ZigZagKVPress(compression_ratio=0.5, window_size=W,
+                                      profile=(1.0, 2.0, 3.0)))
