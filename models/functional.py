@@ -24,7 +24,16 @@ class NNXFunctional:
         return nnx.merge(self.graphdef, params).decode(*args, **kwargs)
 
 
-def split_model(model) -> tuple[NNXFunctional, Any]:
-    """Return (NNXFunctional, params) for any module with `prefill`/`decode` and a config."""
+def split_model(model, max_seq_len: int | None = None) -> tuple[NNXFunctional, Any]:
+    """Return (NNXFunctional, params) for any NNX module with kvjax-style `prefill`/`decode`.
+
+    The module's `prefill(tokens, lengths, *, tail_capacity, obs_spec, attn_impl)` returns
+    (last logits [B, V], kvjax.KVCache, per-layer observations) and its
+    `decode(tokens, n_new, cache, *, attn_impl)` returns (logits [B, T, V], KVCache); see
+    `kvjax.prefill_layer` / `kvjax.decode_layer`. `max_seq_len` defaults to
+    `model.config.max_seq_len`.
+    """
+    if max_seq_len is None:
+        max_seq_len = model.config.max_seq_len
     graphdef, params = nnx.split(model)
-    return NNXFunctional(graphdef, model.config.max_seq_len), params
+    return NNXFunctional(graphdef, int(max_seq_len)), params

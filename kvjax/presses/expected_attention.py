@@ -10,25 +10,29 @@ from kvjax.observation import ObsSpec
 from kvjax.presses.base import ScorerPress
 
 
-def averaged_rotation(inv_freq, start, n_future: int):
+def averaged_rotation(inv_freq, start, n_future: int, interleaved: bool = False):
     """Mean RoPE rotation matrix over positions start .. start + n_future - 1.
 
     Args:
       inv_freq: [H/2] rotary inverse frequencies; start: [B] first future position.
+      interleaved: GPT-J pairs (2i, 2i+1) instead of rotate-half pairs (i, i + H/2).
 
     Returns:
-      R [B, H, H] (rotate-half convention: R = mean_p cos_p I + sin_p P with
-      P = [[0, -I], [I, 0]]).
+      R [B, H, H] = mean_p cos_p I + sin_p P, with P the 90-degree rotation of every pair
+      (rotate-half: P = [[0, -I], [I, 0]]).
     """
     pos = start[:, None].astype(jnp.float32) + jnp.arange(n_future, dtype=jnp.float32)
     ang = pos[..., None] * inv_freq  # [B, F, H/2]
-    cos = jnp.cos(ang).mean(1)
-    sin = jnp.sin(ang).mean(1)  # [B, H/2]
-    c = jnp.concatenate([cos, cos], -1)
-    s = jnp.concatenate([sin, sin], -1)
+    cos, sin = jnp.cos(ang).mean(1), jnp.sin(ang).mean(1)  # [B, H/2]
     half = inv_freq.shape[0]
-    eye = jnp.eye(half)
-    p = jnp.block([[jnp.zeros((half, half)), -eye], [eye, jnp.zeros((half, half))]])
+    if interleaved:
+        c, s = jnp.repeat(cos, 2, -1), jnp.repeat(sin, 2, -1)
+        pair = jnp.array([[0.0, -1.0], [1.0, 0.0]])
+        p = jnp.kron(jnp.eye(half), pair)
+    else:
+        c, s = jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)
+        eye = jnp.eye(half)
+        p = jnp.block([[jnp.zeros((half, half)), -eye], [eye, jnp.zeros((half, half))]])
     return c[:, :, None] * jnp.eye(2 * half) + s[:, :, None] * p
 
 
@@ -65,7 +69,8 @@ class ExpectedAttentionPress(ScorerPress):
             raise ValueError(f"prompt length {min_prompt_len} must exceed n_sink={self.n_sink}")
 
     def score(self, prefix, obs, ctx):
-        rot = averaged_rotation(obs.rope_inv_freq, ctx.prompt_len, self.n_future_positions)
+        rot = averaged_rotation(obs.rope_inv_freq, ctx.prompt_len, self.n_future_positions,
+                                obs.rope_interleaved)
         mu = jnp.einsum("bnh,bih->bni", obs.q_mean, rot)
         b, n, h = mu.shape
         n_kv = prefix.k.shape[1]
