@@ -1,23 +1,29 @@
 """kvjax: long-context LLM inference in JAX with a compressed KV cache."""
 
 from kvjax.attention import cached_attention_reference, prefill_attention_reference
-from kvjax.cache import KVCache, LayerCache, Prefix, Tail, kv_nbytes_needed
-from kvjax.loops import GenerateOutput, generate, generate_stream
+from kvjax.cache import KVCache, LayerCache, Pool, Prefix, Tail, kv_nbytes_needed
 from kvjax.layer import decode_layer, decode_positions, prefill_layer
+from kvjax.loops import GenerateOutput, generate, generate_stream
 from kvjax.memory import MemoryReport, memory_report
 from kvjax.observation import Observation, ObsSpec
-from kvjax.presses import (AdaKVPress, ComposedPress, ExpectedAttentionPress, KnormPress,
-                           ObservedAttentionPress, Press, PyramidKVPress, RandomPress,
-                           ScorerPress, SnapKVPress, StreamingLLMPress, TOVAPress, make_press)
-from kvjax.pipeline import Pipeline
+from kvjax.pipeline import Pipeline, PipelineResult
+from kvjax.presses import (AdaKVPress, ComposedPress, DecodingPress, ExpectedAttentionPress,
+                           KnormPress, NACLPress, ObservedAttentionPress, Press, PyramidKVPress,
+                           RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress, ThinKPress,
+                           TOVAPress, UNCompPress, ZigZagKVPress, make_press)
 from kvjax.sampling import Greedy, Temperature, TopK, TopP
 
 __all__ = [
-    "AdaKVPress", "ComposedPress", "ExpectedAttentionPress", "KnormPress",
-    "ObservedAttentionPress", "Press", "PyramidKVPress", "RandomPress", "ScorerPress",
-    "SnapKVPress", "StreamingLLMPress", "TOVAPress", "make_press",
-    "GenerateOutput", "MemoryReport", "memory_report", "Pipeline", "Greedy", "KVCache", "LayerCache", "Observation", "ObsSpec", "Prefix",
-    "Tail", "Temperature", "TopK", "TopP", "cached_attention_reference", "decode_layer",
-    "decode_positions", "generate", "generate_stream", "kv_nbytes_needed", "prefill_layer",
-    "prefill_attention_reference",
+    # presses
+    "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KnormPress",
+    "NACLPress", "ObservedAttentionPress", "Press", "PyramidKVPress", "RandomPress",
+    "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "UNCompPress",
+    "ZigZagKVPress", "make_press",
+    # loops, pipeline, sampling
+    "GenerateOutput", "Greedy", "Pipeline", "PipelineResult", "Temperature", "TopK", "TopP",
+    "generate", "generate_stream",
+    # cache, integration API, memory
+    "KVCache", "LayerCache", "MemoryReport", "Observation", "ObsSpec", "Pool", "Prefix", "Tail",
+    "cached_attention_reference", "decode_layer", "decode_positions", "kv_nbytes_needed",
+    "memory_report", "prefill_attention_reference", "prefill_layer",
 ]

@@ -11,8 +11,8 @@ functions; they return the attention output, the new `LayerCache` and (in prefil
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import (cached_attention_reference, prefill_attention_reference,
-                             resolve_attn_impl)
+from kvjax import dispatch
+from kvjax.attention import resolve_attn_impl
 from kvjax.cache import LayerCache, append_to_tail, init_tail, prefix_from_prompt
 from kvjax.observation import Observation, ObsSpec, observe
 
@@ -21,7 +21,8 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
                   tail_capacity: int, sliding_window: int | None = None,
                   obs_spec: ObsSpec = ObsSpec(), attn_impl: str = "auto",
                   scale: float | None = None, q_prerope: jax.Array | None = None,
-                  rope_inv_freq=None) -> tuple[jax.Array, LayerCache, Observation]:
+                  rope_inv_freq=None,
+                  rope_interleaved: bool = False) -> tuple[jax.Array, LayerCache, Observation]:
     """Causal attention over a right-padded prompt; build the layer's cache and observation.
 
     Args:
@@ -34,18 +35,19 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
       scale: logit scale, default 1/sqrt(H).
       q_prerope: [B, T, N, H] queries before RoPE and rope_inv_freq: [H/2] rotary inverse
         frequencies; only presses that model future queries (ExpectedAttention) need them.
+      rope_interleaved: True for GPT-J-style rotary pairs (2i, 2i+1), False for Llama's
+        rotate-half pairs (i, i + H/2).
 
     Returns:
       out [B, T, N, H], the LayerCache (prefix = the whole prompt, empty tail), Observation.
     """
-    resolve_attn_impl(attn_impl)
-    out = prefill_attention_reference(q, k, v, lengths, scale=scale,
-                                      sliding_window=sliding_window)
+    out = dispatch.prefill_attention(q, k, v, lengths, attn_impl=resolve_attn_impl(attn_impl),
+                                     scale=scale, sliding_window=sliding_window)
     b, _, n_kv, h = k.shape
     layer = LayerCache(prefix=prefix_from_prompt(k, v, lengths),
                        tail=init_tail(b, n_kv, tail_capacity, h, k.dtype))
     obs = observe(q, k, lengths, obs_spec, scale=scale, q_prerope=q_prerope,
-                  rope_inv_freq=rope_inv_freq)
+                  rope_inv_freq=rope_inv_freq, rope_interleaved=rope_interleaved)
     return out, layer, obs
 
 
@@ -64,11 +66,10 @@ def decode_layer(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
     Returns:
       out [B, T, N, H] and the updated LayerCache.
     """
-    resolve_attn_impl(attn_impl)
     tail = append_to_tail(layer.tail, k, v, positions, n_new)
     layer = LayerCache(prefix=layer.prefix, tail=tail)
-    out = cached_attention_reference(q, positions, layer, scale=scale,
-                                     sliding_window=sliding_window)
+    out = dispatch.decode_attention(q, positions, layer, attn_impl=resolve_attn_impl(attn_impl),
+                                    scale=scale, sliding_window=sliding_window)
     return out, layer
 
 

@@ -6,6 +6,7 @@ sequence and, for presses that ask for them, column sums of the causal attention
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,24 +22,36 @@ class ObsSpec:
       window: W, number of last prompt positions whose queries are kept (0 = none).
       column_sums: whether to compute column sums of the causal attention probabilities over
         all query rows (H2O / ObservedAttention), in key chunks, never T x T at once.
+      proxy_ratio: NACL proxy rows: widen the window to ceil(proxy_ratio * T) rows, T the
+        padded prompt length (a static bound on every sequence's own proxy count).
     """
 
     window: int = 0
     column_sums: bool = False
     query_stats: bool = False
     query_stats_skip: int = 0
+    proxy_ratio: float = 0.0
 
     def __post_init__(self):
         if self.window < 0:
             raise ValueError(f"{self.window=} must be >= 0")
         if self.query_stats_skip < 0:
             raise ValueError(f"{self.query_stats_skip=} must be >= 0")
+        if not 0.0 <= self.proxy_ratio <= 1.0:
+            raise ValueError(f"{self.proxy_ratio=} must be in [0, 1]")
 
     def merge(self, other: "ObsSpec") -> "ObsSpec":
         return ObsSpec(window=max(self.window, other.window),
                        column_sums=self.column_sums or other.column_sums,
                        query_stats=self.query_stats or other.query_stats,
-                       query_stats_skip=max(self.query_stats_skip, other.query_stats_skip))
+                       query_stats_skip=max(self.query_stats_skip, other.query_stats_skip),
+                       proxy_ratio=max(self.proxy_ratio, other.proxy_ratio))
+
+    def window_for(self, t: int) -> int:
+        """Rows of `q_window` observed for a padded prompt of `t` positions (static)."""
+        if self.proxy_ratio > 0:
+            return max(self.window, math.ceil(self.proxy_ratio * t), 1)
+        return self.window
 
 
 @jax.tree_util.register_dataclass
@@ -53,6 +66,8 @@ class Observation:
       q_mean: [B, N, H] mean of pre-RoPE queries over positions [skip, length), or None.
       q_cov: [B, N, H, H] their covariance (divided by the count), or None.
       rope_inv_freq: [H/2] the layer's rotary inverse frequencies, or None.
+      rope_interleaved: the rotary pairs are (2i, 2i+1) (GPT-J) rather than (i, i + H/2)
+        (Llama's rotate-half); static.
     """
 
     q_window: jax.Array | None = None
@@ -61,6 +76,7 @@ class Observation:
     q_mean: jax.Array | None = None
     q_cov: jax.Array | None = None
     rope_inv_freq: jax.Array | None = None
+    rope_interleaved: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
 
 def gather_window(q: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
@@ -147,11 +163,12 @@ def query_statistics(q: jax.Array, lengths: jax.Array, skip: int) -> tuple[jax.A
 
 def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
             scale: float | None = None, q_prerope: jax.Array | None = None,
-            rope_inv_freq=None) -> Observation:
+            rope_inv_freq=None, rope_interleaved: bool = False) -> Observation:
     """Build the Observation that `spec` asks for from one layer's prefill q and k."""
     q_window = window_valid = column_sums = q_mean = q_cov = None
-    if spec.window:
-        q_window, window_valid = gather_window(q, lengths, spec.window)
+    window = spec.window_for(q.shape[1])
+    if window:
+        q_window, window_valid = gather_window(q, lengths, window)
     if spec.column_sums:
         column_sums = causal_column_sums(q, k, lengths, scale=scale)
     if spec.query_stats:
@@ -161,4 +178,5 @@ def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
         q_mean, q_cov = query_statistics(q_prerope, lengths, spec.query_stats_skip)
     inv_freq = None if rope_inv_freq is None else jnp.asarray(rope_inv_freq, jnp.float32)
     return Observation(q_window=q_window, window_valid=window_valid, column_sums=column_sums,
-                       q_mean=q_mean, q_cov=q_cov, rope_inv_freq=inv_freq)
+                       q_mean=q_mean, q_cov=q_cov, rope_inv_freq=inv_freq,
+                       rope_interleaved=rope_interleaved)

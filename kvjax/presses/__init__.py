@@ -3,18 +3,24 @@
 from kvjax.presses.adakv import AdaKVPress
 from kvjax.presses.base import LayerContext, Press, ScorerPress
 from kvjax.presses.composed import ComposedPress
+from kvjax.presses.decoding import DecodingPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
 from kvjax.presses.knorm import KnormPress
+from kvjax.presses.nacl import NACLPress
 from kvjax.presses.observed_attention import ObservedAttentionPress
 from kvjax.presses.pyramidkv import PyramidKVPress
 from kvjax.presses.random import RandomPress
 from kvjax.presses.registry import PRESSES, make_press, press_names
 from kvjax.presses.snapkv import SnapKVPress
 from kvjax.presses.streaming_llm import StreamingLLMPress
+from kvjax.presses.think import ThinKPress
 from kvjax.presses.tova import TOVAPress
+from kvjax.presses.uncomp import UNCompPress
+from kvjax.presses.zigzag import ZigZagKVPress
 
 __all__ = [
-    "AdaKVPress", "ComposedPress", "ExpectedAttentionPress", "KnormPress", "LayerContext",
-    "ObservedAttentionPress", "PRESSES", "Press", "PyramidKVPress", "RandomPress", "ScorerPress",
-    "SnapKVPress", "StreamingLLMPress", "TOVAPress", "make_press", "press_names",
+    "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KnormPress",
+    "LayerContext", "NACLPress", "ObservedAttentionPress", "PRESSES", "Press", "PyramidKVPress",
+    "RandomPress", "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress",
+    "UNCompPress", "ZigZagKVPress", "make_press", "press_names",
 ]

@@ -4,18 +4,34 @@ from kvjax.presses.adakv import AdaKVPress
 from kvjax.presses.composed import ComposedPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
 from kvjax.presses.knorm import KnormPress
+from kvjax.presses.nacl import NACLPress
 from kvjax.presses.observed_attention import ObservedAttentionPress
 from kvjax.presses.pyramidkv import PyramidKVPress
 from kvjax.presses.random import RandomPress
 from kvjax.presses.snapkv import SnapKVPress
 from kvjax.presses.streaming_llm import StreamingLLMPress
+from kvjax.presses.think import ThinKPress
 from kvjax.presses.tova import TOVAPress
+from kvjax.presses.uncomp import UNCompPress
+from kvjax.presses.zigzag import ZigZagKVPress
 
 
 def _adakv(compression_ratio=0.0, **kwargs):
     alpha = kwargs.pop("alpha_safeguard", 0.2)
     return AdaKVPress(press=SnapKVPress(compression_ratio=compression_ratio, **kwargs),
                       alpha_safeguard=alpha)
+
+
+def _think(compression_ratio=0.0, key_channel_compression_ratio=0.4,
+           value_channel_compression_ratio=0.0, window_size=32, kernel_size=7, pooling="max"):
+    """SnapKV (token ratio) + ThinK channels, the paper's setting (window 32, max-pool 7);
+    compression_ratio=0 gives ThinK alone."""
+    press = None if compression_ratio == 0 else SnapKVPress(
+        compression_ratio=compression_ratio, window_size=window_size, kernel_size=kernel_size,
+        pooling=pooling)
+    return ThinKPress(key_channel_compression_ratio=key_channel_compression_ratio,
+                      value_channel_compression_ratio=value_channel_compression_ratio,
+                      window_size=window_size, press=press)
 
 
 def _snap_knorm(compression_ratio=0.0, **kwargs):
@@ -38,6 +54,14 @@ PRESSES = {
     "expected_attention": (ExpectedAttentionPress, dict(n_future_positions=64),
                            "closed-form expected attention of future queries"),
     "random": (RandomPress, dict(seed=0), "uniformly random tokens (baseline)"),
+    "nacl": (NACLPress, dict(proxy_tokens_ratio=0.1, n_sink=2, recent_ratio=0.05, seed=0),
+             "NACL proxy-token top-k + softmax-random eviction (kvpress-style budget)"),
+    "think": (_think, dict(window_size=8, key_channel_compression_ratio=0.5),
+              "SnapKV tokens + ThinK key-channel pruning (arXiv 2407.21018)"),
+    "zigzagkv": (ZigZagKVPress, dict(window_size=8),
+                 "per-input layer budgets from layer uncertainty (arXiv 2412.09036)"),
+    "uncomp": (UNCompPress, dict(window_size=8), "UNComp matrix-entropy kv-head groups, "
+               "SnapKV inside heads (arXiv 2410.03090; calibration=FILE|smollm2)"),
     "snapkv_knorm": (_snap_knorm, dict(window_size=8), "ComposedPress: SnapKV then KNorm"),
 }
 

@@ -63,6 +63,11 @@ def test_ratio_zero_is_identity(model, prompts, name):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _layers(cache):
+    """Layers as attention reads them (pool segments for ZigZagKV)."""
+    return [cache.layer(i) for i in range(len(cache.layers))]
+
+
 def _expected_counts(name, press, layer_idx, n_layers, n):
     if name == "pyramidkv":
         return int(pyramid_budget(np.array(n), layer_idx, n_layers, press.compression_ratio,
@@ -79,11 +84,17 @@ def test_kept_counts_and_indices(model, prompts, name, ratio):
     press = _press(name, ratio)
     _, cache = _prefill(model, prompts, press)
     n_layers = len(cache.layers)
-    for li, layer in enumerate(cache.layers):
+    for b, n in enumerate(LENGTHS):
+        if name == "zigzagkv":  # per-input layer budgets: the total over layers is fixed
+            per_layer = [len(_kept(l, b, 0)) for l in _layers(cache)]
+            assert sum(per_layer) == n_layers * math.ceil(round(n * (1 - ratio), 6))
+    for li, layer in enumerate(_layers(cache)):
         for b, n in enumerate(LENGTHS):
             want = _expected_counts(name, press, li, n_layers, n)
             counts = np.array([len(_kept(layer, b, h)) for h in range(layer.prefix.k.shape[1])])
-            if name == "adakv":  # head-wise budgets: the layer total is fixed
+            if name == "zigzagkv":
+                assert len(set(counts.tolist())) == 1  # one budget for all kv heads of a layer
+            elif name in ("adakv", "uncomp"):  # head-wise budgets: the layer total is fixed
                 assert counts.sum() == want * len(counts)
                 assert (counts >= max(1, int(want * 0.2))).all()
             else:
@@ -99,10 +110,11 @@ def test_kept_counts_and_indices(model, prompts, name, ratio):
     ("pyramidkv", lambda n: range(n - 8, n)),
     ("tova", lambda n: [n - 1]),
     ("expected_attention", lambda n: range(4)),
+    ("zigzagkv", lambda n: range(n - 8, n)),
 ])
 def test_protected_tokens_kept(model, prompts, name, protected):
     _, cache = _prefill(model, prompts, _press(name, 0.7))
-    for layer in cache.layers:
+    for layer in _layers(cache):
         for b, n in enumerate(LENGTHS):
             for h in range(layer.prefix.k.shape[1]):
                 assert set(protected(n)) <= set(_kept(layer, b, h).tolist())
@@ -141,7 +153,7 @@ def test_batch_rows_independent_and_finite(model, prompts, name):
     swaps = 0
     for b, p in enumerate(prompts):
         _, alone = _prefill(model, [p], press)
-        for lb, la in zip(batch.layers, alone.layers):
+        for lb, la in zip(_layers(batch), _layers(alone)):
             for h in range(lb.prefix.k.shape[1]):
                 diff = set(_kept(lb, b, h).tolist()) ^ set(_kept(la, 0, h).tolist())
                 assert len(diff) <= 2

@@ -1,0 +1,106 @@
+"""Attention dispatch: a static `attn_impl` key -> the reference or a Pallas kernel.
+
+`attn_impl` is resolved once (`kvjax.attention.resolve_attn_impl`: "auto" is "pallas_gpu" on GPU,
+"pallas_tpu" on TPU, "reference" on CPU) and passed down as a static argument; nothing is
+patched. The kernels live in `pallas_kernels` (imported lazily, on first use) and take plain
+arrays; this module adapts `LayerCache` to them.
+
+Forcing a Pallas implementation off its backend (e.g. ``attn_impl="pallas_tpu"`` on CPU) runs
+the kernel in that backend's interpret mode (TPU interpreter / Mosaic GPU interpreter): slow,
+but the same kernel code, which is how CPU CI checks generate with every kernel.
+
+What falls back to the reference, by design:
+  * decode with T > 1 new tokens (multi-token extend): the kernels take one query per sequence;
+  * the Mosaic GPU kernels' shape limits (G > 64 query heads per kv head, or head dims that are
+    not multiples of 16).
+"""
+
+import importlib
+
+import jax
+
+from kvjax.attention import cached_attention_reference, prefill_attention_reference
+from kvjax.attention_scores import prefill_attention_with_scores_reference
+from kvjax.cache import LayerCache
+
+_PALLAS = {"pallas_gpu": "pallas_kernels.gpu", "pallas_tpu": "pallas_kernels.tpu"}
+
+
+def _kernels(attn_impl: str):
+    """The kernel module for a Pallas `attn_impl`, or None for the reference."""
+    if attn_impl == "reference":
+        return None
+    if attn_impl not in _PALLAS:
+        raise ValueError(f"{attn_impl=} must be resolved first: one of 'reference', "
+                         f"{', '.join(map(repr, _PALLAS))}")
+    return importlib.import_module(_PALLAS[attn_impl])
+
+
+def _gpu_shapes_ok(n: int, n_kv: int, *dims: int) -> bool:
+    return n // n_kv <= 64 and all(d % 16 == 0 for d in dims)
+
+
+def decode_attention(q: jax.Array, q_pos: jax.Array, layer: LayerCache, *, attn_impl: str,
+                     scale: float | None = None,
+                     sliding_window: int | None = None) -> jax.Array:
+    """`cached_attention_reference` semantics through the implementation `attn_impl`.
+
+    Args:
+      q: [B, T, N, H] post-RoPE queries; q_pos: [B, T]; layer: the cache (new tokens already
+        in the tail). attn_impl: "reference" | "pallas_gpu" | "pallas_tpu" (resolved, static).
+
+    Returns:
+      [B, T, N, Hv] in q's dtype.
+    """
+    p, t = layer.prefix, layer.tail
+    kernels = _kernels(attn_impl)
+    n_kv = p.k.shape[1]
+    use_kernel = kernels is not None and q.shape[1] == 1 and (
+        attn_impl != "pallas_gpu"
+        or _gpu_shapes_ok(q.shape[2], n_kv, q.shape[3], p.k.shape[3], p.v.shape[3]))
+    if not use_kernel:
+        return cached_attention_reference(q, q_pos, layer, scale=scale,
+                                          sliding_window=sliding_window)
+    out = kernels.decode_attention(q[:, 0], p.k, p.v, p.length, p.pos, t.k, t.v, t.pos,
+                                   t.count, q_pos[:, 0], channels=p.channels,
+                                   value_channels=p.value_channels, scale=scale,
+                                   sliding_window=sliding_window)
+    return out[:, None]
+
+
+def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                                  *, attn_impl: str, scale: float | None = None,
+                                  sliding_window: int | None = None, score_rows=None
+                                  ) -> tuple[jax.Array, jax.Array | None]:
+    """Causal prefill attention and, unless `score_rows` is None, column sums of it.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, T, K, H]; lengths: [B].
+      attn_impl: "reference" | "pallas_gpu" | "pallas_tpu" (resolved, static).
+      score_rows: None | "all" | ("window", W) | int array [B, P] (see
+        `kvjax.attention_scores.prefill_attention_with_scores_reference`).
+
+    Returns:
+      out [B, T, N, H] and colsums [B, N, T] f32 (None when score_rows is None).
+    """
+    kernels = _kernels(attn_impl)
+    use_kernel = kernels is not None and (
+        attn_impl != "pallas_gpu" or _gpu_shapes_ok(q.shape[2], k.shape[2], q.shape[3]))
+    if use_kernel:
+        return kernels.prefill_attention_with_scores(q, k, v, lengths, scale=scale,
+                                                     sliding_window=sliding_window,
+                                                     score_rows=score_rows)
+    if score_rows is None:
+        return prefill_attention_reference(q, k, v, lengths, scale=scale,
+                                           sliding_window=sliding_window), None
+    return prefill_attention_with_scores_reference(q, k, v, lengths, scale=scale,
+                                                   sliding_window=sliding_window,
+                                                   score_rows=score_rows)
+
+
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
+                      attn_impl: str, scale: float | None = None,
+                      sliding_window: int | None = None) -> jax.Array:
+    """`prefill_attention_reference` semantics through `attn_impl`: out [B, T, N, H]."""
+    return prefill_attention_with_scores(q, k, v, lengths, attn_impl=attn_impl, scale=scale,
+                                         sliding_window=sliding_window, score_rows=None)[0]

@@ -1,0 +1,72 @@
+"""Argument checks and query preparation shared by the TPU and GPU decode kernels."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def check_decode_args(q, prefix_k, prefix_v, prefix_len, prefix_pos, tail_k, tail_v, tail_pos,
+                      tail_count, q_pos, channels, scale,
+                      value_channels=None) -> tuple[float, jax.Array]:
+    """Validate the decode kernels' shapes; return (scale, q grouped as [B, K, G, H]).
+
+    Raises:
+      ValueError: on any shape mismatch.
+    """
+    b, n, h = q.shape
+    if prefix_k.ndim != 4 or prefix_k.shape[0] != b:
+        raise ValueError(f"prefix_k.shape={prefix_k.shape} must be [B={b}, K, C, Dk]")
+    _, n_kv, c, dk = prefix_k.shape
+    s = tail_k.shape[2]
+    if n % n_kv:
+        raise ValueError(f"N={n} query heads must be a multiple of K={n_kv} kv heads")
+    expected = {"prefix_v": (prefix_v.shape[:3], (b, n_kv, c)),
+                "prefix_len": (prefix_len.shape, (b, n_kv)),
+                "prefix_pos": (prefix_pos.shape, (b, n_kv, c)),
+                "tail_k": (tail_k.shape, (b, n_kv, s, h)),
+                "tail_v": (tail_v.shape, (b, n_kv, s, h)),
+                "tail_pos": (tail_pos.shape, (b, s)),
+                "tail_count": (tail_count.shape, (b,)),
+                "q_pos": (q_pos.shape, (b,))}
+    for name, (got, want) in expected.items():
+        if tuple(got) != want:
+            raise ValueError(f"{name}.shape={tuple(got)} must be {want} (B={b}, K={n_kv}, "
+                             f"C={c}, S={s}, H={h})")
+    if channels is None and dk != h:
+        raise ValueError(f"prefix keys have Dk={dk} != H={h} channels but channels is None")
+    if channels is not None and tuple(channels.shape) != (b, n_kv, dk):
+        raise ValueError(f"channels.shape={tuple(channels.shape)} must be {(b, n_kv, dk)}")
+    hv = prefix_v.shape[3]
+    if value_channels is None and hv != h:
+        raise ValueError(f"prefix values have Hv={hv} != H={h} channels but value_channels "
+                         "is None")
+    if value_channels is not None and tuple(value_channels.shape) != (b, n_kv, hv):
+        raise ValueError(f"value_channels.shape={tuple(value_channels.shape)} must be "
+                         f"{(b, n_kv, hv)}")
+    scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    return scale, q.reshape(b, n_kv, n // n_kv, h)
+
+
+def gather_thin_queries(qg: jax.Array, channels: jax.Array | None) -> jax.Array:
+    """qg [B, K, G, H], channels [B, K, Dk] -> queries on the kept channels [B, K, G, Dk]."""
+    if channels is None:
+        return qg
+    idx = jnp.broadcast_to(channels[:, :, None, :].astype(jnp.int32),
+                           qg.shape[:3] + channels.shape[-1:])
+    return jnp.take_along_axis(qg, idx, axis=-1)
+
+
+def merge_prefix_tail(o_prefix: jax.Array, o_tail: jax.Array,
+                      value_channels: jax.Array | None) -> jax.Array:
+    """Sum the prefix part [B, K, G, Hv] and the tail part [B, K, G, H] of the output.
+
+    With thin values (ThinK value pruning) the prefix part lands on `value_channels`
+    [B, K, Hv] of the H output channels; the other channels get no prefix contribution.
+    """
+    if value_channels is None:
+        return o_prefix + o_tail
+    idx = jnp.broadcast_to(value_channels[:, :, None, :].astype(jnp.int32), o_prefix.shape)
+    scattered = jnp.put_along_axis(jnp.zeros_like(o_tail), idx, o_prefix, axis=-1,
+                                   inplace=False)
+    return scattered + o_tail

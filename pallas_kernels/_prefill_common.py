@@ -1,0 +1,112 @@
+"""Row selection, padding and block-skipping tables shared by the prefill-with-scores kernels.
+
+Both backends compute column sums in two passes: a flash-attention forward that also writes the
+log-sum-exp of every query row, then a pass over (key block, row block) pairs that recomputes
+the logits of the selected rows only and sums exp(logit - lse) over rows. Pairs that causality
+or the sliding window mask entirely are skipped; the tables here say which.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def check_prefill_args(q, k, v, lengths, scale) -> float:
+    """Validate shapes of q [B, T, N, H], k, v [B, T, K, H], lengths [B]; return the scale."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"{q.shape=}, {k.shape=}, {v.shape=} must be [B, T, heads, H]")
+    b, t, n, h = q.shape
+    if k.shape[:2] != (b, t) or k.shape != v.shape or k.shape[3] != h:
+        raise ValueError(f"{k.shape=} and {v.shape=} must be [B={b}, T={t}, K, H={h}]")
+    if n % k.shape[2]:
+        raise ValueError(f"N={n} query heads must be a multiple of K={k.shape[2]} kv heads")
+    if lengths.shape != (b,):
+        raise ValueError(f"{lengths.shape=} must be ({b},)")
+    return 1.0 / math.sqrt(h) if scale is None else float(scale)
+
+
+def score_row_positions(score_rows, lengths: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
+    """"all" | ("window", W) | int [B, P] -> rows [B, P] int32 in [0, T) and valid [B, P].
+
+    Mirrors `kvjax.attention_scores.score_row_positions` (the spec); kept here because the
+    kernels do not import kvjax.
+    """
+    b = lengths.shape[0]
+    if isinstance(score_rows, str):
+        if score_rows != "all":
+            raise ValueError(f"{score_rows=} must be 'all', ('window', W) or an int array")
+        rows = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    elif isinstance(score_rows, tuple):
+        if len(score_rows) != 2 or score_rows[0] != "window" or int(score_rows[1]) < 1:
+            raise ValueError(f"{score_rows=} must be ('window', W) with W >= 1")
+        w = int(score_rows[1])
+        rows = lengths[:, None].astype(jnp.int32) - w + jnp.arange(w, dtype=jnp.int32)[None]
+    else:
+        rows = jnp.asarray(score_rows)
+        if rows.ndim != 2 or rows.shape[0] != b or not jnp.issubdtype(rows.dtype, jnp.integer):
+            raise ValueError(f"score_rows.shape={rows.shape} must be an int array [B={b}, P]")
+        rows = rows.astype(jnp.int32)
+    valid = (rows >= 0) & (rows < lengths[:, None])
+    return jnp.clip(rows, 0, t - 1), valid
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """Right-pad `axis` of x to `size` with `value`."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def key_block_range(i, block_q, block_k, length, sliding_window):
+    """First and last key block that query block i needs (causal, window, valid keys).
+
+    Uses lax.div (operands are >= 0): floor division lowers to sign ops Mosaic may not take.
+    """
+    q_lo, q_hi = i * block_q, (i + 1) * block_q - 1
+    last = jax.lax.div(jnp.minimum(q_hi, jnp.maximum(length - 1, 0)), block_k)
+    if sliding_window is None:
+        return jnp.zeros_like(last), last
+    first = jax.lax.div(jnp.maximum(q_lo - sliding_window + 1, 0), block_k)
+    return jnp.minimum(first, last), last
+
+
+def block_needed(r_min, r_max, j, block_k, sliding_window):
+    """Whether a row block (rows' min/max valid position) meets key block j unmasked.
+
+    Causal: some row p >= j*block_k; window: some row p with p - (j+1)*block_k + 1 < window.
+    Conservative (the two rows may differ); the kernels mask exactly anyway.
+    """
+    needed = r_max >= j * block_k
+    if sliding_window is not None:
+        needed &= r_min - (j * block_k + block_k - 1) < sliding_window
+    return needed
+
+
+def row_block_tables(rows, valid, block_r, n_key_blocks, block_k, sliding_window):
+    """Per-row-block bounds and, per key block, the first row block that it needs.
+
+    Args:
+      rows, valid: [B, P_pad] selected row positions and validity (P_pad % block_r == 0).
+
+    Returns:
+      r_min, r_max [B, nr] int32 (min / max valid row position; r_max = -1 when the block has
+      no valid row), first and last [B, nk] int32 (first and last needed row block for each
+      key block; last = first - 1 when none), so that kernels visit only [first, last].
+    """
+    b = rows.shape[0]
+    r = rows.reshape(b, -1, block_r)
+    ok = valid.reshape(b, -1, block_r)
+    r_max = jnp.max(jnp.where(ok, r, -1), axis=-1).astype(jnp.int32)  # [B, nr]
+    r_min = jnp.min(jnp.where(ok, r, jnp.iinfo(jnp.int32).max // 2), axis=-1).astype(jnp.int32)
+    j = jnp.arange(n_key_blocks, dtype=jnp.int32)[None, :, None]
+    needed = block_needed(r_min[:, None, :], r_max[:, None, :], j, block_k, sliding_window)
+    any_needed = jnp.any(needed, -1)
+    first = jnp.where(any_needed, jnp.argmax(needed, -1), 0).astype(jnp.int32)
+    n_rb = needed.shape[-1]
+    last = jnp.where(any_needed, n_rb - 1 - jnp.argmax(needed[..., ::-1], -1), -1)
+    return r_min, r_max, first, last.astype(jnp.int32)

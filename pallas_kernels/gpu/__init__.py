@@ -1,0 +1,9 @@
+"""Mosaic GPU kernels for Hopper (run in the Mosaic GPU interpreter on CPU)."""
+
+from pallas_kernels.gpu.decode_attention import BlockSizes as DecodeBlockSizes
+from pallas_kernels.gpu.decode_attention import decode_attention
+from pallas_kernels.gpu.prefill_scores import BlockSizes as PrefillBlockSizes
+from pallas_kernels.gpu.prefill_scores import prefill_attention_with_scores
+
+__all__ = ["DecodeBlockSizes", "PrefillBlockSizes", "decode_attention",
+           "prefill_attention_with_scores"]
