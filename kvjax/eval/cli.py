@@ -1,0 +1,115 @@
+"""`kvjax eval`: run the long-context suite over presses and ratios, or plot a results folder.
+
+  kvjax eval --model smollm2 --tasks niah_single,passkey --lengths 1024,2048 \\
+      --presses full,snapkv,streaming_llm --ratios 0.5,0.75,0.9 --samples 20 --out results/
+  kvjax eval --plot results/
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"bad list {text!r}: {e}") from e
+    return parse
+
+
+def add_eval_parser(subparsers) -> None:
+    """Register the `eval` subcommand on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "eval", help="long-context evaluation (RULER-style tasks, passkey, perplexity)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2', a .gguf file, a HF checkpoint dir or a `models.save` dir")
+    p.add_argument("--tasks", type=_csv(str), default=("niah_single",),
+                   help="comma-separated; see --list-tasks (and 'perplexity')")
+    p.add_argument("--lengths", type=_csv(int), default=(2048,),
+                   help="context lengths in tokens of the model's tokenizer")
+    p.add_argument("--presses", type=_csv(str), default=("full",),
+                   help="'full' and/or press registry names (class defaults)")
+    p.add_argument("--ratios", type=_csv(float), default=(0.5, 0.75, 0.9))
+    p.add_argument("--samples", type=int, default=20, help="samples per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
+    p.add_argument("--question-aware", action="store_true",
+                   help="compress the context with the question in it (default: agnostic)")
+    p.add_argument("--ppl-tokens", type=int, default=256,
+                   help="tokens scored after the compressed context (task 'perplexity')")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="default: float32 on CPU, bfloat16 on accelerators")
+    p.add_argument("--plot", type=Path, metavar="DIR", default=None,
+                   help="only write the summary and plots of an existing results folder")
+    p.add_argument("--no-plot", action="store_true", help="skip the plots after a run")
+    p.add_argument("--list-tasks", action="store_true", help="print the tasks and exit")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval_command)
+
+
+def run_eval_command(args) -> int:
+    """Handler of `kvjax eval`; returns the exit code."""
+    from kvjax.eval import plots, results, tasks
+    if args.list_tasks:
+        for name, spec in tasks.TASKS.items():
+            print(f"{name:20s} {spec}")
+        print(f"{'perplexity':20s} perplexity of the shipped corpus after the compressed context")
+        return 0
+    if args.plot is not None:
+        print(results.write_summary(args.plot).read_text())
+        for path in plots.plot_results(args.plot):
+            print(f"wrote {path}")
+        return 0
+    try:
+        summary = _run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.read_text())
+    if not args.no_plot:
+        for path in plots.plot_results(args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _run(args) -> Path:
+    import jax
+
+    from kvjax.eval.runner import Grid, kvjax_rows, run_grid
+    from kvjax.pipeline import Pipeline
+
+    grid = Grid(tasks=args.tasks, lengths=args.lengths, presses=args.presses,
+                ratios=args.ratios, samples=args.samples, seed=args.seed,
+                question_aware=args.question_aware)
+    model, tokenizer = _load(args.model, args.dtype, not args.no_progress)
+    if tokenizer is None:
+        raise ValueError(f"{args.model=} has no tokenizer")
+    pipeline = Pipeline(model, tokenizer)
+    meta = {"library": "kvjax", "model": str(args.model), "seed": args.seed,
+            "dtype": str(model.embed_tokens.embedding[...].dtype),
+            "backend": jax.default_backend()}
+    return run_grid(grid, kvjax_rows(pipeline, tokenizer, args.seed, args.ppl_tokens),
+                    args.out, meta=meta, progress=not args.no_progress)
+
+
+def _load(source: str, dtype: str | None, progress: bool):
+    import jax.numpy as jnp
+
+    import models  # the CLI is the one place kvjax imports models (lazily)
+    return models.load(source, dtype=None if dtype is None else jnp.dtype(dtype),
+                       progress=progress)
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry point: `python -m kvjax.eval.cli eval ...`."""
+    parser = argparse.ArgumentParser(prog="kvjax")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Result files: one JSON per cell (task, length, press, ratio), and summary tables.
+
+A cell file holds the run's metadata, per-sample records and their means. Files are written
+atomically after every sample, so an interrupted run resumes where it stopped.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+FULL = "full"
+SUMMARY_FILES = ("summary.json",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One point of the grid: a task at a context length under a press and ratio.
+
+    `press` is a registry name or "full" (no compression, ratio 0).
+    """
+
+    task: str
+    length: int
+    press: str
+    ratio: float
+    question_aware: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"{self.ratio=} must be in [0, 1)")
+        if self.press == FULL and self.ratio != 0.0:
+            raise ValueError(f"{self.ratio=} must be 0 for the full cache")
+
+    @property
+    def name(self) -> str:
+        qa = "__qa" if self.question_aware else ""
+        return f"{self.task}__{self.length}__{self.press}__{self.ratio:g}{qa}"
+
+
+def cell_path(out_dir: Path, cell: Cell) -> Path:
+    return Path(out_dir) / f"{cell.name}.json"
+
+
+def load_records(out_dir: Path, cell: Cell, meta: dict) -> dict[int, dict]:
+    """Records already measured for `cell` (index -> record); {} when there is no file.
+
+    Raises ValueError when the file was made with other metadata (model, library, seed...).
+    """
+    path = cell_path(out_dir, cell)
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("meta") != meta:
+        raise ValueError(f"{str(path)!r} was written with meta={data.get('meta')}, not "
+                         f"{meta=}; use another output directory")
+    return {int(r["index"]): r for r in data["records"]}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def cell_result(cell: Cell, meta: dict, records: dict[int, dict]) -> dict:
+    """The JSON object of a cell: metadata, means over samples, records sorted by index."""
+    rows = [records[i] for i in sorted(records)]
+    errors = sorted({r["error"] for r in rows if r.get("error")})
+    out = {"cell": dataclasses.asdict(cell), "meta": meta, "n_samples": len(rows),
+           "accuracy": None if errors else _mean([r["score"] for r in rows])}
+    for key in ("kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context", "prefill_s",
+                "decode_s"):
+        out[key] = _mean([r.get(key) for r in rows])
+    nll = _mean([r.get("nll") for r in rows])
+    if nll is not None:
+        out["perplexity"] = math.exp(nll)
+    if errors:
+        out["error"] = errors[0]
+    out["records"] = rows
+    return out
+
+
+def save_cell(out_dir: Path, cell: Cell, meta: dict, records: dict[int, dict]) -> Path:
+    """Write the cell's JSON atomically (temp file + rename)."""
+    path = cell_path(out_dir, cell)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cell_result(cell, meta, records), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(root: Path, recursive: bool = True) -> list[dict]:
+    """Every cell JSON under `root` (summary files skipped)."""
+    paths = Path(root).rglob("*.json") if recursive else Path(root).glob("*.json")
+    out = []
+    for path in sorted(paths):
+        if path.name in SUMMARY_FILES:
+            continue
+        data = json.loads(path.read_text())
+        if "cell" in data and "records" in data:
+            out.append(data)
+    return out
+
+
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}"
+
+
+def fmt_mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f}"
+
+
+def summary_tables(results: Iterable[dict]) -> str:
+    """Markdown: per (task, length, library), presses x ratios of accuracy % and KV MiB."""
+    groups: dict = {}
+    for r in results:
+        c = r["cell"]
+        key = (c["task"], c["length"], r["meta"].get("library", "kvjax"), c["question_aware"])
+        groups.setdefault(key, []).append(r)
+    parts = []
+    for (task, length, library, qa), rows in sorted(groups.items()):
+        ratios = sorted({r["cell"]["ratio"] for r in rows if r["cell"]["press"] != FULL})
+        presses = sorted({r["cell"]["press"] for r in rows}, key=lambda p: (p != FULL, p))
+        by = {(r["cell"]["press"], r["cell"]["ratio"]): r for r in rows}
+        n = max(r["n_samples"] for r in rows)
+        mode = "question-aware" if qa else "question-agnostic"
+        parts.append(f"### {task}, {length} tokens, {library}, {mode} ({n} samples)\n")
+        head = " / ".join(f"{x:g}" for x in ratios) or "0"
+        what = "perplexity" if task == "perplexity" else "accuracy %"
+        parts.append(f"| press | {what} at ratio {head} | compressed context KV MiB |")
+        parts.append("|---|---|---|")
+        for p in presses:
+            cols = [0.0] if p == FULL else ratios
+            cells = [by.get((p, x)) for x in cols]
+            acc = " / ".join(_acc_text(c) for c in cells)
+            mib = " / ".join(fmt_mib(c.get("context_kv_bytes")) if c else "-" for c in cells)
+            parts.append(f"| {p} | {acc} | {mib} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _acc_text(result: dict | None) -> str:
+    if result is None:
+        return "-"
+    if result.get("error"):
+        return "error"
+    if result.get("perplexity") is not None:
+        return f"{result['perplexity']:.2f}"
+    return fmt_pct(result["accuracy"])
+
+
+def write_summary(out_dir: Path) -> Path:
+    """Write summary.md (tables) and summary.json (cells without records) for `out_dir`."""
+    results = read_results(out_dir)
+    slim = [{k: v for k, v in r.items() if k != "records"} for r in results]
+    Path(out_dir, "summary.json").write_text(json.dumps(slim, indent=1))
+    path = Path(out_dir, "summary.md")
+    path.write_text(summary_tables(results))
+    return path
