@@ -41,7 +41,10 @@ def gumbel_noise(key: jax.Array, pos: jax.Array) -> jax.Array:
     """
     def one_head(h, pos_h):  # pos_h [B, C]
         kh = jax.random.fold_in(key, h)
-        draw = lambda t: jax.random.gumbel(jax.random.fold_in(kh, t))
+
+        def draw(t):
+            return jax.random.gumbel(jax.random.fold_in(kh, t))
+
         return jax.vmap(jax.vmap(draw))(pos_h)
 
     return jax.vmap(one_head, in_axes=(0, 1), out_axes=1)(jnp.arange(pos.shape[1]), pos)
@@ -180,7 +183,9 @@ class NACLPress(ScorerPress):
         n = xp.asarray(n).astype(xp.int32)
         nf = n.astype(xp.float32)
         if self.official_form:
-            floor = lambda r: xp.floor(xp.float32(r) * nf).astype(xp.int32)
+            def floor(r):
+                return xp.floor(xp.float32(r) * nf).astype(xp.int32)
+
             sinks = xp.minimum(n, self.n_sink)
             recent = xp.maximum(floor(self.token_protect_ratio) - self.n_sink, 0)
             n_proxy, n_random = floor(self.proxy_keep_ratio), floor(self.random_keep_ratio)

@@ -270,7 +270,8 @@ def test_prompt_shorter_than_protected_is_kept_whole():
 
 def test_registry_seed_obs_spec_and_adakv(model, prompts):
     p = make_press("nacl", 0.5, seed=3)
-    assert isinstance(p, NACLPress) and p.seed == 3 and hash(p) == hash(make_press("nacl", 0.5, seed=3))
+    assert isinstance(p, NACLPress) and p.seed == 3
+    assert hash(p) == hash(make_press("nacl", 0.5, seed=3))
     assert p.obs_spec == ObsSpec(proxy_ratio=0.01)
     merged = ObsSpec(window=8).merge(p.obs_spec)
     assert merged.window_for(64) == 8 and merged.window_for(2000) == 20
