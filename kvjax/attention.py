@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from kvjax.cache import LayerCache
 
 ATTN_IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
-_Q_CHUNK = 512
+_Q_CHUNK = 256
 
 
 def resolve_attn_impl(attn_impl: str) -> str:
@@ -62,6 +62,10 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, length
                                 sliding_window: int | None = None) -> jax.Array:
     """Causal attention over a right-padded prompt.
 
+    Queries are processed in static chunks; chunk i attends only to the keys that causality
+    (and the sliding window) lets it see, so about half the T x T work is skipped and the
+    T x T matrix is never held whole.
+
     Args:
       q: [B, T, N, H] post-RoPE queries; k, v: [B, T, K, H].
       lengths: [B] valid prompt lengths (keys at index >= length are masked).
@@ -73,27 +77,30 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, length
       but meaningless).
     """
     b, t, n, h = q.shape
+    n_kv = k.shape[2]
     scale = default_scale(h) if scale is None else scale
-    chunk = min(t, _Q_CHUNK)
-    n_chunks = -(-t // chunk)
-    qg = _group(q, k.shape[2])
-    qg = jnp.pad(qg, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0), (0, 0)))
-    key_pos = jnp.arange(t)
-    key_valid = key_pos[None, :] < lengths[:, None]  # [B, S]
-
-    def one_chunk(i):
-        qb = jax.lax.dynamic_slice_in_dim(qg, i * chunk, chunk, axis=1)  # [B, Tc, K, G, H]
-        q_pos = i * chunk + jnp.arange(chunk)
-        logits = jnp.einsum("bqkgh,bskh->bkgqs", qb, k, preferred_element_type=jnp.float32)
+    chunk = prefill_chunk(t)
+    qg = _group(q, n_kv).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    kt, vt = k.transpose(0, 2, 1, 3), v.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, K, S, H]
+    outs = []
+    for start in range(0, t, chunk):
+        stop = min(t, start + chunk)
+        lo = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        q_pos, key_pos = jnp.arange(start, stop), jnp.arange(lo, stop)
+        logits = jnp.einsum("bkgqh,bksh->bkgqs", qg[:, :, :, start:stop], kt[:, :, lo:stop],
+                            preferred_element_type=jnp.float32)
         causal = (key_pos[None, :] <= q_pos[:, None]) & _window_ok(
             q_pos[:, None], key_pos[None, :], sliding_window)  # [Tc, S]
-        mask = causal[None, None, None] & key_valid[:, None, None, None, :]
-        p = _masked_softmax(logits * scale, mask)
-        return jnp.einsum("bkgqs,bskh->bqkgh", p, v.astype(jnp.float32))
+        valid = key_pos[None, :] < lengths[:, None]  # [B, S]
+        p = _masked_softmax(logits * scale, causal[None, None, None] & valid[:, None, None, None])
+        outs.append(jnp.einsum("bkgqs,bksh->bkgqh", p, vt[:, :, lo:stop]))
+    out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
-    out = jax.lax.map(one_chunk, jnp.arange(n_chunks))  # [n_chunks, B, Tc, K, G, H]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * chunk, n, h)[:, :t]
-    return out.astype(q.dtype)
+
+def prefill_chunk(t: int) -> int:
+    """Static query-chunk size: 256, grown so that a prompt has at most 16 chunks to unroll."""
+    return max(_Q_CHUNK, -(-t // (16 * _Q_CHUNK)) * _Q_CHUNK)
 
 
 def _gather_query_channels(qg: jax.Array, channels: jax.Array) -> jax.Array:

@@ -78,12 +78,13 @@ def run_eval_command(args) -> int:
 def _run(args) -> Path:
     import jax
 
-    from kvjax.eval.runner import Grid, kvjax_rows, run_grid
+    from kvjax.eval.runner import Grid, check_kvjax_presses, kvjax_rows, run_grid
     from kvjax.pipeline import Pipeline
 
     grid = Grid(tasks=args.tasks, lengths=args.lengths, presses=args.presses,
                 ratios=args.ratios, samples=args.samples, seed=args.seed,
                 question_aware=args.question_aware)
+    check_kvjax_presses(grid.presses)
     model, tokenizer = _load(args.model, args.dtype, not args.no_progress)
     if tokenizer is None:
         raise ValueError(f"{args.model=} has no tokenizer")

@@ -19,6 +19,7 @@ from kvjax.eval.results import FULL, Cell, load_records, save_cell, write_summar
 from kvjax.eval.sample import Sample
 from kvjax.eval.scoring import exact_match, recall, score
 from kvjax.eval.tasks import TASKS, make_sample
+from kvjax.presses.registry import make_press, press_names
 
 AnswerFn = Callable[[Sample, Sequence[Cell]], list[Answer]]
 # (task, length, sample index, cells lacking it) -> one record per cell
@@ -76,8 +77,14 @@ def record(sample: Sample, answer: Answer) -> dict:
 
 def build_press(cell: Cell):
     """The kvjax press of a cell (registry class defaults, e.g. SnapKV window 64), or None."""
-    from kvjax.presses.registry import make_press
     return None if cell.press == FULL else make_press(cell.press, cell.ratio)
+
+
+def check_kvjax_presses(presses) -> None:
+    """Raise ValueError naming any press that is neither "full" nor in the kvjax registry."""
+    unknown = [p for p in presses if p != FULL and p not in press_names()]
+    if unknown:
+        raise ValueError(f"unknown presses {unknown}; known: full, {', '.join(press_names())}")
 
 
 def kvjax_answer_fn(pipeline) -> AnswerFn:

@@ -72,6 +72,9 @@ def test_meta_mismatch_and_bad_grid(run_dir, capsys):
     assert main(["eval", "--model", str(root / "model"), "--samples", "2", "--out", str(out),
                  "--seed", "5", *ARGS]) == 2
     assert "another output directory" in capsys.readouterr().err
+    assert main(["eval", "--model", str(root / "model"), "--presses", "full,snapkvv",
+                 "--out", str(out)]) == 2
+    assert "unknown presses ['snapkvv']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown tasks"):
         Grid(tasks=("nope",), lengths=(256,), presses=("full",), ratios=(), samples=1)
     with pytest.raises(ValueError, match="ratio"):
