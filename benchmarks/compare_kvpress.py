@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from kvjax.eval.engine import Answer
 from kvjax.eval.plots import plot_results
-from kvjax.eval.results import FULL, read_results
+from kvjax.eval.results import FULL, library_pivot, read_results
 from kvjax.eval.runner import Grid, answer_rows, kvjax_rows, run_grid
 
 # kvjax registry name -> (kvpress factory(ratio), attention implementation kvpress needs)
@@ -147,30 +147,6 @@ def comparison_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pivot_table(root: Path) -> str:
-    """Markdown per (task, length): presses x ratios, each "kvjax / kvpress" accuracy %."""
-    by = {}
-    for r in read_results(root):
-        c = r["cell"]
-        by[(c["task"], c["length"], c["press"], c["ratio"], r["meta"]["library"])] = r
-    out = []
-    for task, length in sorted({k[:2] for k in by}):
-        ratios = sorted({k[3] for k in by if k[:2] == (task, length) and k[2] != FULL})
-        presses = sorted({k[2] for k in by if k[:2] == (task, length)},
-                         key=lambda p: (p != FULL, p))
-        n = max(r["n_samples"] for k, r in by.items() if k[:2] == (task, length))
-        out += [f"{task}, {length} tokens, {n} samples: accuracy % kvjax / kvpress",
-                "", "| press | " + " | ".join(f"ratio {x:g}" for x in ratios) + " |",
-                "|---|" + "---|" * len(ratios)]
-        for p in presses:
-            cols = [0.0] if p == FULL else ratios
-            cells = [f"{_acc(by.get((task, length, p, x, 'kvjax')))} / "
-                     f"{_acc(by.get((task, length, p, x, 'kvpress')), short=True)}" for x in cols]
-            out.append(f"| {p} | " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out)
-
-
 def _acc(r, short: bool = False) -> str:
     if r is None:
         return "-"
@@ -211,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--table-only", action="store_true", help="only print the tables of --out")
     args = p.parse_args(argv)
     if args.table_only:
-        print(pivot_table(args.out) + "\n" + comparison_table(args.out))
+        print(library_pivot(read_results(args.out)) + "\n" + comparison_table(args.out))
         return 0
 
     import jax
@@ -234,7 +210,7 @@ def main(argv=None) -> int:
         rows = answer_rows(tokenizer, kvpress_answer_fn(load_hf_smollm2(), pipeline), args.seed)
         run_grid(grid, rows, args.out / "kvpress", meta={"library": "kvpress", **meta},
                  progress=not args.no_progress)
-    table = pivot_table(args.out) + "\n" + comparison_table(args.out)
+    table = library_pivot(read_results(args.out)) + "\n" + comparison_table(args.out)
     (args.out / "comparison.md").write_text(table)
     print(table)
     for path in plot_results(args.out):

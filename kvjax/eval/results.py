@@ -8,7 +8,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 FULL = "full"
@@ -139,6 +139,39 @@ def summary_tables(results: Iterable[dict]) -> str:
             parts.append(f"| {p} | {acc} | {mib} |")
         parts.append("")
     return "\n".join(parts)
+
+
+def library_pivot(results: Iterable[dict], libraries: Sequence[str] = ("kvjax", "kvpress")) -> str:
+    """Markdown per (task, length): presses x ratios, each cell "kvjax / kvpress" accuracy %.
+
+    `results` are cell dicts of several libraries (`meta["library"]`); a missing cell is "-",
+    a cell that crashed is "crash", one the other library lacks is "n/a".
+    """
+    by = {(r["cell"]["task"], r["cell"]["length"], r["cell"]["press"], r["cell"]["ratio"],
+           r["meta"].get("library", "kvjax")): r for r in results}
+    out = []
+    for task, length in sorted({k[:2] for k in by}):
+        mine = [k for k in by if k[:2] == (task, length)]
+        ratios = sorted({k[3] for k in mine if k[2] != FULL})
+        presses = sorted({k[2] for k in mine}, key=lambda p: (p != FULL, p))
+        n = max(by[k]["n_samples"] for k in mine)
+        out += [f"{task}, {length} tokens, {n} samples: accuracy % {' / '.join(libraries)}", "",
+                "| press | " + " | ".join(f"ratio {x:g}" for x in ratios) + " |",
+                "|---|" + "---|" * len(ratios)]
+        for p in presses:
+            cells = [" / ".join(_lib_acc(by.get((task, length, p, x, lib))) for lib in libraries)
+                     for x in ([0.0] if p == FULL else ratios)]
+            out.append(f"| {p} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _lib_acc(result: dict | None) -> str:
+    if result is None:
+        return "-"
+    if result.get("error"):
+        return "n/a" if result["error"].startswith("not comparable") else "crash"
+    return fmt_pct(result["accuracy"])
 
 
 def _acc_text(result: dict | None) -> str:
