@@ -47,3 +47,14 @@ def test_generate_and_demo_on_smollm2(capsys):
     assert cli.main(["demo", "--context-tokens", "600"]) == 0  # full cache finds the needle
     out = capsys.readouterr().out
     assert "full cache" in out and "SnapKVPress(0.5)" in out
+
+
+def test_seed_reaches_random_presses():
+    parse = cli.build_parser().parse_args
+    nacl = cli.build_press(parse(["generate", "--prompt", "x", "--press", "nacl", "--seed", "7"]))
+    assert type(nacl).__name__ == "NACLPress" and nacl.seed == 7
+    assert cli.build_press(parse(["demo", "--press", "random", "--seed", "3"])).seed == 3
+    # an explicit --press-arg wins over --seed
+    press = cli.build_press(parse(["demo", "--press", "nacl", "--seed", "3",
+                                   "--press-arg", "seed=5"]))
+    assert press.seed == 5
