@@ -66,7 +66,9 @@ class Tail:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-    prefix: Prefix
+    """One layer's cache: a prefix (own arrays, or a segment of the shared Pool) and a tail."""
+
+    prefix: "Prefix | PoolSegment"
     tail: Tail
 
 
@@ -76,8 +78,9 @@ class Pool:
     """One flat prefix pool per sequence shared by all layers (per-input layer budgets).
 
     Layer l of sequence b owns slots [offset[b, l], offset[b, l] + length[b, l]) of every kv
-    head; the pool has exactly sum_l budget_l slots per sequence (a static total), so the
-    bytes held equal the kept entries whatever the per-input budget vector.
+    head; the pool has sum_l budget_l slots per sequence (a static total; ZigZagKV rounds it up
+    to a multiple of 8 for the GPU kernel's TMA), so the bytes held equal the kept entries
+    whatever the per-input budget vector. Decode kernels read segments in place (PoolSegment).
 
     Attributes:
       k: [B, K, P, H]; v: [B, K, P, Hv]; pos: [B, K, P] int32 original positions.
@@ -95,14 +98,73 @@ class Pool:
     def view(self, layer: int) -> Prefix:
         """Layer `layer`'s segment as a Prefix of `max_segment` slots (gather, masked by
         length); what the reference attention reads."""
+        take = lambda x: self.take(x, layer)
+        length = jnp.broadcast_to(self.length[:, layer, None], self.k.shape[:2])
+        return Prefix(k=take(self.k), v=take(self.v), pos=take(self.pos), length=length)
+
+    def take(self, x: jax.Array, layer: int) -> jax.Array:
+        """Gather layer `layer`'s `max_segment` slots of a pool array x [B, K, P, ...]."""
         p = self.k.shape[2]
         idx = self.offset[:, layer, None] + jnp.arange(self.max_segment)  # [B, S]
         idx = jnp.clip(idx, 0, p - 1)[:, None, :]
         idx = jnp.broadcast_to(idx, self.k.shape[:2] + (self.max_segment,))
-        take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)),
-                                             axis=2)
-        length = jnp.broadcast_to(self.length[:, layer, None], self.k.shape[:2])
-        return Prefix(k=take(self.k), v=take(self.v), pos=take(self.pos), length=length)
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PoolSegment:
+    """Layer `layer`'s segment of a Pool, left in place: what decode attention reads.
+
+    The Pallas decode kernels read slots [offset[b, h], offset[b, h] + length[b, h]) of the
+    pool arrays directly (no copy); `view()` gathers the segment into a padded Prefix, which is
+    what the reference attention (the kernels' spec) reads. `k`, `v`, `pos` gather on access,
+    so code written for a Prefix (inspection, memory reports) reads a segment unchanged.
+
+    Attributes:
+      pool: the shared Pool (k [B, K, P, H], v [B, K, P, Hv], pos [B, K, P]).
+      layer: static index of the layer whose segment this is.
+    """
+
+    pool: Pool
+    layer: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+    channels = None  # pool keys and values are full width
+    value_channels = None
+
+    @property
+    def offset(self) -> jax.Array:
+        """[B, K] int32 first pool slot of the segment (the same for every kv head)."""
+        return jnp.broadcast_to(self.pool.offset[:, self.layer, None], self.pool.k.shape[:2])
+
+    @property
+    def length(self) -> jax.Array:
+        """[B, K] int32 valid slots of the segment."""
+        return jnp.broadcast_to(self.pool.length[:, self.layer, None], self.pool.k.shape[:2])
+
+    @property
+    def capacity(self) -> int:
+        """Static bound on the segment's length (the width of `view()`)."""
+        return self.pool.max_segment
+
+    def view(self) -> Prefix:
+        """The segment gathered into a Prefix of `capacity` slots (a copy)."""
+        return self.pool.view(self.layer)
+
+    @property
+    def k(self) -> jax.Array:
+        """[B, K, capacity, H] the segment's keys (gathered)."""
+        return self.pool.take(self.pool.k, self.layer)
+
+    @property
+    def v(self) -> jax.Array:
+        """[B, K, capacity, Hv] the segment's values (gathered)."""
+        return self.pool.take(self.pool.v, self.layer)
+
+    @property
+    def pos(self) -> jax.Array:
+        """[B, K, capacity] the segment's original positions (gathered)."""
+        return self.pool.take(self.pool.pos, self.layer)
 
 
 @jax.tree_util.register_dataclass
@@ -115,7 +177,7 @@ class KVCache:
       next_pos: [B] int32 position of the next token; continues from the original prompt
         length however many slots survived compression.
       pool: a shared prefix Pool (ZigZagKV's per-input layer budgets); then every layer's own
-        prefix is empty and `layer(i)` reads the pool segment.
+        prefix is empty and `layer(i)` has a PoolSegment (the segment in place) as prefix.
     """
 
     layers: tuple[LayerCache, ...]
@@ -123,10 +185,16 @@ class KVCache:
     pool: Pool | None = None
 
     def layer(self, i: int) -> LayerCache:
-        """Layer i as attention reads it (the pool segment as its prefix when pooled)."""
+        """Layer i as attention reads it (a PoolSegment as its prefix when pooled: no copy)."""
         if self.pool is None:
             return self.layers[i]
-        return LayerCache(prefix=self.pool.view(i), tail=self.layers[i].tail)
+        return LayerCache(prefix=PoolSegment(pool=self.pool, layer=i), tail=self.layers[i].tail)
+
+    def dense_layer(self, i: int) -> LayerCache:
+        """Layer i as one dense LayerCache for inspection (heat maps, tests): the pool segment
+        gathered, UNComp's head groups padded to the largest and put back in head order."""
+        layer = self.layer(i)
+        return layer.dense() if hasattr(layer, "parts") else layer
 
     def store(self, i: int, layer: LayerCache) -> LayerCache:
         """What to keep in `layers[i]` after a decode step returned `layer`."""
@@ -200,6 +268,11 @@ def append_to_tail(tail: Tail, k: jax.Array, v: jax.Array, positions: jax.Array,
     return Tail(k=new_k, v=new_v, pos=new_pos, count=tail.count + n_new.astype(jnp.int32))
 
 
+def layer_parts(layer) -> tuple[LayerCache, ...]:
+    """The dense LayerCaches of a layer: a grouped layer's groups, or the layer itself."""
+    return getattr(layer, "parts", (layer,))
+
+
 def kv_nbytes_needed(cache: KVCache) -> int:
     """Bytes of keys and values a layout without padding would need (valid entries only).
 
@@ -211,7 +284,7 @@ def kv_nbytes_needed(cache: KVCache) -> int:
         slots = int(jnp.sum(pl.length)) * pl.k.shape[1]
         total += slots * (pl.k.shape[-1] * pl.k.dtype.itemsize
                           + pl.v.shape[-1] * pl.v.dtype.itemsize)
-    for layer in cache.layers:
+    for layer in (part for layer in cache.layers for part in layer_parts(layer)):
         p, t = layer.prefix, layer.tail
         slots = int(jnp.sum(p.length))
         total += slots * (p.k.shape[-1] * p.k.dtype.itemsize + p.v.shape[-1] * p.v.dtype.itemsize)

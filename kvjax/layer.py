@@ -8,12 +8,15 @@ functions; they return the attention output, the new `LayerCache` and (in prefil
     out, layer_cache = kvjax.decode_layer(q, k, v, positions, n_new, layer_cache)
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from kvjax import dispatch
 from kvjax.attention import resolve_attn_impl
 from kvjax.cache import LayerCache, append_to_tail, init_tail, prefix_from_prompt
+from kvjax.grouped import GroupedLayerCache, decode_grouped
 from kvjax.observation import Observation, ObsSpec, observe
 
 
@@ -61,11 +64,16 @@ def decode_layer(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
       q: [B, T, N, H] post-RoPE queries; k, v: [B, T, K, H] of the new tokens.
       positions: [B, T] positions of the new tokens.
       n_new: [B] number of real tokens among the T (right padding beyond).
-      layer: the layer's cache.
+      layer: the layer's cache (a `GroupedLayerCache` decodes group by group).
 
     Returns:
       out [B, T, N, H] and the updated LayerCache.
     """
+    if isinstance(layer, GroupedLayerCache):  # UNComp head groups, each dense
+        dense = functools.partial(decode_layer, sliding_window=sliding_window,
+                                  attn_impl=attn_impl, scale=scale)
+        return decode_grouped(q, k, v, positions, n_new, layer, dense_decode=dense,
+                              scale=scale, sliding_window=sliding_window)
     tail = append_to_tail(layer.tail, k, v, positions, n_new)
     layer = LayerCache(prefix=layer.prefix, tail=tail)
     out = dispatch.decode_attention(q, positions, layer, attn_impl=resolve_attn_impl(attn_impl),

@@ -135,9 +135,11 @@ def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id,
 
 def _room(state: DecodeState) -> jax.Array:
     """Room for one more token: in the output buffer and in the tail (a DecodingPress merges
-    before the tail fills)."""
-    tail = state.cache.layers[0].tail
-    return (jnp.max(tail.count) < tail.capacity) & (state.step < state.tokens.shape[1])
+    before the tail fills; UNComp's ring decode has no tail)."""
+    layer = state.cache.layers[0]
+    if getattr(layer, "ring", False):  # UNComp ring decode: fixed-size groups, no tail
+        return state.step < state.tokens.shape[1]
+    return (jnp.max(layer.tail.count) < layer.tail.capacity) & (state.step < state.tokens.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "sampler", "attn_impl", "pad_id",

@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from kvjax.cache import KVCache, kv_nbytes_needed
+from kvjax.cache import KVCache, kv_nbytes_needed, layer_parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +52,15 @@ def fmt_bytes(n: int) -> str:
 
 def memory_report(cache: KVCache) -> MemoryReport:
     """Summarise what `cache` holds (call outside jit: reads lengths to the host)."""
-    kv_held = sum(layer.prefix.k.nbytes + layer.prefix.v.nbytes + layer.tail.k.nbytes
-                  + layer.tail.v.nbytes for layer in cache.layers)
+    per_layer = [layer_parts(cache.layer(i)) for i in range(len(cache.layers))]
+    dense = [part for layer in cache.layers for part in layer_parts(layer)]
+    kv_held = sum(p.prefix.k.nbytes + p.prefix.v.nbytes + p.tail.k.nbytes + p.tail.v.nbytes
+                  for p in dense)
     if cache.pool is not None:
         kv_held += cache.pool.k.nbytes + cache.pool.v.nbytes
     return MemoryReport(
         bytes_held=cache.nbytes, kv_bytes_held=kv_held, kv_bytes_needed=kv_nbytes_needed(cache),
-        prefix_capacity=tuple(cache.layer(i).prefix.capacity for i in range(len(cache.layers))),
-        prefix_tokens=tuple(int(np.asarray(cache.layer(i).prefix.length).sum())
-                            for i in range(len(cache.layers))),
-        key_width=tuple(layer.prefix.k.shape[-1] for layer in cache.layers))
+        prefix_capacity=tuple(max(p.prefix.capacity for p in parts) for parts in per_layer),
+        prefix_tokens=tuple(sum(int(np.asarray(p.prefix.length).sum()) for p in parts)
+                            for parts in per_layer),
+        key_width=tuple(parts[0].prefix.k.shape[-1] for parts in per_layer))

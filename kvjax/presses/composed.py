@@ -22,6 +22,9 @@ class ComposedPress(Press):
         for i, p in enumerate(self.presses):
             if not isinstance(p, Press):
                 raise ValueError(f"{p!r} is not a Press")
+            if _is_uncomp(p) and i != len(self.presses) - 1:
+                raise ValueError("a UNCompPress must come last in a ComposedPress (it stores "
+                                 "kv-head groups as separate arrays)")
             if _is_channel_pruner(p) and i != len(self.presses) - 1:
                 raise ValueError("a ThinKPress must come last in a ComposedPress (it wraps "
                                  "the token presses before it)")
@@ -56,3 +59,8 @@ class ComposedPress(Press):
 def _is_channel_pruner(press) -> bool:
     from kvjax.presses.think import ThinKPress
     return isinstance(press, ThinKPress) and press.press is None
+
+
+def _is_uncomp(press) -> bool:
+    from kvjax.presses.uncomp import UNCompPress
+    return isinstance(press, UNCompPress)

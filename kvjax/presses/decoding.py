@@ -42,6 +42,9 @@ class DecodingPress:
 
     def merge_layer(self, layer: LayerCache, ctx: LayerContext) -> LayerCache:
         """Merge the tail into the prefix, keeping the best `C` valid slots."""
+        if hasattr(layer, "parts"):
+            raise ValueError("DecodingPress cannot merge a head-grouped (UNComp) cache; "
+                             "UNCompPress(decode='ring') bounds decode memory itself")
         p, t = layer.prefix, layer.tail
         if p.channels is not None:
             raise ValueError("DecodingPress cannot merge into thin (ThinK) prefix keys")

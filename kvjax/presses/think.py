@@ -10,6 +10,7 @@ from kvjax.cache import LayerCache, Prefix, Tail
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
 from kvjax.presses.base import Press
+from kvjax.presses.uncomp import UNCompPress
 from kvjax.presses.window import window_attention
 
 
@@ -114,6 +115,9 @@ class ThinKPress(Press):
             raise ValueError(f"{self.window_size=} must be >= 1")
         if self.press is not None and not isinstance(self.press, Press):
             raise ValueError(f"press={self.press!r} is not a Press")
+        if isinstance(self.press, UNCompPress):
+            raise ValueError("ThinKPress cannot wrap a UNCompPress (its kv-head groups are "
+                             "stored as separate arrays)")
 
     @property
     def compression_ratio(self) -> float:

@@ -10,14 +10,20 @@ token pruning between stages) is `models.Decoder.prefill(prefill_keep=...)`.
 
 import dataclasses
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
+from kvjax import grouped  # module import: kvjax.layer -> grouped -> presses -> here
+from kvjax.cache import LayerCache, init_tail
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
 from kvjax.presses.base import Press, validate_ratio
 from kvjax.presses.snapkv import POOLINGS, check_window, snapkv_scores
+from kvjax.presses.window import window_attention
 from kvjax.uncomp.calibration import UNCompCalibration, load_calibration
+
+
+DECODE_MODES = ("tail", "ring")
 
 
 def group_weights(n_groups: int, ratio: float) -> np.ndarray:
@@ -58,13 +64,19 @@ class UNCompPress(Press):
     Per layer the kv heads of group g (0 = lowest entropy) get budgets proportional to
     w_g = 1 + (group_budget_ratio - 1) g / (groups - 1), so high : low = group_budget_ratio,
     and the layer total equals K * ceil((1 - r) n) (the mean per-head budget of a uniform
-    press at the same ratio, so byte counts compare at equal budget). Per-head counts live in
-    `prefix.length`; the prefix array's capacity is the largest head budget.
+    press at the same ratio, so byte counts compare at equal budget). Each head group is
+    stored as its own dense array (`kvjax.grouped.GroupedLayerCache`) whose capacity is the
+    group's largest head budget, so the bytes held equal the kept entries (heads of one group
+    differ by at most one slot of integer rounding).
 
     Args:
       calibration: a `UNCompCalibration`, a JSON path or "smollm2" (the shipped file). None
         groups kv heads by index (a placeholder for models without a calibration, not
         UNComp's entropy ranking).
+      decode: "tail" (new tokens go to each group's dense tail, nothing is evicted while
+        decoding) or "ring" (the official decode: each group holds exactly its capacity
+        C_g; every new token enters and the group re-selects with the attention of the last
+        `window_size` queries, see `kvjax.grouped`).
     """
 
     compression_ratio: float = 0.0
@@ -74,9 +86,12 @@ class UNCompPress(Press):
     kernel_size: int = 7
     pooling: str = "max"
     calibration: UNCompCalibration | None = None
+    decode: str = "tail"
 
     def __post_init__(self):
         validate_ratio(self.compression_ratio)
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"{self.decode=} is not one of {DECODE_MODES}")
         if self.groups < 1 or self.group_budget_ratio < 1.0:
             raise ValueError(f"{self.groups=} must be >= 1 and {self.group_budget_ratio=} >= 1")
         if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -120,8 +135,17 @@ class UNCompPress(Press):
 
     def capacity(self, n_slots: int, weights: np.ndarray) -> int:
         """Largest head budget over every valid count 1..n_slots (static)."""
+        return self.group_capacity(n_slots, weights, range(len(weights)))
+
+    def head_partition(self, layer_idx: int, n_kv: int) -> tuple[tuple[int, ...], ...]:
+        """The kv heads of every non-empty group, low to high entropy (static)."""
+        g = self.head_groups(layer_idx, n_kv)
+        return tuple(tuple(int(h) for h in np.flatnonzero(g == i)) for i in np.unique(g))
+
+    def group_capacity(self, n_slots: int, weights: np.ndarray, heads) -> int:
+        """Largest budget of the heads `heads` over every valid count 1..n_slots (static)."""
         n = np.broadcast_to(np.arange(1, n_slots + 1)[:, None], (n_slots, len(weights)))
-        return int(self.budgets(n.astype(np.int64), weights, np).max())
+        return int(self.budgets(n.astype(np.int64), weights, np)[:, list(heads)].max())
 
     def compress_layer(self, layer, obs, ctx):
         if self.compression_ratio == 0:
@@ -135,6 +159,23 @@ class UNCompPress(Press):
         scores = select.mask_invalid(snapkv_scores(p, obs, ctx.prompt_len, self.window_size,
                                                    self.kernel_size, self.pooling), p.length)
         n_keep = self.budgets(p.length, w)
-        cap = self.capacity(p.capacity, w)
-        mask = select.topk_mask(scores, n_keep, cap)
-        return dataclasses.replace(layer, prefix=select.compact(p, mask, cap))
+        probs = (window_attention(p, obs, ctx.prompt_len, self.window_size)
+                 if self.decode == "ring" else None)  # [B, K, G, W, C]
+        parts, rows = [], []
+        for heads in self.head_partition(ctx.layer_idx, n_kv):
+            idx = np.asarray(heads)
+            cap = self.group_capacity(p.capacity, w, heads)
+            part = grouped.take_heads(layer, heads)
+            mask = select.topk_mask(scores[:, idx], n_keep[:, idx], cap)
+            kept, length = select.kept_indices(mask, cap)
+            prefix = select.compact(part.prefix, mask, cap)
+            if probs is not None:
+                r = jnp.take_along_axis(probs[:, idx], kept[:, :, None, None, :], axis=4)
+                rows.append(grouped.valid_rows(r, length))
+                b, k_g, _, h = part.tail.k.shape
+                part = dataclasses.replace(part, tail=init_tail(b, k_g, 0, h, part.tail.k.dtype))
+            parts.append(LayerCache(prefix=prefix, tail=part.tail))
+        return grouped.GroupedLayerCache(
+            parts=tuple(parts), rows=tuple(rows) if probs is not None else None,
+            heads=self.head_partition(ctx.layer_idx, n_kv), kernel_size=self.kernel_size,
+            pooling=self.pooling)

@@ -64,8 +64,8 @@ def test_ratio_zero_is_identity(model, prompts, name):
 
 
 def _layers(cache):
-    """Layers as attention reads them (pool segments for ZigZagKV)."""
-    return [cache.layer(i) for i in range(len(cache.layers))]
+    """Layers as dense arrays (pool segments for ZigZagKV, head groups for UNComp)."""
+    return [cache.dense_layer(i) for i in range(len(cache.layers))]
 
 
 def _expected_counts(name, press, layer_idx, n_layers, n):

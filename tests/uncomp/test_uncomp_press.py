@@ -60,14 +60,27 @@ def test_calibrated_groups_drive_budgets_and_bytes(tiny):
     toks, lens = loops.pad_prompts([list(range(1, 61))])
     _, cache = loops.prefill(fn, params, jnp.asarray(toks), jnp.asarray(lens), tail_capacity=4,
                              press=press)
-    for li, layer in enumerate(cache.layers):
-        length = np.asarray(layer.prefix.length[0])
-        assert length.sum() == 3 * 30
-        assert length[groups[li][1][0]] == length.max() == 46  # 90 * (2,1,1) / 4 + leftover
-        assert layer.prefix.capacity == press.capacity(64, press.head_weights(li, 3))
-    rep = kvjax.memory_report(cache)
     entry = tiny.config.head_dim * 4 * 2
+    for li, layer in enumerate(cache.layers):
+        (low, high) = groups[li]
+        assert layer.heads == (low, high) and not layer.ring
+        lo, hi = (np.asarray(p.prefix.length[0]) for p in layer.parts)
+        assert lo.sum() + hi.sum() == 3 * 30
+        assert hi.tolist() == [46] and lo.max() <= 23  # 90 * (1,1,2) / 4 + leftover
+        w = press.head_weights(li, 3)
+        assert [p.prefix.capacity for p in layer.parts] == [
+            press.group_capacity(64, w, low), press.group_capacity(64, w, high)]
+        assert layer.parts[1].prefix.k.shape[1:3] == (1, press.capacity(64, w))
+    rep = kvjax.memory_report(cache)
     assert rep.kv_bytes_needed == 3 * 3 * 30 * entry  # valid prefix entries, tail empty
+    held = sum(x.nbytes for layer in cache.layers for part in layer.parts
+               for x in (part.prefix.k, part.prefix.v, part.tail.k, part.tail.v))
+    assert rep.kv_bytes_held == held
+    slots = [sum(len(h) * p.prefix.capacity for h, p in zip(layer.heads, layer.parts))
+             for layer in cache.layers]
+    assert held == (sum(slots) + 3 * 3 * 4) * entry  # group arrays + 4-slot tails
+    dense = [3 * press.capacity(64, press.head_weights(li, 3)) for li in range(3)]
+    assert all(s <= 0.7 * d for s, d in zip(slots, dense))  # one array at the largest budget
 
 
 def test_errors(tiny):
