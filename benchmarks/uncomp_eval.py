@@ -23,6 +23,7 @@ import numpy as np
 import kvjax
 import models
 from kvjax import loops
+from kvjax.cache import layer_parts
 from kvjax.eval.scoring import score
 from kvjax.eval.tasks import make_samples
 from kvjax.observation import ObsSpec
@@ -50,7 +51,8 @@ def presses(ratios, cal):
     for r in ratios:
         cells += [("snapkv", r, make_press("snapkv", r, **snap)),
                   ("adakv", r, make_press("adakv", r, **snap)),
-                  ("uncomp", r, make_press("uncomp", r, calibration=cal))]
+                  ("uncomp", r, make_press("uncomp", r, calibration=cal)),
+                  ("uncomp-ring", r, make_press("uncomp", r, calibration=cal, decode="ring"))]
     return cells
 
 
@@ -86,8 +88,8 @@ def run_sample(pipe, sample, cells, keep):
                              task=sample.task, index=sample.index, score=score(sample, text),
                              prefill_s=prefill_s, n_context=len(ctx_ids),
                              prefix_tokens=sum(rep.prefix_tokens),
-                             prefix_kv_bytes=sum(l.prefix.k.nbytes + l.prefix.v.nbytes
-                                                 for l in comp.layers)))
+                             prefix_kv_bytes=sum(p.prefix.k.nbytes + p.prefix.v.nbytes
+                                                 for l in comp.layers for p in layer_parts(l))))
     return rows
 
 
