@@ -1,7 +1,7 @@
 """kvjax: long-context LLM inference in JAX with a compressed KV cache."""
 
 from kvjax.attention import cached_attention_reference, prefill_attention_reference
-from kvjax.cache import KVCache, LayerCache, Pool, Prefix, Tail, kv_nbytes_needed
+from kvjax.cache import KVCache, LayerCache, Pool, PoolSegment, Prefix, Tail, kv_nbytes_needed
 from kvjax.layer import decode_layer, decode_positions, prefill_layer
 from kvjax.loops import GenerateOutput, generate, generate_stream
 from kvjax.memory import MemoryReport, memory_report
@@ -23,7 +23,8 @@ __all__ = [
     "GenerateOutput", "Greedy", "Pipeline", "PipelineResult", "Temperature", "TopK", "TopP",
     "generate", "generate_stream",
     # cache, integration API, memory
-    "KVCache", "LayerCache", "MemoryReport", "Observation", "ObsSpec", "Pool", "Prefix", "Tail",
+    "KVCache", "LayerCache", "MemoryReport", "Observation", "ObsSpec", "Pool", "PoolSegment",
+    "Prefix", "Tail",
     "cached_attention_reference", "decode_layer", "decode_positions", "kv_nbytes_needed",
     "memory_report", "prefill_attention_reference", "prefill_layer",
 ]

@@ -127,7 +127,7 @@ class PoolSegment:
     """
 
     pool: Pool
-    layer: int = dataclasses.field(metadata=dict(static=True), default=0)
+    layer: int = dataclasses.field(metadata={"static": True}, default=0)
 
     channels = None  # pool keys and values are full width
     value_channels = None

@@ -21,7 +21,7 @@ import jax
 
 from kvjax.attention import cached_attention_reference, prefill_attention_reference
 from kvjax.attention_scores import prefill_attention_with_scores_reference
-from kvjax.cache import LayerCache
+from kvjax.cache import LayerCache, PoolSegment
 
 _PALLAS = {"pallas_gpu": "pallas_kernels.gpu", "pallas_tpu": "pallas_kernels.tpu"}
 
@@ -40,10 +40,26 @@ def _gpu_shapes_ok(n: int, n_kv: int, *dims: int) -> bool:
     return n // n_kv <= 64 and all(d % 16 == 0 for d in dims)
 
 
+def _prefix_args(prefix) -> tuple[tuple[jax.Array, ...], dict]:
+    """A Prefix or PoolSegment -> the kernels' (k, v, length, pos) and pooled keywords.
+
+    A PoolSegment passes the whole pool (k [B, K, P, H], v, pos [B, K, P]) with its
+    `prefix_offset` [B, K] and `max_prefix_len`: the kernels read the segment in place.
+    """
+    if isinstance(prefix, PoolSegment):
+        pool = prefix.pool
+        return ((pool.k, pool.v, prefix.length, pool.pos),
+                {"prefix_offset": prefix.offset, "max_prefix_len": prefix.capacity})
+    return (prefix.k, prefix.v, prefix.length, prefix.pos), {}
+
+
 def decode_attention(q: jax.Array, q_pos: jax.Array, layer: LayerCache, *, attn_impl: str,
                      scale: float | None = None,
                      sliding_window: int | None = None) -> jax.Array:
     """`cached_attention_reference` semantics through the implementation `attn_impl`.
+
+    A pooled layer (prefix = `PoolSegment`, ZigZagKV) goes to the kernels as the whole pool
+    plus per-row offsets, with no copy; the reference reads the gathered segment (its spec).
 
     Args:
       q: [B, T, N, H] post-RoPE queries; q_pos: [B, T]; layer: the cache (new tokens already
@@ -54,17 +70,19 @@ def decode_attention(q: jax.Array, q_pos: jax.Array, layer: LayerCache, *, attn_
     """
     p, t = layer.prefix, layer.tail
     kernels = _kernels(attn_impl)
-    n_kv = p.k.shape[1]
+    (pk, pv, p_len, p_pos), pooled = _prefix_args(p)
     use_kernel = kernels is not None and q.shape[1] == 1 and (
         attn_impl != "pallas_gpu"
-        or _gpu_shapes_ok(q.shape[2], n_kv, q.shape[3], p.k.shape[3], p.v.shape[3]))
+        or _gpu_shapes_ok(q.shape[2], pk.shape[1], q.shape[3], pk.shape[3], pv.shape[3]))
     if not use_kernel:
+        if isinstance(p, PoolSegment):
+            layer = LayerCache(prefix=p.view(), tail=t)
         return cached_attention_reference(q, q_pos, layer, scale=scale,
                                           sliding_window=sliding_window)
-    out = kernels.decode_attention(q[:, 0], p.k, p.v, p.length, p.pos, t.k, t.v, t.pos,
-                                   t.count, q_pos[:, 0], channels=p.channels,
+    out = kernels.decode_attention(q[:, 0], pk, pv, p_len, p_pos, t.k, t.v, t.pos, t.count,
+                                   q_pos[:, 0], channels=p.channels,
                                    value_channels=p.value_channels, scale=scale,
-                                   sliding_window=sliding_window)
+                                   sliding_window=sliding_window, **pooled)
     return out[:, None]
 
 

@@ -70,3 +70,30 @@ def merge_prefix_tail(o_prefix: jax.Array, o_tail: jax.Array,
     scattered = jnp.put_along_axis(jnp.zeros_like(o_tail), idx, o_prefix, axis=-1,
                                    inplace=False)
     return scattered + o_tail
+
+
+
+def check_prefix_window(prefix_offset: jax.Array | None, max_prefix_len: int | None,
+                        prefix_len: jax.Array, capacity: int) -> tuple[jax.Array, int]:
+    """Validate the pooled-prefix arguments; return (offsets [B*K] int32, max_len).
+
+    With `prefix_offset` [B, K] the prefix of kv head (b, h) is slots
+    [offset, offset + prefix_len) of the `capacity`-slot prefix arrays (a segment of a shared
+    pool, read in place); `max_prefix_len` (static) bounds prefix_len and sizes the grid.
+    Without an offset the prefix starts at slot 0; the bound defaults to `capacity`. The caller
+    guarantees prefix_len <= max_prefix_len and offset + prefix_len <= capacity (traced values
+    are not checked).
+
+    Raises:
+      ValueError: on a bad offset shape or a bound outside [1, capacity].
+    """
+    b, n_kv = prefix_len.shape
+    max_len = capacity if max_prefix_len is None else int(max_prefix_len)
+    if not 1 <= max_len <= capacity:
+        raise ValueError(f"max_prefix_len={max_prefix_len} must be in [1, C={capacity}]")
+    if prefix_offset is None:
+        return jnp.zeros((b * n_kv,), jnp.int32), max_len
+    if tuple(prefix_offset.shape) != (b, n_kv):
+        raise ValueError(f"prefix_offset.shape={tuple(prefix_offset.shape)} must be "
+                         f"{(b, n_kv)} (B, K)")
+    return prefix_offset.astype(jnp.int32).reshape(-1), max_len

@@ -187,7 +187,7 @@ class ZigZagKVPress(Press):
         n_layers = len(cache.layers)
         c = cache.layers[0].prefix.capacity
         seg = c  # any one layer may get up to the whole prompt
-        size = n_layers * select.ceil_keep_static(c, self.compression_ratio)
+        size = pool_slots(n_layers * select.ceil_keep_static(c, self.compression_ratio))
         offset = jnp.cumsum(budgets, axis=1) - budgets
         first = cache.layers[0].prefix
         b, k = first.k.shape[:2]
@@ -201,6 +201,13 @@ class ZigZagKVPress(Press):
             pool = _write_segment(pool, self._select(layer, obs, ctx, budgets[:, i], seg), i)
             layers.append(dataclasses.replace(layer, prefix=_empty_like(layer.prefix)))
         return dataclasses.replace(cache, layers=tuple(layers), pool=pool)
+
+
+def pool_slots(kept: int) -> int:
+    """Pool slots per sequence and kv head for `kept` kept entries: rounded up to a multiple
+    of 8 (at most 7 padding slots), so that the GPU decode kernel's tiled TMA copies read the
+    pool in place instead of padding (copying) it every step."""
+    return -(-kept // 8) * 8
 
 
 def _write_segment(pool: Pool, p: Prefix, layer: int) -> Pool:

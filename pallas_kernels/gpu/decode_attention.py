@@ -10,6 +10,10 @@ split writes unnormalised partials (acc, m, l) for its prefix part and its tail 
 widths differ with thin values); a small jnp step combines all partials into one softmax and
 scatters the prefix part onto its kept value channels.
 
+Pooled prefix (ZigZagKV): with `prefix_offset` the prefix arrays are the whole shared pool and
+each kv head walks its layer's segment [offset, offset + length) in place, its TMA copies starting
+at the offset rounded down to 8 (a tile row); the slots before `offset` are masked.
+
 Inputs are computed in bf16/f16 (WGMMA): f32 inputs are rounded to bf16 first, so an f32 call
 has bf16 input precision (f32 accumulation and softmax).
 
@@ -27,8 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _interpret
-from pallas_kernels._decode_common import (check_decode_args, gather_thin_queries,
-                                           merge_prefix_tail)
+from pallas_kernels._decode_common import (check_decode_args, check_prefix_window,
+                                           gather_thin_queries, merge_prefix_tail)
 from pallas_kernels.gpu import _mgpu
 
 _NEG = -1e30  # finite "minus infinity": fully masked blocks never produce inf - inf
@@ -52,13 +56,14 @@ class BlockSizes:
 
 
 def _phase(carry, q_smem, k_ref, v_ref, pos_ref, k_smem, v_smem, pos_smem, bars, *, row,
-           pos_row, limit, first_block, n_blocks, q_pos, scale, bs, causal, sliding_window,
-           interpret):
+           pos_row, lo, limit, base, first_block, n_blocks, q_pos, scale, bs, causal,
+           sliding_window, interpret):
     """Attend over `n_blocks` blocks of one source (prefix or tail) with double-buffered TMA.
 
     k_ref, v_ref: [R, X, D] in GMEM, this kv head's slab at `row`; pos_ref: [P, X] in GMEM,
     row `pos_row`; k_smem, v_smem, pos_smem: two buffers each; bars: (k, v, pos) barriers;
-    limit: valid slots; the blocks start at `first_block`.
+    the valid slots are [lo, limit); block i starts at slot base + (first_block + i) * bs
+    (base <= lo, a multiple of 8: tiled TMA copies start on a tile row).
     Returns the updated (m [64], l [64], acc [64, Hv]).
     """
     k_bar, v_bar, pos_bar = bars
@@ -66,7 +71,7 @@ def _phase(carry, q_smem, k_ref, v_ref, pos_ref, k_smem, v_smem, pos_smem, bars,
     n_slots = k_ref.shape[1]
 
     def start(i):  # clamp the last block inside the array; the mask drops the overlap
-        return jnp.minimum((first_block + i) * bs, n_slots - bs)
+        return jnp.minimum(base + (first_block + i) * bs, n_slots - bs)
 
     def fetch(i, slot):
         sl = (row, pl.ds(start(i), bs))
@@ -90,9 +95,9 @@ def _phase(carry, q_smem, k_ref, v_ref, pos_ref, k_smem, v_smem, pos_smem, bars,
 
         plgpu.barrier_wait(k_bar.at[slot])
         s = _mgpu.mma_nt(q_smem, k_smem.at[slot], interpret) * scale  # [64, bs]
-        st, nominal = start(i), (first_block + i) * bs
+        st, nominal = start(i), base + (first_block + i) * bs
         idx = st + _mgpu.iota(s.shape, 1, interpret)
-        valid = (idx >= nominal) & (idx < limit)
+        valid = (idx >= jnp.maximum(nominal, lo)) & (idx < limit)
         if use_pos:
             plgpu.barrier_wait(pos_bar.at[slot])
             pos = _mgpu.col_bcast(_mgpu.load_vec(pos_smem.at[slot], _mgpu.COL, interpret),
@@ -119,10 +124,10 @@ def _init_carry(rows, width, interpret):
             _mgpu.full((rows, width), 0.0, _mgpu.TILE, interpret))
 
 
-def _kernel(len_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B], [B]
+def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B], [B]
             qp_ref,  # [B*K, 64, Dk] queries on the kept key channels (rows >= G are zero)
             qt_ref,  # [B*K, 64, H] full-width queries
-            pk_ref, pv_ref,  # [B*K, C, Dk], [B*K, C, Hv] prefix
+            pk_ref, pv_ref,  # [B*K, C, Dk], [B*K, C, Hv] prefix (the whole pool when pooled)
             ppos_ref,  # [B*K, C] prefix positions
             tk_ref, tv_ref,  # [B*K, S, H] tail
             tpos_ref,  # [B, S] tail positions
@@ -135,6 +140,8 @@ def _kernel(len_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B], [B]
     row, split = jax.lax.axis_index("bk"), jax.lax.axis_index("split")
     b = jax.lax.div(row, n_kv)
     length, count, q_pos = len_ref[row], cnt_ref[b], qpos_ref[b]
+    offset = off_ref[row]  # the prefix is slots [offset, offset + length) (0 unless pooled)
+    base = jax.lax.div(offset, 8) * 8
     plgpu.copy_gmem_to_smem(qp_ref.at[row], qp_smem, q_bar.at[0])
     plgpu.copy_gmem_to_smem(qt_ref.at[row], qt_smem, q_bar.at[1])
     plgpu.barrier_wait(q_bar.at[0])
@@ -148,16 +155,17 @@ def _kernel(len_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B], [B]
     first = split * prefix_chunk
     m, l, acc = _phase(_init_carry(rows, op_smem.shape[1], interpret), qp_smem, pk_ref, pv_ref,
                        ppos_ref, pk_smem, pv_smem, pos_smem, prefix_bars, pos_row=row,
-                       limit=length, first_block=first,
-                       n_blocks=jnp.clip(pl.cdiv(length, bs) - first, 0, prefix_chunk),
+                       lo=offset, limit=offset + length, base=base, first_block=first,
+                       n_blocks=jnp.where(length > 0, jnp.clip(
+                           pl.cdiv(offset + length - base, bs) - first, 0, prefix_chunk), 0),
                        causal=False, **common)
     op_smem[...] = acc
     m_smem[0] = m
     l_smem[0] = l
     first = split * tail_chunk
     m, l, acc = _phase(_init_carry(rows, ot_smem.shape[1], interpret), qt_smem, tk_ref, tv_ref,
-                       tpos_ref, tk_smem, tv_smem, pos_smem, tail_bars, pos_row=b, limit=count,
-                       first_block=first,
+                       tpos_ref, tk_smem, tv_smem, pos_smem, tail_bars, pos_row=b, lo=0,
+                       limit=count, base=0, first_block=first,
                        n_blocks=jnp.clip(pl.cdiv(count, bs) - first, 0, tail_chunk),
                        causal=True, **common)
     ot_smem[...] = acc
@@ -171,11 +179,11 @@ def _kernel(len_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B], [B]
     plgpu.wait_smem_to_gmem(0)
 
 
-def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, counts, q_pos, *, n_kv, scale, bs,
-          splits, sliding_window, interpret):
+def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, n_kv, scale, bs,
+          splits, prefix_span, sliding_window, interpret):
     bk_rows, rows, dk = qp.shape
     h, hv, dt = qt.shape[2], pv.shape[2], pk.dtype
-    prefix_chunk = pl.cdiv(pl.cdiv(pk.shape[1], bs), splits)
+    prefix_chunk = pl.cdiv(pl.cdiv(prefix_span, bs), splits)
     tail_chunk = pl.cdiv(pl.cdiv(tk.shape[1], bs), splits)
     tr = _mgpu.smem_transforms
     kv_smem = ((plgpu.SMEM((2, bs, dk), dt, transforms=tr(dk, dt)),
@@ -205,8 +213,8 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, counts, q_pos, *, n_kv, scal
                 jax.ShapeDtypeStruct((bk_rows, splits, 2, rows), f32))
     return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch,
                         grid=(bk_rows, splits), grid_names=("bk", "split"),
-                        interpret=interpret)(lens, counts, q_pos, qp, qt, pk, pv, ppos, tk, tv,
-                                             tpos)
+                        interpret=interpret)(lens, offs, counts, q_pos, qp, qt, pk, pv, ppos, tk,
+                                             tv, tpos)
 
 
 def _combine(op, ot, m, l, g):
@@ -241,17 +249,23 @@ def _as_rows(x, dt):
     return x.reshape((-1,) + x.shape[2:]).astype(dt)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "block_sizes",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "max_prefix_len",
+                                             "block_sizes", "interpret"))
 def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                      prefix_len: jax.Array, prefix_pos: jax.Array, tail_k: jax.Array,
                      tail_v: jax.Array, tail_pos: jax.Array, tail_count: jax.Array,
                      q_pos: jax.Array, *, channels: jax.Array | None = None,
                      value_channels: jax.Array | None = None, scale: float | None = None,
                      sliding_window: int | None = None,
+                     prefix_offset: jax.Array | None = None, max_prefix_len: int | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool | None = None) -> jax.Array:
     """Attend one new query token per sequence over a compressed prefix plus a dense tail.
+
+    With `prefix_offset`, the prefix arrays are a shared pool (ZigZagKV's `Pool`, C = P pool
+    slots) and head (b, h) reads its segment [offset, offset + prefix_len) in place: TMA
+    copies start at the segment's offset rounded down to 8 (tile rows), so no segment is
+    copied. Keep P a multiple of 8 and >= block_kv, or the pool is padded (a copy).
 
     Args:
       q: [B, N, H] post-RoPE queries (bf16/f16; f32 is rounded to bf16 for the MMAs).
@@ -265,6 +279,8 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
         those output channels only), or None for full-width values (Hv = H).
       scale: logit scale, default 1/sqrt(H) (full H even with thin keys).
       sliding_window: Mistral-style window on positions, or None.
+      prefix_offset: [B, K] int32 first slot of each head's prefix (pooled), or None (0).
+      max_prefix_len: static bound on prefix_len (splits and work per split), default C.
       block_sizes: BlockSizes (slots per TMA block, number of splits).
       interpret: None = Mosaic GPU interpreter unless the default backend is GPU.
 
@@ -286,7 +302,11 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     dt = jnp.bfloat16 if q.dtype == jnp.float32 else q.dtype
     qp = jnp.pad(gather_thin_queries(qg, channels), ((0, 0), (0, 0), (0, _mgpu.ROWS - g), (0, 0)))
     qt = jnp.pad(qg, ((0, 0), (0, 0), (0, _mgpu.ROWS - g), (0, 0)))
-    splits = bs.num_splits or max(1, min(32, pl.cdiv(prefix_k.shape[2], 512)))
+    offsets, max_len = check_prefix_window(prefix_offset, max_prefix_len, prefix_len,
+                                           prefix_k.shape[2])
+    splits = bs.num_splits or max(1, min(32, pl.cdiv(max_len, 512)))
+    # a pooled segment starts up to 7 slots after its 8-aligned first TMA row
+    span = max_len if prefix_offset is None else min(max_len + 7, prefix_k.shape[2])
 
     def i32(x):
         return x.astype(jnp.int32)
@@ -297,9 +317,10 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
         _as_rows(_pad_slots(i32(prefix_pos), 2, bs.block_kv), jnp.int32),
         _as_rows(_pad_slots(tail_k, 2, bs.block_kv), dt),
         _as_rows(_pad_slots(tail_v, 2, bs.block_kv), dt),
-        _pad_slots(i32(tail_pos), 1, bs.block_kv), i32(prefix_len).reshape(-1),
+        _pad_slots(i32(tail_pos), 1, bs.block_kv), i32(prefix_len).reshape(-1), offsets,
         i32(tail_count), i32(q_pos), n_kv=n_kv, scale=scale, bs=bs.block_kv, splits=splits,
-        sliding_window=sliding_window, interpret=_interpret.gpu_interpret(interpret))
+        prefix_span=span, sliding_window=sliding_window,
+        interpret=_interpret.gpu_interpret(interpret))
     o_prefix, o_tail = _combine(op, ot, m, l, g)
     o_prefix = o_prefix.reshape(b, n_kv, g, hv)
     o_tail = o_tail.reshape(b, n_kv, g, h)

@@ -9,6 +9,11 @@ those of the valid slots (rounded up to a block). Softmax statistics and two acc
 (prefix values, possibly thin, and tail values) live in VMEM scratch in f32; the prefix part is
 scattered onto its kept value channels outside the kernel.
 
+Pooled prefix (ZigZagKV): with `prefix_offset`, the prefix arrays are the whole shared pool and
+each kv head reads its layer's segment [offset, offset + length) in place. The index maps walk
+the pool's own blocks from the one holding `offset` (scalar prefetch), and the kernel masks the
+slots outside the segment; an unaligned segment costs at most one extra block of reads.
+
 Spec: `kvjax.attention.cached_attention_reference` with T = 1.
 Axis letters: B batch, N q heads, K kv heads, G = N // K, H head dim, Hv value dim,
 C prefix slots, Dk kept key channels, S tail slots.
@@ -23,8 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _interpret
-from pallas_kernels._decode_common import (check_decode_args, gather_thin_queries,
-                                           merge_prefix_tail)
+from pallas_kernels._decode_common import (check_decode_args, check_prefix_window,
+                                           gather_thin_queries, merge_prefix_tail)
 
 _NEG = -1e30  # finite "minus infinity": fully masked blocks never produce inf - inf
 
@@ -74,21 +79,25 @@ def _scores(q, k, scale):
     return s * scale
 
 
-def _kernel(len_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B], [B] int32 (SMEM)
+def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K], [B], [B]
             qp_ref,  # [G, Dk] queries gathered on the kept key channels
             qt_ref,  # [G, H] full-width queries (for the tail)
             pk_ref,  # [bp, Dk] prefix keys
             pv_ref,  # [bp, Hv] prefix values
-            ppos_ref,  # [1, bp] prefix positions
+            ppos_ref,  # [1, bp] prefix positions ([K, bp], all kv heads, when pooled)
             tk_ref,  # [bt, H] tail keys
             tv_ref,  # [bt, H] tail values
             tpos_ref,  # [1, bt] tail positions
             op_ref,  # [G, Hv] f32 prefix part of the output (normalised)
             ot_ref,  # [G, H] f32 tail part of the output (normalised)
             m_ref, l_ref, accp_ref, acct_ref,  # scratch: [G, 1], [G, 1], [G, Hv], [G, H] f32
-            *, scale, n_kv, n_prefix_blocks, bp, bt, sliding_window):
+            *, scale, n_kv, n_prefix_blocks, bp, bt, sliding_window, pooled):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length, count, q_pos = len_ref[b * n_kv + h], cnt_ref[b], qpos_ref[b]
+    # The prefix is slots [offset, offset + length) of its arrays (offset 0 unless pooled);
+    # its blocks are the array's own blocks, starting with the one holding `offset`.
+    offset = off_ref[b * n_kv + h]
+    first = jax.lax.div(offset, bp) * bp  # lax.div: offsets are >= 0, no sign fix-up needed
 
     @pl.when(j == 0)
     def _init():
@@ -97,30 +106,33 @@ def _kernel(len_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B], [B] int3
         accp_ref[...] = jnp.zeros(accp_ref.shape, jnp.float32)
         acct_ref[...] = jnp.zeros(acct_ref.shape, jnp.float32)
 
-    def attend(q_ref, k_ref, v_ref, pos_ref, start, limit, causal, acc_ref, other_acc_ref):
+    def attend(q_ref, k_ref, v_ref, pos_ref, start, lo, limit, causal, acc_ref,
+               other_acc_ref):
         s = _scores(q_ref[...], k_ref[...], scale)  # [G, bs]
         bs = s.shape[1]
         slot = start + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)
-        valid = slot < limit
+        valid = (slot >= lo) & (slot < limit)
         if causal or sliding_window is not None:
-            pos = pos_ref[...]  # [1, bs]
+            pos = pos_ref[pl.ds(h, 1), :] if pooled and not causal else pos_ref[...]  # [1, bs]
             if causal:
                 valid &= pos <= q_pos
             if sliding_window is not None:
                 valid &= q_pos - pos < sliding_window
         rows = start + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)
-        v = jnp.where(rows < limit, v_ref[...], 0)  # blocks past the array hold garbage
+        # rows outside [lo, limit): past the array (garbage) or another layer's pool segment
+        v = jnp.where((rows >= lo) & (rows < limit), v_ref[...], 0)
         _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref)
 
-    @pl.when((j < n_prefix_blocks) & (j * bp < length))
+    @pl.when((j < n_prefix_blocks) & (first + j * bp < offset + length))
     def _prefix():
-        attend(qp_ref, pk_ref, pv_ref, ppos_ref, j * bp, length, False, accp_ref, acct_ref)
+        attend(qp_ref, pk_ref, pv_ref, ppos_ref, first + j * bp, offset, offset + length, False,
+               accp_ref, acct_ref)
 
     jt = j - n_prefix_blocks
 
     @pl.when((jt >= 0) & (jt * bt < count))
     def _tail():
-        attend(qt_ref, tk_ref, tv_ref, tpos_ref, jt * bt, count, True, acct_ref, accp_ref)
+        attend(qt_ref, tk_ref, tv_ref, tpos_ref, jt * bt, 0, count, True, acct_ref, accp_ref)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
@@ -134,21 +146,36 @@ def _last_block(n_valid, block):
     return jnp.maximum(pl.cdiv(n_valid, block) - 1, 0)
 
 
-def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, counts, q_pos, *, scale, sliding_window,
-          bp, bt, interpret):
+def _prefix_blocks(c, bp, max_len, pooled):
+    """Grid steps for the prefix: blocks of a `max_len`-slot window (one more when pooled:
+    a window starting inside a block may straddle one more block), at most the array's."""
+    span = max_len + (bp - 1 if pooled else 0)
+    return min(pl.cdiv(span, bp), pl.cdiv(c, bp))
+
+
+def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scale,
+          sliding_window, bp, bt, max_len, pooled, interpret):
     b, n_kv, g, dk = qp.shape
     c, hv, s, h = pk.shape[2], pv.shape[3], tk.shape[2], qt.shape[3]
-    n_pb, n_tb = pl.cdiv(c, bp), pl.cdiv(s, bt)
+    n_pb, n_tb = _prefix_blocks(c, bp, max_len, pooled), pl.cdiv(s, bt)
 
-    def prefix_map(bi, hi, j, len_ref, cnt_ref, qpos_ref):
-        return bi, hi, jnp.minimum(j, _last_block(len_ref[bi * n_kv + hi], bp)), 0
+    def prefix_map(bi, hi, j, len_ref, off_ref, cnt_ref, qpos_ref):
+        r = bi * n_kv + hi
+        off = off_ref[r]
+        last = _last_block(jax.lax.rem(off, bp) + len_ref[r], bp)  # later steps repeat it
+        blk = jax.lax.div(off, bp) + jnp.minimum(j, last)
+        return bi, hi, jnp.minimum(blk, pl.cdiv(c, bp) - 1), 0
 
-    def tail_map(bi, hi, j, len_ref, cnt_ref, qpos_ref):
+    def tail_map(bi, hi, j, len_ref, off_ref, cnt_ref, qpos_ref):
         return bi, hi, jnp.clip(j - n_pb, 0, _last_block(cnt_ref[bi], bt)), 0
 
     def ppos_map(*args):  # positions [B, K, 1, C]: the slot axis is the lane axis
         bi, hi, blk, _ = prefix_map(*args)
         return bi, hi, 0, blk
+
+    def pool_pos_map(*args):  # pool positions [B, K, P]: all K rows (a K-row block is legal)
+        bi, _, blk, _ = prefix_map(*args)
+        return bi, 0, blk if sliding_window is not None else 0  # unread without a window
 
     def tpos_map(*args):  # positions [B, 1, S]
         bi, _, blk, _ = tail_map(*args)
@@ -158,14 +185,16 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, counts, q_pos, *, scale, sli
         return bi, hi, 0, 0
 
     kernel = functools.partial(_kernel, scale=scale, n_kv=n_kv, n_prefix_blocks=n_pb, bp=bp,
-                               bt=bt, sliding_window=sliding_window)
+                               bt=bt, sliding_window=sliding_window, pooled=pooled)
+    pos_spec = (pl.BlockSpec((None, n_kv, bp), pool_pos_map) if pooled
+                else pl.BlockSpec((None, None, 1, bp), ppos_map))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3, grid=(b, n_kv, n_pb + n_tb),
+        num_scalar_prefetch=4, grid=(b, n_kv, n_pb + n_tb),
         in_specs=[pl.BlockSpec((None, None, g, dk), head_map),
                   pl.BlockSpec((None, None, g, h), head_map),
                   pl.BlockSpec((None, None, bp, dk), prefix_map),
                   pl.BlockSpec((None, None, bp, hv), prefix_map),
-                  pl.BlockSpec((None, None, 1, bp), ppos_map),
+                  pos_spec,
                   pl.BlockSpec((None, None, bt, h), tail_map),
                   pl.BlockSpec((None, None, bt, h), tail_map),
                   pl.BlockSpec((None, 1, bt), tpos_map)],
@@ -180,20 +209,26 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, counts, q_pos, *, scale, sli
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(lens, counts, q_pos, qp, qt, pk, pv, ppos, tk, tv, tpos)
+    )(lens, offs, counts, q_pos, qp, qt, pk, pv, ppos, tk, tv, tpos)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "block_sizes",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "max_prefix_len",
+                                             "block_sizes", "interpret"))
 def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                      prefix_len: jax.Array, prefix_pos: jax.Array, tail_k: jax.Array,
                      tail_v: jax.Array, tail_pos: jax.Array, tail_count: jax.Array,
                      q_pos: jax.Array, *, channels: jax.Array | None = None,
                      value_channels: jax.Array | None = None, scale: float | None = None,
                      sliding_window: int | None = None,
+                     prefix_offset: jax.Array | None = None, max_prefix_len: int | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool | None = None) -> jax.Array:
     """Attend one new query token per sequence over a compressed prefix plus a dense tail.
+
+    With `prefix_offset`, the prefix arrays are a shared pool (ZigZagKV's `Pool`, C = P pool
+    slots) and head (b, h) reads its segment [offset, offset + prefix_len) in place: the
+    index maps start at the block holding `offset` (one extra block at most), so no segment is
+    copied.
 
     Args:
       q: [B, N, H] post-RoPE queries (bf16 or f32).
@@ -207,6 +242,8 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
         those output channels only), or None for full-width values (Hv = H).
       scale: logit scale, default 1/sqrt(H) (full H even with thin keys).
       sliding_window: Mistral-style window on positions, or None.
+      prefix_offset: [B, K] int32 first slot of each head's prefix (pooled), or None (0).
+      max_prefix_len: static bound on prefix_len (grid size), default C.
       block_sizes: slots per grid step (BlockSizes).
       interpret: None = interpret unless the default backend is TPU; True/False force it.
 
@@ -220,14 +257,18 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                                   value_channels)
     qp = gather_thin_queries(qg, channels)
     c, s = prefix_k.shape[2], tail_k.shape[2]
+    offsets, max_len = check_prefix_window(prefix_offset, max_prefix_len, prefix_len, c)
     bp, bt = min(c, bs.block_prefix), min(s, bs.block_tail)
+    pooled = prefix_offset is not None
 
     def i32(x):
         return x.astype(jnp.int32)
 
+    # pooled: positions stay [B, K, P] (a [B, K, 1, P] view would copy the whole pool)
+    ppos = i32(prefix_pos) if pooled else i32(prefix_pos)[:, :, None, :]
     o_prefix, o_tail = _call(
-        qp, qg, prefix_k, prefix_v, i32(prefix_pos)[:, :, None, :], tail_k, tail_v,
-        i32(tail_pos)[:, None, :], i32(prefix_len).reshape(-1), i32(tail_count), i32(q_pos),
-        scale=scale, sliding_window=sliding_window, bp=bp, bt=bt,
+        qp, qg, prefix_k, prefix_v, ppos, tail_k, tail_v, i32(tail_pos)[:, None, :],
+        i32(prefix_len).reshape(-1), offsets, i32(tail_count), i32(q_pos), scale=scale,
+        sliding_window=sliding_window, bp=bp, bt=bt, max_len=max_len, pooled=pooled,
         interpret=_interpret.tpu_interpret(interpret))
     return merge_prefix_tail(o_prefix, o_tail, value_channels).reshape(b, n, h).astype(q.dtype)
