@@ -44,13 +44,21 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     Returns:
       out [B, T, N, H], the LayerCache (prefix = the whole prompt, empty tail), Observation.
     """
-    out = dispatch.prefill_attention(q, k, v, lengths, attn_impl=resolve_attn_impl(attn_impl),
-                                     scale=scale, sliding_window=sliding_window)
+    impl = resolve_attn_impl(attn_impl)
+    column_sums = None
+    if obs_spec.column_sums and impl != "reference" and sliding_window is None:
+        # one fused kernel: attention and its column sums (H2O scores), no second pass
+        out, column_sums = dispatch.prefill_attention_with_scores(
+            q, k, v, lengths, attn_impl=impl, scale=scale, score_rows="all")
+    else:
+        out = dispatch.prefill_attention(q, k, v, lengths, attn_impl=impl, scale=scale,
+                                         sliding_window=sliding_window)
     b, _, n_kv, h = k.shape
     layer = LayerCache(prefix=prefix_from_prompt(k, v, lengths),
                        tail=init_tail(b, n_kv, tail_capacity, h, k.dtype))
     obs = observe(q, k, lengths, obs_spec, scale=scale, q_prerope=q_prerope,
-                  rope_inv_freq=rope_inv_freq, rope_interleaved=rope_interleaved)
+                  rope_inv_freq=rope_inv_freq, rope_interleaved=rope_interleaved,
+                  column_sums=column_sums)
     return out, layer, obs
 
 

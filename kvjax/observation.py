@@ -163,13 +163,20 @@ def query_statistics(q: jax.Array, lengths: jax.Array, skip: int) -> tuple[jax.A
 
 def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
             scale: float | None = None, q_prerope: jax.Array | None = None,
-            rope_inv_freq=None, rope_interleaved: bool = False) -> Observation:
-    """Build the Observation that `spec` asks for from one layer's prefill q and k."""
-    q_window = window_valid = column_sums = q_mean = q_cov = None
+            rope_inv_freq=None, rope_interleaved: bool = False,
+            column_sums: jax.Array | None = None) -> Observation:
+    """Build the Observation that `spec` asks for from one layer's prefill q and k.
+
+    `column_sums` [B, N, T], when given, are the attention column sums already computed by a
+    fused prefill kernel (`spec.column_sums` then skips the chunked jnp pass).
+    """
+    q_window = window_valid = q_mean = q_cov = None
     window = spec.window_for(q.shape[1])
     if window:
         q_window, window_valid = gather_window(q, lengths, window)
-    if spec.column_sums:
+    if not spec.column_sums:
+        column_sums = None
+    elif column_sums is None:
         column_sums = causal_column_sums(q, k, lengths, scale=scale)
     if spec.query_stats:
         if q_prerope is None or rope_inv_freq is None:
