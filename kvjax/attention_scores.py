@@ -18,38 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import default_scale, prefill_attention_reference
+from pallas_kernels._prefill_common import score_row_positions  # shared with the kernels
 
 _CHUNK = 512
-
-
-def score_row_positions(score_rows, lengths: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
-    """Resolve `score_rows` to row positions and their validity.
-
-    Args:
-      score_rows: "all" | ("window", W) | int array [B, P] of row indices.
-      lengths: [B] valid prompt lengths.
-      t: padded prompt length T.
-
-    Returns:
-      rows [B, P] int32 (clipped into [0, T)) and valid [B, P] bool.
-    """
-    b = lengths.shape[0]
-    if isinstance(score_rows, str):
-        if score_rows != "all":
-            raise ValueError(f"{score_rows=} must be 'all', ('window', W) or an int array")
-        rows = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    elif isinstance(score_rows, tuple):
-        if len(score_rows) != 2 or score_rows[0] != "window" or int(score_rows[1]) < 1:
-            raise ValueError(f"{score_rows=} must be ('window', W) with W >= 1")
-        w = int(score_rows[1])
-        rows = lengths[:, None].astype(jnp.int32) - w + jnp.arange(w, dtype=jnp.int32)[None]
-    else:
-        rows = jnp.asarray(score_rows)
-        if rows.ndim != 2 or rows.shape[0] != b or not jnp.issubdtype(rows.dtype, jnp.integer):
-            raise ValueError(f"score_rows.shape={rows.shape} must be an int array [B={b}, P]")
-        rows = rows.astype(jnp.int32)
-    valid = (rows >= 0) & (rows < lengths[:, None])
-    return jnp.clip(rows, 0, t - 1), valid
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:

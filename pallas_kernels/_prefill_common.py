@@ -27,10 +27,18 @@ def check_prefill_args(q, k, v, lengths, scale) -> float:
 
 
 def score_row_positions(score_rows, lengths: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
-    """"all" | ("window", W) | int [B, P] -> rows [B, P] int32 in [0, T) and valid [B, P].
+    """Resolve `score_rows` to row positions and their validity.
 
-    Mirrors `kvjax.attention_scores.score_row_positions` (the spec); kept here because the
-    kernels do not import kvjax.
+    Shared by the kernels and their jnp reference (`kvjax.attention_scores`), which imports it
+    from here (kvjax depends on pallas_kernels, never the reverse).
+
+    Args:
+      score_rows: "all" | ("window", W) | int array [B, P] of row indices.
+      lengths: [B] valid prompt lengths.
+      t: padded prompt length T.
+
+    Returns:
+      rows [B, P] int32 (clipped into [0, T)) and valid [B, P] bool.
     """
     b = lengths.shape[0]
     if isinstance(score_rows, str):
