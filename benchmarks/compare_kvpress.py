@@ -130,6 +130,35 @@ def _cache_bytes(hf_model, cache) -> tuple[int, int]:
     return held, held - masked
 
 
+def on_common_samples(results: list[dict]) -> list[dict]:
+    """Cells restricted to the sample indices that every cell of every library answered for
+    the same task and length (accuracy recomputed), so a pivot compares the same samples."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["cell"]["task"], r["cell"]["length"]), []).append(r)
+    out = []
+    for rows in groups.values():
+        done = [{x["index"] for x in r["records"]} for r in rows if not r.get("error")]
+        common = set.intersection(*done) if done else set()
+        for r in rows:
+            if r.get("error"):
+                out.append(r)
+                continue
+            recs = [x for x in r["records"] if x["index"] in common]
+            acc = sum(x["score"] for x in recs) / max(len(recs), 1)
+            out.append({**r, "records": recs, "n_samples": len(common), "accuracy": acc})
+    return out
+
+
+def tables(root: Path) -> str:
+    """Both libraries on the samples they share, then every cell with its own sample count."""
+    results = read_results(root)
+    return ("On the samples both libraries answered:\n\n" + library_pivot(on_common_samples(results))
+            + "\nkvjax on all its samples:\n\n"
+            + library_pivot([r for r in results if r["meta"]["library"] == "kvjax"], ("kvjax",))
+            + "\n" + comparison_table(root))
+
+
 def comparison_table(root: Path) -> str:
     """Markdown: kvjax / kvpress accuracy per press and ratio, and answer agreement."""
     by = {}
@@ -187,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--table-only", action="store_true", help="only print the tables of --out")
     args = p.parse_args(argv)
     if args.table_only:
-        print(library_pivot(read_results(args.out)) + "\n" + comparison_table(args.out))
+        print(tables(args.out))
         return 0
 
     import jax
@@ -210,7 +239,7 @@ def main(argv=None) -> int:
         rows = answer_rows(tokenizer, kvpress_answer_fn(load_hf_smollm2(), pipeline), args.seed)
         run_grid(grid, rows, args.out / "kvpress", meta={"library": "kvpress", **meta},
                  progress=not args.no_progress)
-    table = library_pivot(read_results(args.out)) + "\n" + comparison_table(args.out)
+    table = tables(args.out)
     (args.out / "comparison.md").write_text(table)
     print(table)
     for path in plot_results(args.out):
