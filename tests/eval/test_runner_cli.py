@@ -116,3 +116,21 @@ def test_compare_script_kvpress_matches_kvjax_on_tiny_llama(tiny_hf_dirs, tmp_pa
         assert a.context_kv_bytes == pytest.approx(b.context_kv_bytes, rel=0.02), cell
     assert theirs[3].error.startswith("RuntimeError")  # kvpress PyramidKV on CPU sdpa
     assert theirs[4].error == bench.NOT_IN_KVPRESS
+
+
+def test_compare_tables_use_common_samples():
+    spec = importlib.util.spec_from_file_location("compare_kvpress", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def cell(lib, press, scores, error=None):
+        recs = [{"index": i, "score": s, "prediction": ""} for i, s in enumerate(scores)]
+        return {"cell": {"task": "t", "length": 8, "press": press, "ratio": 0.5},
+                "meta": {"library": lib}, "records": recs, "n_samples": len(recs),
+                "accuracy": sum(scores) / len(scores), "error": error}
+
+    out = bench.on_common_samples([cell("kvjax", "snapkv", [1, 0, 0, 0]),
+                                   cell("kvpress", "snapkv", [1, 1]),
+                                   cell("kvpress", "knorm", [0], error="RuntimeError: x")])
+    assert [(r["n_samples"], r["accuracy"]) for r in out[:2]] == [(2, 0.5), (2, 1.0)]
+    assert out[2]["error"] == "RuntimeError: x"
