@@ -1,5 +1,7 @@
-"""ThinK's claim on our model: SnapKV 0.5 alone vs SnapKV 0.5 + ThinK (λ 0.4, 0.5, and with
-value-channel pruning), needle in a haystack on SmolLM2, accuracy and KV bytes in one run.
+"""ThinK's claim on our model: channel pruning alone (full token cache) and on top of SnapKV 0.5
+(λ 0.4, 0.5, and with value-channel pruning), needle in a haystack on SmolLM2, accuracy and KV
+bytes in one run. ThinK alone isolates what the channel pruning costs; on top of SnapKV it
+answers the paper's claim (less memory than the token press alone at equal accuracy).
 
     python benchmarks/think_niah.py [--tokens 2048] [--samples 10] [--question-aware]
 
@@ -21,10 +23,15 @@ from kvjax.demo import needle_sample  # noqa: E402
 
 def configs(window: int):
     snap = kvjax.SnapKVPress(compression_ratio=0.5, window_size=window)
-    think = lambda lk, lv=0.0: kvjax.ThinKPress(key_channel_compression_ratio=lk,
-                                                value_channel_compression_ratio=lv,
-                                                window_size=window, press=snap)
-    return {"full cache": None, "SnapKV 0.5": snap, "SnapKV 0.5 + ThinK 0.4": think(0.4),
+
+    def think(lk, lv=0.0, press=snap):
+        return kvjax.ThinKPress(key_channel_compression_ratio=lk, window_size=window,
+                                value_channel_compression_ratio=lv, press=press)
+
+    return {"full cache": None, "ThinK 0.4 alone": think(0.4, press=None),
+            "ThinK 0.5 alone": think(0.5, press=None),
+            "ThinK 0.5 + values 0.25 alone": think(0.5, 0.25, press=None),
+            "SnapKV 0.5": snap, "SnapKV 0.5 + ThinK 0.4": think(0.4),
             "SnapKV 0.5 + ThinK 0.5": think(0.5),
             "SnapKV 0.5 + ThinK 0.5 + values 0.25": think(0.5, 0.25)}
 
