@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, prompt_ids, save_json  # noqa: E402
+from common import device_name, prompt_ids, save_json, timed  # noqa: E402
 
 import kvjax  # noqa: E402
 import models  # noqa: E402
@@ -26,14 +26,12 @@ from kvjax import loops  # noqa: E402
 from kvjax.presses import PRESSES, make_press  # noqa: E402
 
 
-def measure(fn, params, tokens, lengths, press, new_tokens):
-    """(prefill seconds, decode tok/s, KV bytes held, KV bytes needed) for one press."""
+def measure(fn, params, tokens, lengths, press, new_tokens, repeat=2):
+    """(prefill seconds, best of `repeat`; decode tok/s; memory report) for one press."""
     tail = loops.bucket_length(new_tokens)
     compiled = loops.prefill.lower(fn, params, tokens, lengths, tail_capacity=tail,
                                    press=press).compile()
-    t0 = time.perf_counter()
-    logits, cache = jax.block_until_ready(compiled(params, tokens, lengths))
-    t_prefill = time.perf_counter() - t0
+    t_prefill, (logits, cache) = timed(compiled, params, tokens, lengths, repeat=repeat)
     report = kvjax.memory_report(cache)
     eos = loops.eos_array(None)
     state = loops.init_state(logits, cache, 1, tail, None)
@@ -50,13 +48,15 @@ def main(argv=None):
     ap.add_argument("--ratios", default="0.5,0.75,0.9")
     ap.add_argument("--presses", default=",".join(sorted(PRESSES)))
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2, help="prefill timings, best of N")
     ap.add_argument("--out", default="docs/results/press_speed_memory.json")
     args = ap.parse_args(argv)
     model, tok = models.load("smollm2", progress=False)
     fn, params = model.kvjax_split()
     t, n = loops.pad_prompts([prompt_ids(tok, args.tokens)])
     tokens, lengths = jnp.asarray(t), jnp.asarray(n)
-    base_prefill, base_decode, base = measure(fn, params, tokens, lengths, None, args.new_tokens)
+    base_prefill, base_decode, base = measure(fn, params, tokens, lengths, None, args.new_tokens,
+                                              repeat=args.repeat + 1)
     rows = []
     print(f"device: {device_name()}; SmolLM2-135M-Instruct f32; prompt {args.tokens} tokens; "
           f"full cache: prefill {args.tokens / base_prefill:.0f} tok/s, decode "
@@ -66,7 +66,8 @@ def main(argv=None):
     for name in args.presses.split(","):
         for r in [float(x) for x in args.ratios.split(",")]:
             press = make_press(name, r, **_bench_kwargs(name))
-            tp, dec, rep = measure(fn, params, tokens, lengths, press, args.new_tokens)
+            tp, dec, rep = measure(fn, params, tokens, lengths, press, args.new_tokens,
+                                   args.repeat)
             row = dict(press=name, ratio=r, compress_frac=(tp - base_prefill) / base_prefill,
                        decode_speedup=dec / base_decode,
                        bytes_held_frac=rep.kv_bytes_held / base.kv_bytes_held,
