@@ -36,7 +36,7 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax over the last axis in f32; fully masked rows give zeros (never NaN)."""
     logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
@@ -76,13 +76,21 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, length
       [B, T, N, H] attention outputs in q's dtype (rows of padding queries are garbage-free
       but meaningless).
     """
+    return prefill_attention_and_column_sums(q, k, v, lengths, scale=scale,
+                                             sliding_window=sliding_window,
+                                             column_sums=False)[0]
+
+
+def causal_chunks(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: float | None,
+                  sliding_window: int | None):
+    """Yield (start, stop, lo, p) per static query chunk [start, stop): p [B, K, G, Tc, S] f32
+    are the masked softmax probabilities over the keys [lo, stop) the chunk may see."""
     b, t, n, h = q.shape
     n_kv = k.shape[2]
     scale = default_scale(h) if scale is None else scale
-    chunk = prefill_chunk(t)
     qg = _group(q, n_kv).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    kt, vt = k.transpose(0, 2, 1, 3), v.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, K, S, H]
-    outs = []
+    kt = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    chunk = prefill_chunk(t)
     for start in range(0, t, chunk):
         stop = min(t, start + chunk)
         lo = 0 if sliding_window is None else max(0, start - sliding_window + 1)
@@ -92,10 +100,34 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, length
         causal = (key_pos[None, :] <= q_pos[:, None]) & _window_ok(
             q_pos[:, None], key_pos[None, :], sliding_window)  # [Tc, S]
         valid = key_pos[None, :] < lengths[:, None]  # [B, S]
-        p = _masked_softmax(logits * scale, causal[None, None, None] & valid[:, None, None, None])
+        yield start, stop, lo, masked_softmax(
+            logits * scale, causal[None, None, None] & valid[:, None, None, None])
+
+
+def prefill_attention_and_column_sums(q: jax.Array, k: jax.Array, v: jax.Array,
+                                      lengths: jax.Array, *, scale: float | None = None,
+                                      sliding_window: int | None = None,
+                                      column_sums: bool = True
+                                      ) -> tuple[jax.Array, jax.Array | None]:
+    """`prefill_attention_reference` plus, from the same probabilities, their column sums
+    over the valid query rows (H2O / ObservedAttention scores) at almost no extra cost.
+
+    Returns:
+      out [B, T, N, H] in q's dtype and colsums [B, N, T] f32 (None unless column_sums).
+    """
+    b, t, n, h = q.shape
+    n_kv = k.shape[2]
+    vt = v.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, K, S, H]
+    outs, cols = [], jnp.zeros((b, n_kv, n // n_kv, t), jnp.float32) if column_sums else None
+    for start, stop, lo, p in causal_chunks(q, k, lengths, scale=scale,
+                                            sliding_window=sliding_window):
         outs.append(jnp.einsum("bkgqs,bksh->bkgqh", p, vt[:, :, lo:stop]))
+        if column_sums:
+            row_ok = (jnp.arange(start, stop)[None, :] < lengths[:, None])[:, None, None, :, None]
+            cols = cols.at[..., lo:stop].add(jnp.sum(jnp.where(row_ok, p, 0.0), axis=3))
     out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+    return out, None if cols is None else cols.reshape(b, n, t)
 
 
 def prefill_chunk(t: int) -> int:
@@ -140,7 +172,7 @@ def cached_attention_reference(q: jax.Array, q_pos: jax.Array, layer: LayerCache
     tpos = tl.pos[:, None, None, None, :]
     mt = (jnp.arange(tl.capacity)[None, :] < tl.count[:, None])[:, None, None, None, :]
     mt = mt & (tpos <= qp) & _window_ok(qp, tpos, sliding_window)
-    probs = _masked_softmax(jnp.concatenate([lp, lt], -1) * scale,
+    probs = masked_softmax(jnp.concatenate([lp, lt], -1) * scale,
                             jnp.concatenate([jnp.broadcast_to(mp, lp.shape),
                                              jnp.broadcast_to(mt, lt.shape)], -1))
     pp, pt = probs[..., :p.capacity], probs[..., p.capacity:]

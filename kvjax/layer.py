@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import dispatch
-from kvjax.attention import resolve_attn_impl
+from kvjax.attention import prefill_attention_and_column_sums, resolve_attn_impl
 from kvjax.cache import LayerCache, append_to_tail, init_tail, prefix_from_prompt
 from kvjax.grouped import GroupedLayerCache, decode_grouped
 from kvjax.observation import Observation, ObsSpec, observe
@@ -46,8 +46,11 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     """
     impl = resolve_attn_impl(attn_impl)
     column_sums = None
-    if obs_spec.column_sums and impl != "reference" and sliding_window is None:
-        # one fused kernel: attention and its column sums (H2O scores), no second pass
+    if obs_spec.column_sums and sliding_window is None and impl == "reference":
+        # H2O scores from the attention's own probabilities, no second pass
+        out, column_sums = prefill_attention_and_column_sums(q, k, v, lengths, scale=scale)
+    elif obs_spec.column_sums and sliding_window is None:
+        # one fused kernel: attention and its column sums
         out, column_sums = dispatch.prefill_attention_with_scores(
             q, k, v, lengths, attn_impl=impl, scale=scale, score_rows="all")
     else:

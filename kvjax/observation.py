@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import default_scale
+from kvjax.attention import causal_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ObsSpec:
     Attributes:
       window: W, number of last prompt positions whose queries are kept (0 = none).
       column_sums: whether to compute column sums of the causal attention probabilities over
-        all query rows (H2O / ObservedAttention), in key chunks, never T x T at once.
+        all query rows (H2O / ObservedAttention), in query chunks, never T x T at once.
       proxy_ratio: NACL proxy rows: widen the window to ceil(proxy_ratio * T) rows, T the
         padded prompt length (a static bound on every sequence's own proxy count).
     """
@@ -95,11 +95,13 @@ def gather_window(q: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Ar
 
 
 def causal_column_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, *,
-                       scale: float | None = None, chunk: int = 512) -> jax.Array:
+                       scale: float | None = None) -> jax.Array:
     """Column sums of causal softmax attention over all valid query rows, per query head.
 
-    Two passes over key chunks (row log-sum-exp, then column sums), so memory is
-    O(T * chunk) per head, never T x T.
+    One pass over static query chunks, each against only the keys causality lets it see
+    (`kvjax.attention.causal_chunks`): memory O(chunk * T) per head, never T x T. The reference
+    prefill computes these alongside its attention (`prefill_layer`); this standalone form is
+    for callers that only have q and k.
 
     Args:
       q: [B, T, N, H]; k: [B, T, K, H]; lengths: [B].
@@ -107,44 +109,11 @@ def causal_column_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, *,
     Returns:
       [B, N, T] f32; entry t is sum_i softmax_i(t) over valid rows i >= t.
     """
-    b, t, n, h = q.shape
-    n_kv = k.shape[2]
-    scale = default_scale(h) if scale is None else scale
-    chunk = min(chunk, t)
-    n_chunks = -(-t // chunk)
-    pad = n_chunks * chunk - t
-    kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    qg = q.reshape(b, t, n_kv, n // n_kv, h)
-    q_pos = jnp.arange(t)
-    row_valid = q_pos[None, :] < lengths[:, None]  # [B, T]
-
-    def block_logits(i):
-        kb = jax.lax.dynamic_slice_in_dim(kp, i * chunk, chunk, axis=1)  # [B, Sc, K, H]
-        k_pos = i * chunk + jnp.arange(chunk)
-        logits = jnp.einsum("btkgh,bskh->bkgts", qg, kb,
-                            preferred_element_type=jnp.float32) * scale
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < t)
-        mask = mask[None] & (k_pos[None, None, :] < lengths[:, None, None])  # [B, T, Sc]
-        return jnp.where(mask[:, None, None], logits, -jnp.inf)
-
-    def lse_step(carry, i):
-        m, s = carry
-        lg = block_logits(i)
-        m_new = jnp.maximum(m, jnp.max(lg, -1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(lg - m_new[..., None]), -1)
-        return (m_new, s), None
-
-    init = (jnp.full((b, n_kv, n // n_kv, t), -jnp.inf), jnp.zeros((b, n_kv, n // n_kv, t)))
-    (m, s), _ = jax.lax.scan(lse_step, init, jnp.arange(n_chunks))
-    lse = m + jnp.log(s)  # every row sees at least key 0
-    rows = row_valid[:, None, None, :, None]
-
-    def col_block(i):
-        p = jnp.exp(block_logits(i) - lse[..., None])
-        return jnp.sum(jnp.where(rows, p, 0.0), axis=3)  # [B, K, G, Sc]
-
-    cols = jax.lax.map(col_block, jnp.arange(n_chunks))  # [n_chunks, B, K, G, Sc]
-    cols = jnp.moveaxis(cols, 0, 3).reshape(b, n_kv, n // n_kv, n_chunks * chunk)[..., :t]
+    b, t, n, _ = q.shape
+    cols = jnp.zeros((b, k.shape[2], n // k.shape[2], t), jnp.float32)
+    for start, stop, lo, p in causal_chunks(q, k, lengths, scale=scale, sliding_window=None):
+        row_ok = (jnp.arange(start, stop)[None, :] < lengths[:, None])[:, None, None, :, None]
+        cols = cols.at[..., lo:stop].add(jnp.sum(jnp.where(row_ok, p, 0.0), axis=3))
     return cols.reshape(b, n, t)
 
 

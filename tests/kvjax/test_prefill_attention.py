@@ -40,3 +40,37 @@ def test_chunked_equals_dense(window):
 def test_chunk_count_is_bounded():
     assert prefill_chunk(100) == 256 and prefill_chunk(4096) == 256
     assert prefill_chunk(32768) == 2048 and -(-32768 // prefill_chunk(32768)) == 16
+
+
+def test_causal_column_sums_equal_dense():
+    """H2O column sums (ObservedAttention) against the dense softmax, three query chunks."""
+    from kvjax.observation import causal_column_sums
+    t = 600
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(2, t, 6, 16)).astype(np.float32)
+    k = rng.normal(size=(2, t, 2, 16)).astype(np.float32)
+    lengths = np.array([t, 437])
+    got = np.asarray(causal_column_sums(jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths)))
+    kk = np.repeat(k, 3, axis=2)
+    logits = np.einsum("bqnh,bsnh->bnqs", q, kk) / 4.0
+    for row, n in enumerate(lengths):
+        lg = np.where(np.tril(np.ones((n, n), bool)), logits[row, :, :n, :n], -np.inf)
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(got[row, :, :n], p.sum(1), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[row, :, n:], 0.0)
+
+
+def test_fused_column_sums_equal_standalone():
+    from kvjax.attention import prefill_attention_and_column_sums
+    from kvjax.observation import causal_column_sums
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 300, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 300, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 300, 2, 8)), jnp.float32)
+    lengths = jnp.array([300, 123])
+    out, cols = prefill_attention_and_column_sums(q, k, v, lengths)
+    np.testing.assert_array_equal(np.asarray(out),
+                                  np.asarray(prefill_attention_reference(q, k, v, lengths)))
+    np.testing.assert_allclose(np.asarray(cols), np.asarray(causal_column_sums(q, k, lengths)),
+                               atol=1e-5)
