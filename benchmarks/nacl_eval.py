@@ -28,6 +28,7 @@ import models
 from kvjax import loops
 from kvjax.compress import compress_cache
 from kvjax.compress import obs_spec_for as compress_obs_spec
+from kvjax.eval.engine import prefill_observe
 from kvjax.eval.scoring import score
 from kvjax.eval.tasks import make_samples
 from kvjax.observation import ObsSpec
@@ -80,10 +81,7 @@ def needle_kept(cache, spans, n_context: int):
     return float(np.mean(fracs))
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "obs_spec", "attn_impl"))
-def _prefill(fn, params, tokens, lengths, *, tail_capacity, obs_spec, attn_impl):
-    return fn.prefill(params, tokens, lengths, tail_capacity=tail_capacity, obs_spec=obs_spec,
-                      attn_impl=attn_impl)
+_prefill = prefill_observe  # shared with kvjax.eval
 
 
 @functools.partial(jax.jit, static_argnames=("press",))

@@ -129,12 +129,16 @@ class Pipeline:
         state, _ = gen.start(self.fn, self.params, [ctx_ids], max_new_tokens=max_new_tokens,
                              press=press, attn_impl=self.attn_impl, rng=rng,
                              tail_extra=len(q_ids), decoding_press=decoding_press)
-        if not q_ids:
+        return self.append_tokens(state, q_ids)
+
+    def append_tokens(self, state: gen.DecodeState, ids) -> gen.DecodeState:
+        """Feed token ids (e.g. the question) into a one-sequence state's cache (no-op if empty)."""
+        if not ids:
             return state
-        width = gen.bucket_length(len(q_ids), minimum=16)
+        width = gen.bucket_length(len(ids), minimum=16)
         padded = np.zeros((1, width), np.int32)
-        padded[0, :len(q_ids)] = q_ids
+        padded[0, :len(ids)] = ids
         logits, cache = gen.extend(self.fn, self.params, jnp.asarray(padded),
-                                   jnp.array([len(q_ids)], jnp.int32), state.cache,
+                                   jnp.array([len(ids)], jnp.int32), state.cache,
                                    attn_impl=self.attn_impl)
         return dataclasses.replace(state, logits=logits, cache=cache)

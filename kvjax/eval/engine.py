@@ -75,15 +75,7 @@ def group_by_spec(presses: Sequence) -> list[list[int]]:
 
 def append_tokens(pipeline, state: loops.DecodeState, ids: Sequence[int]) -> loops.DecodeState:
     """Feed `ids` (the question) into the state's cache as `Pipeline` does before decoding."""
-    if not ids:
-        return state
-    width = loops.bucket_length(len(ids), minimum=16)
-    padded = np.zeros((1, width), np.int32)
-    padded[0, :len(ids)] = ids
-    logits, cache = loops.extend(pipeline.fn, pipeline.params, jnp.asarray(padded),
-                                 jnp.array([len(ids)], jnp.int32), state.cache,
-                                 attn_impl=pipeline.attn_impl)
-    return dataclasses.replace(state, logits=logits, cache=cache)
+    return pipeline.append_tokens(state, ids)
 
 
 def answer_sample(pipeline, sample: Sample, presses: Sequence, *,
