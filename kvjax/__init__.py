@@ -1,8 +1,12 @@
 """kvjax: long-context LLM inference in JAX with a compressed KV cache."""
 
 from kvjax.attention import cached_attention_reference, prefill_attention_reference
-from kvjax.cache import KVCache, LayerCache, Pool, PoolSegment, Prefix, Tail, kv_nbytes_needed
-from kvjax.layer import decode_layer, decode_positions, prefill_layer
+from kvjax.cache import (KVCache, KVStore, LayerTail, LayerView, Tail, kept_positions,
+                         kv_nbytes_needed)
+from kvjax.compress import compress
+from kvjax.hooks import DecodeHook, RingDecode
+from kvjax.layer import begin_decode, decode_layer, decode_positions, prefill_layer
+from kvjax.prompt import LayerPrompt, Prompt, PromptGroup
 from kvjax.loops import GenerateOutput, generate, generate_stream
 from kvjax.memory import MemoryReport, memory_report
 from kvjax.observation import Observation, ObsSpec
@@ -22,9 +26,10 @@ __all__ = [
     # loops, pipeline, sampling
     "GenerateOutput", "Greedy", "Pipeline", "PipelineResult", "Temperature", "TopK", "TopP",
     "generate", "generate_stream",
-    # cache, integration API, memory
-    "KVCache", "LayerCache", "MemoryReport", "Observation", "ObsSpec", "Pool", "PoolSegment",
-    "Prefix", "Tail",
-    "cached_attention_reference", "decode_layer", "decode_positions", "kv_nbytes_needed",
-    "memory_report", "prefill_attention_reference", "prefill_layer",
+    # cache, decode hooks, integration API, memory
+    "DecodeHook", "KVCache", "KVStore", "LayerPrompt", "LayerTail", "LayerView", "MemoryReport",
+    "Observation", "ObsSpec", "Prompt", "PromptGroup", "RingDecode", "Tail",
+    "begin_decode", "cached_attention_reference", "compress", "decode_layer",
+    "decode_positions", "kept_positions", "kv_nbytes_needed", "memory_report",
+    "prefill_attention_reference", "prefill_layer",
 ]

@@ -3,8 +3,9 @@
 Two entry points:
   * `prefill_attention_reference`: causal self-attention over a right-padded prompt, chunked
     over queries so the T x T matrix is never held whole for long prompts.
-  * `cached_attention_reference`: new query tokens against a `LayerCache` (compressed prefix,
-    optionally with thin keys, plus the dense tail), one softmax over both.
+  * `cached_attention_reference`: new query tokens against a layer's kept entries (a
+    `LayerView` of its store segments, optionally with thin keys and values) plus its dense
+    tail, one softmax over both.
 Softmax and accumulation are in f32. Axis letters: B batch, T queries, N q heads, K kv heads,
 G = N // K, H head dim, C prefix slots, S tail slots / keys, Dk kept key channels.
 """
@@ -14,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import LayerCache
+from kvjax.cache import LayerTail, LayerView
 
 ATTN_IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 _Q_CHUNK = 256
@@ -51,7 +52,7 @@ def _window_ok(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -
     return q_pos - k_pos < sliding_window
 
 
-def _group(q: jax.Array, n_kv: int) -> jax.Array:
+def group_heads(q: jax.Array, n_kv: int) -> jax.Array:
     """[B, T, N, H] -> [B, T, K, G, H] (query heads of one kv head are contiguous)."""
     b, t, n, h = q.shape
     return q.reshape(b, t, n_kv, n // n_kv, h)
@@ -88,7 +89,7 @@ def causal_chunks(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: floa
     b, t, n, h = q.shape
     n_kv = k.shape[2]
     scale = default_scale(h) if scale is None else scale
-    qg = _group(q, n_kv).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    qg = group_heads(q, n_kv).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     kt = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
     chunk = prefill_chunk(t)
     for start in range(0, t, chunk):
@@ -135,55 +136,61 @@ def prefill_chunk(t: int) -> int:
     return max(_Q_CHUNK, -(-t // (16 * _Q_CHUNK)) * _Q_CHUNK)
 
 
-def _gather_query_channels(qg: jax.Array, channels: jax.Array) -> jax.Array:
+def gather_query_channels(qg: jax.Array, channels: jax.Array) -> jax.Array:
     """qg [B, T, K, G, H], channels [B, K, Dk] -> [B, T, K, G, Dk]."""
     idx = channels[:, None, :, None, :]
     idx = jnp.broadcast_to(idx, qg.shape[:-1] + (channels.shape[-1],))
     return jnp.take_along_axis(qg, idx, axis=-1)
 
 
-def cached_attention_reference(q: jax.Array, q_pos: jax.Array, layer: LayerCache, *,
-                               scale: float | None = None,
+def cached_attention_reference(q: jax.Array, q_pos: jax.Array, prefix: LayerView,
+                               tail: LayerTail, *, scale: float | None = None,
                                sliding_window: int | None = None) -> jax.Array:
-    """Attention of new queries over a compressed prefix and a dense tail, one softmax.
+    """Attention of new queries over a layer's kept entries and its dense tail, one softmax.
 
     Args:
       q: [B, T, N, H] post-RoPE queries of the new tokens.
       q_pos: [B, T] their positions (tail slots at positions > q_pos are masked: causal).
-      layer: prefix (k [B, K, C, Dk], v [B, K, C, Hv], pos, length [B, K], channels) and tail
-        (k, v [B, K, S, H], pos [B, S], count [B]); the new tokens are already in the tail.
+      prefix: k [B, K, C, Dk], v [B, K, C, Hv], pos, length [B, K], channels, value_channels.
+      tail: k, v [B, K, S, H], pos [B, S], count [B]; the new tokens are already in it.
       scale: logit scale, default 1/sqrt(H) with the full H even for thin keys.
       sliding_window: Mistral-style window on positions.
 
     Returns:
-      [B, T, N, Hv] outputs in q's dtype.
+      [B, T, N, H] outputs in q's dtype.
     """
     b, t, n, h = q.shape
-    p, tl = layer.prefix, layer.tail
+    p, tl = prefix, tail
     scale = default_scale(h) if scale is None else scale
-    qg = _group(q, p.k.shape[1])
-    q_pref = qg if p.channels is None else _gather_query_channels(qg, p.channels)
+    qg = group_heads(q, p.k.shape[1])
+    q_pref = qg if p.channels is None else gather_query_channels(qg, p.channels)
     lp = jnp.einsum("btkgd,bkcd->bkgtc", q_pref, p.k, preferred_element_type=jnp.float32)
     lt = jnp.einsum("btkgh,bksh->bkgts", qg, tl.k, preferred_element_type=jnp.float32)
     qp = q_pos[:, None, None, :, None]  # [B, 1, 1, T, 1]
     slot = jnp.arange(p.capacity)
     mp = (slot[None, None, :] < p.length[..., None])[:, :, None, None, :]
     mp = mp & _window_ok(qp, p.pos[:, :, None, None, :], sliding_window)
-    tpos = tl.pos[:, None, None, None, :]
-    mt = (jnp.arange(tl.capacity)[None, :] < tl.count[:, None])[:, None, None, None, :]
-    mt = mt & (tpos <= qp) & _window_ok(qp, tpos, sliding_window)
+    mt = tail_mask(q_pos, tl, sliding_window)
     probs = masked_softmax(jnp.concatenate([lp, lt], -1) * scale,
                             jnp.concatenate([jnp.broadcast_to(mp, lp.shape),
                                              jnp.broadcast_to(mt, lt.shape)], -1))
     pp, pt = probs[..., :p.capacity], probs[..., p.capacity:]
     out_p = jnp.einsum("bkgtc,bkcd->btkgd", pp, p.v.astype(jnp.float32))
     if p.value_channels is not None:  # thin values: scatter back to the full width
-        out_p = _scatter_channels(out_p, p.value_channels, tl.v.shape[-1])
+        out_p = scatter_channels(out_p, p.value_channels, tl.v.shape[-1])
     out = out_p + jnp.einsum("bkgts,bksd->btkgd", pt, tl.v.astype(jnp.float32))
     return out.reshape(b, t, n, -1).astype(q.dtype)
 
 
-def _scatter_channels(x: jax.Array, channels: jax.Array, width: int) -> jax.Array:
+def tail_mask(q_pos: jax.Array, tail: LayerTail, sliding_window: int | None) -> jax.Array:
+    """[B, 1, 1, T, S] valid, causal (and windowed) tail slots for queries at q_pos [B, T]."""
+    qp = q_pos[:, None, None, :, None]
+    tpos = tail.pos[:, None, None, None, :]
+    mt = (jnp.arange(tail.capacity)[None, :] < tail.count[:, None])[:, None, None, None, :]
+    return mt & (tpos <= qp) & _window_ok(qp, tpos, sliding_window)
+
+
+def scatter_channels(x: jax.Array, channels: jax.Array, width: int) -> jax.Array:
     """x [B, T, K, G, Dv] -> [B, T, K, G, width] with x in `channels` [B, K, Dv], zeros else."""
     one_hot = jax.nn.one_hot(channels, width, dtype=x.dtype)  # [B, K, Dv, width]
     return jnp.einsum("btkgd,bkdw->btkgw", x, one_hot)

@@ -1,10 +1,19 @@
-"""The explicit KV-cache pytree (ARCHITECTURE.md section 3).
+"""The KV cache: one slot store shared by every layer, a segment table, and a dense tail.
 
-Per layer a `LayerCache` holds a compressed **prefix** (what survived compression of the prompt,
-with per-kv-head valid lengths and original positions) and a dense **tail** (tokens appended
-after prefill). Layers are a tuple, so per-layer capacities (PyramidKV, ZigZagKV) are real
-per-layer array sizes. Axis letters: B batch, K kv heads, C prefix slots, S tail slots,
-H head dim, Dk kept key channels.
+Every press writes into the same layout (docs/architecture.md, "The store"):
+
+* `KVStore`: slot arrays `k [B, R, P, Dk]`, `v [B, R, P, Dv]`, `pos [B, R, P]` (original
+  token positions) and a segment table `offset, length [B, L, K]`: kv head k of layer l owns
+  slots [offset, offset + length) of row `k // (K // R)`. Uniform, per-layer (PyramidKV,
+  ZigZagKV), per-head (AdaKV) and per-group (UNComp) budgets are table contents; P is static
+  (the sum of the budgets' static bounds). ThinK's kept channels are table columns
+  (`channels [B, L, K, Dk]`, `value_channels`), so thin keys are the store's `Dk < H`.
+* `Tail`: tokens appended after prefill, dense and full width, stacked over layers
+  `k, v [L, B, K, S, H]`; positions and count are shared by all layers.
+* `KVCache`: store + tail + `next_pos [B]` + the static decode hook (`kvjax.hooks`).
+
+Axis letters: B batch, L layers, K kv heads, R store rows, P slots per row, M view width,
+S tail slots, H head dim, Dk / Dv kept key / value channels, E per-slot hook state.
 """
 
 import dataclasses
@@ -12,46 +21,88 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Prefix:
-    """Prompt keys/values that survived compression.
+class KVStore:
+    """Kept prompt entries of every layer and kv head, addressed by a segment table.
 
     Attributes:
-      k: [B, K, C, Dk] post-RoPE keys (Dk < H when key channels were pruned).
-      v: [B, K, C, Hv] values.
-      pos: [B, K, C] int32 original token positions of the slots.
-      length: [B, K] int32 number of valid slots per kv head (slots >= length are padding).
-      channels: [B, K, Dk] int32 kept key-channel indices, or None when keys are full width.
-      value_channels: [B, K, Hv] int32 kept value-channel indices (ThinK value pruning), or
-        None when values are full width; pruned output channels get no prefix contribution.
+      k: [B, R, P, Dk] post-RoPE keys; v: [B, R, P, Dv] values; pos: [B, R, P] int32.
+      offset, length: [B, L, K] int32 segment start (in the head's row) and size.
+      channels: [B, L, K, Dk] int32 kept key channels (ThinK), None for full-width keys.
+      value_channels: [B, L, K, Dv] int32 kept value channels, None for full width.
+      extra: [B, R, P, E] f32 per-slot state of a decode hook (ring rows), or None.
+      max_segment: static bound on every `length` (the width of `layer_view`).
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
+    offset: jax.Array
     length: jax.Array
     channels: jax.Array | None = None
     value_channels: jax.Array | None = None
+    extra: jax.Array | None = None
+    max_segment: int = dataclasses.field(metadata=dict(static=True), default=1)
 
     @property
-    def capacity(self) -> int:
+    def n_layers(self) -> int:
+        return self.length.shape[1]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.length.shape[2]
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def slots(self) -> int:
         return self.k.shape[2]
+
+    def head_rows(self) -> np.ndarray:
+        """[K] static store row of every kv head."""
+        return head_rows(self.n_kv_heads, self.rows)
+
+
+def head_rows(n_kv: int, rows: int) -> np.ndarray:
+    """[K] store row of every kv head: consecutive heads share a row."""
+    if rows < 1 or n_kv % rows:
+        raise ValueError(f"{rows=} store rows must divide the {n_kv} kv heads")
+    return np.arange(n_kv) // (n_kv // rows)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Tail:
-    """Dense, full-width tokens appended after prefill (question tokens, generated tokens).
+    """Dense, full-width tokens appended after prefill, for every layer.
 
     Attributes:
-      k: [B, K, S, H] post-RoPE keys.
-      v: [B, K, S, H] values.
-      pos: [B, S] int32 positions of the slots.
-      count: [B] int32 number of valid slots (slots are filled in order).
+      k, v: [L, B, K, S, H]; pos: [B, S] int32 positions; count: [B] valid slots (in order).
     """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    count: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def layer(self, layer) -> "LayerTail":
+        """Layer `layer`'s tail (a static int or a traced index)."""
+        return LayerTail(k=self.k[layer], v=self.v[layer], pos=self.pos, count=self.count)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerTail:
+    """One layer's tail: k, v [B, K, S, H], pos [B, S], count [B]."""
 
     k: jax.Array
     v: jax.Array
@@ -65,234 +116,183 @@ class Tail:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LayerCache:
-    """One layer's cache: a prefix (own arrays, or a segment of the shared Pool) and a tail."""
-
-    prefix: "Prefix | PoolSegment"
-    tail: Tail
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Pool:
-    """One flat prefix pool per sequence shared by all layers (per-input layer budgets).
-
-    Layer l of sequence b owns slots [offset[b, l], offset[b, l] + length[b, l]) of every kv
-    head; the pool has sum_l budget_l slots per sequence (a static total; ZigZagKV rounds it up
-    to a multiple of 8 for the GPU kernel's TMA), so the bytes held equal the kept entries
-    whatever the per-input budget vector. Decode kernels read segments in place (PoolSegment).
+class LayerView:
+    """A layer's segments gathered into dense `[B, K, M]` arrays (a copy; slots >= length are
+    padding). What scorers, selectors and the attention reference read.
 
     Attributes:
-      k: [B, K, P, H]; v: [B, K, P, Hv]; pos: [B, K, P] int32 original positions.
-      offset, length: [B, L] int32 segment starts and sizes.
-      max_segment: static bound on any segment's size (the view's width).
+      k: [B, K, M, Dk]; v: [B, K, M, Dv]; pos: [B, K, M] int32; length: [B, K] int32;
+      channels: [B, K, Dk] | None; value_channels: [B, K, Dv] | None.
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
-    offset: jax.Array
     length: jax.Array
-    max_segment: int = dataclasses.field(metadata=dict(static=True), default=1)
-
-    def view(self, layer: int) -> Prefix:
-        """Layer `layer`'s segment as a Prefix of `max_segment` slots (gather, masked by
-        length); what the reference attention reads."""
-        take = lambda x: self.take(x, layer)
-        length = jnp.broadcast_to(self.length[:, layer, None], self.k.shape[:2])
-        return Prefix(k=take(self.k), v=take(self.v), pos=take(self.pos), length=length)
-
-    def take(self, x: jax.Array, layer: int) -> jax.Array:
-        """Gather layer `layer`'s `max_segment` slots of a pool array x [B, K, P, ...]."""
-        p = self.k.shape[2]
-        idx = self.offset[:, layer, None] + jnp.arange(self.max_segment)  # [B, S]
-        idx = jnp.clip(idx, 0, p - 1)[:, None, :]
-        idx = jnp.broadcast_to(idx, self.k.shape[:2] + (self.max_segment,))
-        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PoolSegment:
-    """Layer `layer`'s segment of a Pool, left in place: what decode attention reads.
-
-    The Pallas decode kernels read slots [offset[b, h], offset[b, h] + length[b, h]) of the
-    pool arrays directly (no copy); `view()` gathers the segment into a padded Prefix, which is
-    what the reference attention (the kernels' spec) reads. `k`, `v`, `pos` gather on access,
-    so code written for a Prefix (inspection, memory reports) reads a segment unchanged.
-
-    Attributes:
-      pool: the shared Pool (k [B, K, P, H], v [B, K, P, Hv], pos [B, K, P]).
-      layer: static index of the layer whose segment this is.
-    """
-
-    pool: Pool
-    layer: int = dataclasses.field(metadata={"static": True}, default=0)
-
-    channels = None  # pool keys and values are full width
-    value_channels = None
-
-    @property
-    def offset(self) -> jax.Array:
-        """[B, K] int32 first pool slot of the segment (the same for every kv head)."""
-        return jnp.broadcast_to(self.pool.offset[:, self.layer, None], self.pool.k.shape[:2])
-
-    @property
-    def length(self) -> jax.Array:
-        """[B, K] int32 valid slots of the segment."""
-        return jnp.broadcast_to(self.pool.length[:, self.layer, None], self.pool.k.shape[:2])
+    channels: jax.Array | None = None
+    value_channels: jax.Array | None = None
 
     @property
     def capacity(self) -> int:
-        """Static bound on the segment's length (the width of `view()`)."""
-        return self.pool.max_segment
-
-    def view(self) -> Prefix:
-        """The segment gathered into a Prefix of `capacity` slots (a copy)."""
-        return self.pool.view(self.layer)
-
-    @property
-    def k(self) -> jax.Array:
-        """[B, K, capacity, H] the segment's keys (gathered)."""
-        return self.pool.take(self.pool.k, self.layer)
-
-    @property
-    def v(self) -> jax.Array:
-        """[B, K, capacity, Hv] the segment's values (gathered)."""
-        return self.pool.take(self.pool.v, self.layer)
-
-    @property
-    def pos(self) -> jax.Array:
-        """[B, K, capacity] the segment's original positions (gathered)."""
-        return self.pool.take(self.pool.pos, self.layer)
+        return self.pos.shape[-1]  # also right for views stacked over layers
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """All layers plus the next RoPE position of every sequence.
+    """The store, the tail, the next RoPE position and the decode hook.
 
     Attributes:
-      layers: one LayerCache per layer (a tuple: capacities may differ per layer).
+      store: kept prompt entries (`KVStore`).
+      tail: tokens appended later (`Tail`).
       next_pos: [B] int32 position of the next token; continues from the original prompt
         length however many slots survived compression.
-      pool: a shared prefix Pool (ZigZagKV's per-input layer budgets); then every layer's own
-        prefix is empty and `layer(i)` has a PoolSegment (the segment in place) as prefix.
+      hook: static decode-time hook (`kvjax.hooks.DecodeHook`: periodic merge, ring), or None.
     """
 
-    layers: tuple[LayerCache, ...]
+    store: KVStore
+    tail: Tail
     next_pos: jax.Array
-    pool: Pool | None = None
-
-    def layer(self, i: int) -> LayerCache:
-        """Layer i as attention reads it (a PoolSegment as its prefix when pooled: no copy)."""
-        if self.pool is None:
-            return self.layers[i]
-        return LayerCache(prefix=PoolSegment(pool=self.pool, layer=i), tail=self.layers[i].tail)
-
-    def dense_layer(self, i: int) -> LayerCache:
-        """Layer i as one dense LayerCache for inspection (heat maps, tests): the pool segment
-        gathered, UNComp's head groups padded to the largest and put back in head order."""
-        layer = self.layer(i)
-        return layer.dense() if hasattr(layer, "parts") else layer
-
-    def store(self, i: int, layer: LayerCache) -> LayerCache:
-        """What to keep in `layers[i]` after a decode step returned `layer`."""
-        if self.pool is None:
-            return layer
-        return dataclasses.replace(self.layers[i], tail=layer.tail)
+    hook: object = dataclasses.field(metadata=dict(static=True), default=None)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes held by every array of the cache (what device memory really holds)."""
-        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+    def n_layers(self) -> int:
+        return self.store.n_layers
 
     @property
     def batch_size(self) -> int:
         return self.next_pos.shape[0]
 
     @property
-    def tail_capacity(self) -> int:
-        return self.layers[0].tail.capacity
+    def nbytes(self) -> int:
+        """Bytes held by every array of the cache (what device memory really holds)."""
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+    def view(self, layer, width: int | None = None) -> LayerView:
+        """Layer `layer`'s segments as a dense LayerView (see `layer_view`)."""
+        return layer_view(self.store, layer, width)
 
 
-def init_tail(batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype) -> Tail:
-    """Return an empty tail of `capacity` slots per sequence."""
-    shape = (batch, n_kv_heads, capacity, head_dim)
+def slot_index(store: KVStore, layer, width: int, start=0) -> tuple[jax.Array, jax.Array]:
+    """Flat slot indices [B, K, width] of segment entries [start, start + width) of layer
+    `layer` (clipped into the store) and their validity [B, K, width] (entry < length)."""
+    off, ln = store.offset[:, layer], store.length[:, layer]  # [B, K]
+    j = start + jnp.arange(width)
+    rows = jnp.asarray(store.head_rows() * store.slots, jnp.int32)[None, :, None]
+    idx = rows + jnp.clip(off[..., None] + j, 0, store.slots - 1)
+    return idx, j < ln[..., None]
+
+
+def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, R, P, ...] gathered at flat slot indices idx [B, K, M] -> [B, K, M, ...]."""
+    b, r, p = x.shape[:3]
+    flat = x.reshape((b, r * p) + x.shape[3:])
+    ix = idx.reshape(b, -1)
+    ix = ix.reshape(ix.shape + (1,) * (x.ndim - 3))
+    return jnp.take_along_axis(flat, ix, axis=1).reshape(idx.shape + x.shape[3:])
+
+
+def layer_view(store: KVStore, layer, width: int | None = None) -> LayerView:
+    """Gather layer `layer`'s segments into a LayerView of `width` (default max_segment) slots.
+
+    `layer` may be a traced index (inside a scan over layers).
+    """
+    width = store.max_segment if width is None else width
+    idx, ok = slot_index(store, layer, width)
+    pick = lambda x: None if x is None else x[:, layer]
+    return LayerView(k=gather_rows(store.k, idx), v=gather_rows(store.v, idx),
+                     pos=jnp.where(ok, gather_rows(store.pos, idx), 0),
+                     length=store.length[:, layer], channels=pick(store.channels),
+                     value_channels=pick(store.value_channels))
+
+
+def init_tail(n_layers: int, batch: int, n_kv: int, capacity: int, head_dim: int,
+              dtype) -> Tail:
+    """An empty tail of `capacity` slots per layer and sequence."""
+    shape = (n_layers, batch, n_kv, capacity, head_dim)
     return Tail(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                 pos=jnp.zeros((batch, capacity), jnp.int32),
                 count=jnp.zeros((batch,), jnp.int32))
 
 
-def prefix_from_prompt(k: jax.Array, v: jax.Array, lengths: jax.Array) -> Prefix:
-    """Wrap the full prompt keys/values as an uncompressed prefix.
+def write_tail(tail: Tail, layer, k: jax.Array, v: jax.Array, start: jax.Array) -> Tail:
+    """Write T new tokens of layer `layer` at slots [start, start + T) of every sequence.
 
     Args:
-      k: [B, T, K, H] post-RoPE prompt keys (right padded).
-      v: [B, T, K, H] prompt values.
-      lengths: [B] true prompt lengths.
-
-    Returns:
-      A Prefix with C = T slots, `length[b, :] = lengths[b]` and `pos = arange(T)`.
+      k, v: [B, T, K, H] new keys and values; start: [B] first slot per sequence. Slots past
+        the capacity are dropped (the loops never let a real token get there).
     """
     b, t, n_kv, _ = k.shape
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, n_kv, t))
-    length = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (b, n_kv))
-    return Prefix(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), pos=pos, length=length)
+    slot = (start[:, None] + jnp.arange(t))[:, None, :]  # [B, 1, T]
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(n_kv)[None, :, None]
+    put = lambda buf, x: buf.at[layer, bi, hi, slot].set(
+        x.transpose(0, 2, 1, 3).astype(buf.dtype), mode="drop")
+    return dataclasses.replace(tail, k=put(tail.k, k), v=put(tail.v, v))
 
 
-def append_to_tail(tail: Tail, k: jax.Array, v: jax.Array, positions: jax.Array,
-                   n_new: jax.Array) -> Tail:
-    """Write T new tokens per sequence at `count` and advance `count` by `n_new`.
-
-    Args:
-      tail: the current tail.
-      k: [B, T, K, H] new post-RoPE keys; v: [B, T, K, H] new values.
-      positions: [B, T] positions of the new tokens.
-      n_new: [B] how many of the T tokens are real (the rest is padding and will be
-        overwritten by later writes; they sit beyond `count` and are never attended).
-
-    Returns:
-      The tail with the tokens written. The caller guarantees count + T <= capacity.
-    """
-    def write_one(buf, new, start):  # buf [K, S, H], new [K, T, H]
-        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0))
-
-    def write_pos(buf, new, start):  # buf [S], new [T]
-        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start,))
-
-    start = tail.count
-    new_k = jax.vmap(write_one)(tail.k, k.transpose(0, 2, 1, 3), start)
-    new_v = jax.vmap(write_one)(tail.v, v.transpose(0, 2, 1, 3), start)
-    new_pos = jax.vmap(write_pos)(tail.pos, positions, start)
-    return Tail(k=new_k, v=new_v, pos=new_pos, count=tail.count + n_new.astype(jnp.int32))
+def advance_tail(tail: Tail, positions: jax.Array, n_new: jax.Array) -> Tail:
+    """Record the positions [B, T] of T new tokens (n_new [B] real) and advance `count`."""
+    t = positions.shape[1]
+    slot = tail.count[:, None] + jnp.arange(t)
+    bi = jnp.arange(positions.shape[0])[:, None]
+    pos = tail.pos.at[bi, slot].set(positions.astype(jnp.int32), mode="drop")
+    return dataclasses.replace(tail, pos=pos, count=tail.count + n_new.astype(jnp.int32))
 
 
-def layer_parts(layer) -> tuple[LayerCache, ...]:
-    """The dense LayerCaches of a layer: a grouped layer's groups, or the layer itself."""
-    return getattr(layer, "parts", (layer,))
+def prefix_nbytes(store: KVStore, n_slots: int) -> int:
+    """Key and value bytes of `n_slots` stored entries (scales of a quantized store later)."""
+    return n_slots * (store.k.shape[-1] * store.k.dtype.itemsize
+                      + store.v.shape[-1] * store.v.dtype.itemsize)
 
 
 def kv_nbytes_needed(cache: KVCache) -> int:
     """Bytes of keys and values a layout without padding would need (valid entries only).
 
-    Uses host values of `length` and `count` (call outside jit).
+    Reads `length` and `count` to the host (call outside jit).
     """
-    total = 0
-    if cache.pool is not None:
-        pl = cache.pool
-        slots = int(jnp.sum(pl.length)) * pl.k.shape[1]
-        total += slots * (pl.k.shape[-1] * pl.k.dtype.itemsize
-                          + pl.v.shape[-1] * pl.v.dtype.itemsize)
-    for layer in (part for layer in cache.layers for part in layer_parts(layer)):
-        p, t = layer.prefix, layer.tail
-        slots = int(jnp.sum(p.length))
-        total += slots * (p.k.shape[-1] * p.k.dtype.itemsize + p.v.shape[-1] * p.v.dtype.itemsize)
-        tail_slots = int(jnp.sum(t.count)) * t.k.shape[1]
-        total += tail_slots * t.k.shape[-1] * (t.k.dtype.itemsize + t.v.dtype.itemsize)
-    return total
+    tail = cache.tail
+    tail_slots = int(jnp.sum(jnp.minimum(tail.count, tail.capacity))) * cache.n_layers * tail.k.shape[2]
+    tail_bytes = tail_slots * tail.k.shape[-1] * (tail.k.dtype.itemsize + tail.v.dtype.itemsize)
+    return prefix_nbytes(cache.store, int(jnp.sum(cache.store.length))) + tail_bytes
 
 
 def ceil_budget(n: int, compression_ratio: float) -> int:
     """Slots kept out of `n` at `compression_ratio`: ceil((1 - r) * n), at least 1."""
     return max(1, math.ceil(round((1.0 - compression_ratio) * n, 9)))
+
+
+def kept_positions(cache: KVCache, layer: int) -> list[list[np.ndarray]]:
+    """For each sequence and kv head, the sorted original positions layer `layer` holds.
+
+    Prefix segment and tail together, as numpy int arrays (host values; call outside jit).
+    """
+    store, tail = cache.store, cache.tail
+    view = layer_view(store, layer)
+    pos, length = np.asarray(view.pos), np.asarray(view.length)
+    tpos, count = np.asarray(tail.pos), np.minimum(np.asarray(tail.count), tail.capacity)
+    return [[np.sort(np.concatenate([pos[b, h, :length[b, h]], tpos[b, :count[b]]]))
+             for h in range(length.shape[1])] for b in range(length.shape[0])]
+
+
+def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None = None
+               ) -> KVStore:
+    """Write a [B, K, M] view back over layer `layer`'s segments (their lengths unchanged:
+    entries j < length go to slot offset + j). `extra` [B, K, M, E] updates the hook state.
+
+    Used by decode hooks that rewrite a segment (periodic merge, ring decode).
+    """
+    width = view.capacity
+    idx, ok = slot_index(store, layer, width)
+    b = idx.shape[0]
+    dest = jnp.where(ok, idx, store.rows * store.slots).reshape(b, -1)
+
+    def put(buf, x):
+        flat = buf.reshape((b, -1) + buf.shape[3:])
+        vals = x.reshape((b, -1) + x.shape[3:]).astype(buf.dtype)
+        out = jax.vmap(lambda bb, ii, vv: bb.at[ii].set(vv, mode="drop"))(flat, dest, vals)
+        return out.reshape(buf.shape)
+
+    return dataclasses.replace(
+        store, k=put(store.k, view.k), v=put(store.v, view.v), pos=put(store.pos, view.pos),
+        extra=store.extra if extra is None else put(store.extra, extra))

@@ -3,7 +3,7 @@
 `attn_impl` is resolved once (`kvjax.attention.resolve_attn_impl`: "auto" is "pallas_gpu" on GPU,
 "pallas_tpu" on TPU, "reference" on CPU) and passed down as a static argument; nothing is
 patched. The kernels live in `pallas_kernels` (imported lazily, on first use) and take plain
-arrays; this module adapts `LayerCache` to them.
+arrays; this module adapts the cache's store (`kvjax.cache.KVStore`) to them.
 
 Forcing a Pallas implementation off its backend (e.g. ``attn_impl="pallas_tpu"`` on CPU) runs
 the kernel in that backend's interpret mode (TPU interpreter / Mosaic GPU interpreter): slow,
@@ -19,9 +19,10 @@ import importlib
 
 import jax
 
-from kvjax.attention import cached_attention_reference, prefill_attention_reference
+from kvjax.attention import prefill_attention_reference
 from kvjax.attention_scores import prefill_attention_with_scores_reference
-from kvjax.cache import LayerCache, PoolSegment
+from kvjax.cache import KVCache
+from kvjax.store_attention import store_attention
 
 _PALLAS = {"pallas_gpu": "pallas_kernels.gpu", "pallas_tpu": "pallas_kernels.tpu"}
 
@@ -40,49 +41,38 @@ def _gpu_shapes_ok(n: int, n_kv: int, *dims: int) -> bool:
     return n // n_kv <= 64 and all(d % 16 == 0 for d in dims)
 
 
-def _prefix_args(prefix) -> tuple[tuple[jax.Array, ...], dict]:
-    """A Prefix or PoolSegment -> the kernels' (k, v, length, pos) and pooled keywords.
-
-    A PoolSegment passes the whole pool (k [B, K, P, H], v, pos [B, K, P]) with its
-    `prefix_offset` [B, K] and `max_prefix_len`: the kernels read the segment in place.
-    """
-    if isinstance(prefix, PoolSegment):
-        pool = prefix.pool
-        return ((pool.k, pool.v, prefix.length, pool.pos),
-                {"prefix_offset": prefix.offset, "max_prefix_len": prefix.capacity})
-    return (prefix.k, prefix.v, prefix.length, prefix.pos), {}
-
-
-def decode_attention(q: jax.Array, q_pos: jax.Array, layer: LayerCache, *, attn_impl: str,
+def decode_attention(q: jax.Array, q_pos: jax.Array, cache: KVCache, layer, *, attn_impl: str,
                      scale: float | None = None,
                      sliding_window: int | None = None) -> jax.Array:
-    """`cached_attention_reference` semantics through the implementation `attn_impl`.
+    """`cached_attention_reference` semantics for layer `layer` through `attn_impl`.
 
-    A pooled layer (prefix = `PoolSegment`, ZigZagKV) goes to the kernels as the whole pool
-    plus per-row offsets, with no copy; the reference reads the gathered segment (its spec).
+    The kernels get the whole store (k [B, R, P, Dk], v, pos) with the layer's segment
+    offsets and lengths [B, K] and read the segments in place; without a kernel
+    `store_attention` walks the segments block by block in jnp. Neither copies a segment.
 
     Args:
-      q: [B, T, N, H] post-RoPE queries; q_pos: [B, T]; layer: the cache (new tokens already
-        in the tail). attn_impl: "reference" | "pallas_gpu" | "pallas_tpu" (resolved, static).
+      q: [B, T, N, H] post-RoPE queries; q_pos: [B, T]; cache: the cache (new tokens already
+        in the tail); layer: static or traced layer index.
+      attn_impl: "reference" | "pallas_gpu" | "pallas_tpu" (resolved, static).
 
     Returns:
-      [B, T, N, Hv] in q's dtype.
+      [B, T, N, H] in q's dtype.
     """
-    p, t = layer.prefix, layer.tail
+    store, tail = cache.store, cache.tail.layer(layer)
     kernels = _kernels(attn_impl)
-    (pk, pv, p_len, p_pos), pooled = _prefix_args(p)
     use_kernel = kernels is not None and q.shape[1] == 1 and (
-        attn_impl != "pallas_gpu"
-        or _gpu_shapes_ok(q.shape[2], pk.shape[1], q.shape[3], pk.shape[3], pv.shape[3]))
+        attn_impl != "pallas_gpu" or _gpu_shapes_ok(
+            q.shape[2], store.n_kv_heads, q.shape[3], store.k.shape[3], store.v.shape[3]))
     if not use_kernel:
-        if isinstance(p, PoolSegment):
-            layer = LayerCache(prefix=p.view(), tail=t)
-        return cached_attention_reference(q, q_pos, layer, scale=scale,
-                                          sliding_window=sliding_window)
-    out = kernels.decode_attention(q[:, 0], pk, pv, p_len, p_pos, t.k, t.v, t.pos, t.count,
-                                   q_pos[:, 0], channels=p.channels,
-                                   value_channels=p.value_channels, scale=scale,
-                                   sliding_window=sliding_window, **pooled)
+        return store_attention(q, q_pos, store, layer, tail, scale=scale,
+                               sliding_window=sliding_window)
+    pick = lambda x: None if x is None else x[:, layer]
+    out = kernels.decode_attention(
+        q[:, 0], store.k, store.v, store.length[:, layer], store.pos, tail.k, tail.v,
+        tail.pos, tail.count, q_pos[:, 0], channels=pick(store.channels),
+        value_channels=pick(store.value_channels), scale=scale,
+        sliding_window=sliding_window, prefix_offset=store.offset[:, layer],
+        max_prefix_len=store.max_segment)
     return out[:, None]
 
 

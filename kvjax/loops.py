@@ -1,75 +1,28 @@
 """Jitted prefill / compress / decode loops over any model exposing `kvjax_split()`.
 
 A model plugs in by returning `(fn, params)` from `kvjax_split()`, where `fn` is hashable (a
-static jit argument) and has `fn.prefill(params, tokens, lengths, *, tail_capacity, obs_spec,
-attn_impl) -> (logits [B, V], KVCache, observations)`, `fn.decode(params, tokens, n_new, cache,
-*, attn_impl) -> (logits [B, T, V], KVCache)` and an int `fn.max_seq_len`. `models.Decoder`
-does this with `nnx.split` / `nnx.merge`; kvjax itself never imports flax.
+static jit argument) and has `fn.prefill(params, tokens, lengths, *, obs_spec, attn_impl,
+between=None) -> (logits [B, V], kvjax.prompt.Prompt)`, `fn.decode(params, tokens, n_new,
+cache, *, attn_impl) -> (logits [B, T, V], KVCache)` and an int `fn.max_seq_len`.
+`models.Decoder` does this with `nnx.split` / `nnx.merge`; kvjax itself never imports flax.
 """
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.attention import resolve_attn_impl
+from kvjax.buckets import BUCKET_STEP, MIN_BUCKET, bucket_length, pad_prompts  # noqa: F401
 from kvjax.cache import KVCache
-from kvjax.compress import compress_cache, obs_spec_for
+from kvjax.compress import compress, obs_spec_for
+from kvjax.hooks import DecodeHook, check_hooks
 from kvjax.sampling import Greedy
 
-MIN_BUCKET = 64
-BUCKET_STEP = 256
 MAX_EOS = 8
-
-
-def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
-    """Padded length for n tokens: powers of two up to 256, then multiples of 256.
-
-    Bounds the number of compilations (16 buckets up to 4k) while keeping the padding of
-    long prompts, and so of their compressed prefixes, under 25%.
-    """
-    n = max(int(n), minimum)
-    if n <= BUCKET_STEP:
-        return 1 << (n - 1).bit_length()
-    return -(-n // BUCKET_STEP) * BUCKET_STEP
-
-
-def pad_prompts(input_ids, pad_id: int = 0, bucket: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad a batch of token lists to a length bucket.
-
-    Args:
-      input_ids: a sequence of token-id sequences (ragged), or a 2-D int array [B, T].
-
-    Returns:
-      tokens [B, T_bucket] int32 and lengths [B] int32.
-    """
-    rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in _as_rows(input_ids)]
-    if not rows:
-        raise ValueError("input_ids is an empty batch")
-    lengths = np.array([len(r) for r in rows], np.int32)
-    if (lengths == 0).any():
-        raise ValueError(f"empty prompt at batch index {int(np.argmin(lengths))}")
-    width = bucket_length(lengths.max()) if bucket else int(lengths.max())
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-    return tokens, lengths
-
-
-def _as_rows(input_ids) -> list:
-    if isinstance(input_ids, (np.ndarray, jax.Array)):
-        arr = np.asarray(input_ids)
-        if arr.ndim == 1:
-            return [arr]
-        if arr.ndim != 2:
-            raise ValueError(f"input_ids.ndim={arr.ndim} must be 1 or 2")
-        return list(arr)
-    if isinstance(input_ids, Sequence) and input_ids and isinstance(input_ids[0], (int, np.integer)):
-        return [input_ids]
-    return list(input_ids)
 
 
 @jax.tree_util.register_dataclass
@@ -101,12 +54,24 @@ class GenerateOutput:
     cache: KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl"))
-def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto"):
-    """Run the prompt and compress the cache with `press` -> (last logits [B, V], KVCache)."""
-    logits, cache, obs = fn.prefill(params, tokens, lengths, tail_capacity=tail_capacity,
-                                    obs_spec=obs_spec_for(press), attn_impl=attn_impl)
-    return logits, compress_cache(press, cache, obs)
+@functools.partial(jax.jit, static_argnames=("fn", "attn_impl", "obs_spec", "between"))
+def prefill_prompt(fn, params, tokens, lengths, *, obs_spec, attn_impl="auto", between=None):
+    """Run the prompt without compressing -> (last logits [B, V], Prompt)."""
+    return fn.prefill(params, tokens, lengths, obs_spec=obs_spec, attn_impl=attn_impl,
+                      between=between)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl",
+                                             "hook"))
+def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto",
+            hook=None):
+    """Run the prompt and compress it with `press` -> (last logits [B, V], KVCache).
+
+    `hook` is the decode hook the cache will carry (`kvjax.hooks.check_hooks`)."""
+    between = None if press is None else press.between_layers
+    logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec_for(press, hook),
+                                attn_impl=attn_impl, between=between)
+    return logits, compress(press, prompt, tail_capacity=tail_capacity, hook=hook)
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "attn_impl"), donate_argnames=("cache",))
@@ -117,8 +82,7 @@ def extend(fn, params, tokens, n_new, cache, *, attn_impl="auto"):
     return last[:, 0], cache
 
 
-def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id,
-          decoding_press=None) -> DecodeState:
+def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id) -> DecodeState:
     rng, key = jax.random.split(state.rng)
     tok = jnp.where(state.done, pad_id, sampler(state.logits, key))
     tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, state.step))
@@ -126,36 +90,34 @@ def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id,
     done = state.done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
     logits, cache = fn.decode(params, tok[:, None], active.astype(jnp.int32), state.cache,
                               attn_impl=attn_impl)
-    if decoding_press is not None:
-        cache = decoding_press.maybe_merge(cache)
+    if cache.hook is not None:
+        cache = cache.hook.after_step(cache)
     return DecodeState(step=state.step + 1, tokens=tokens,
                        lengths=state.lengths + active.astype(jnp.int32), done=done,
                        logits=logits[:, 0], cache=cache, rng=rng)
 
 
 def _room(state: DecodeState) -> jax.Array:
-    """Room for one more token: in the output buffer and in the tail (a DecodingPress merges
-    before the tail fills; UNComp's ring decode has no tail)."""
-    layer = state.cache.layers[0]
-    if getattr(layer, "ring", False):  # UNComp ring decode: fixed-size groups, no tail
-        return state.step < state.tokens.shape[1]
-    return (jnp.max(layer.tail.count) < layer.tail.capacity) & (state.step < state.tokens.shape[1])
+    """Room for one more token: in the output buffer and in the cache (the hook decides: a
+    DecodingPress merges before the tail fills, the ring decode has no tail)."""
+    hook = state.cache.hook or DecodeHook()
+    return hook.room(state.cache) & (state.step < state.tokens.shape[1])
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "sampler", "attn_impl", "pad_id",
-                                             "decoding_press"), donate_argnames=("state",))
-def decode(fn, params, state, max_new_tokens, eos_ids, *, sampler, attn_impl="auto", pad_id=0,
-           decoding_press=None):
+@functools.partial(jax.jit, static_argnames=("fn", "sampler", "attn_impl", "pad_id"),
+                   donate_argnames=("state",))
+def decode(fn, params, state, max_new_tokens, eos_ids, *, sampler, attn_impl="auto", pad_id=0):
     """Generate until every sequence hit EOS, `max_new_tokens` (traced) or the buffer end.
 
-    With a `decoding_press` the tail is merged into the prefix every `compression_interval`
-    tokens, so generation may run past the tail's capacity with bounded memory.
+    The cache's decode hook (a DecodingPress merges the tail into the segments every
+    `compression_interval` tokens) runs after every step, so generation may run past the
+    tail's capacity with bounded memory.
     """
     def cond(s):
         return (s.step < max_new_tokens) & ~jnp.all(s.done) & _room(s)
 
     def body(s):
-        return _step(fn, params, s, eos_ids, sampler, attn_impl, pad_id, decoding_press)
+        return _step(fn, params, s, eos_ids, sampler, attn_impl, pad_id)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -200,18 +162,19 @@ def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: 
     """Validate, pad, prefill and compress: returns (DecodeState, lengths).
 
     `tail_extra` reserves tail slots for tokens appended before decoding (a question). With a
-    `decoding_press` the tail holds `compression_interval` (+ tail_extra) slots only.
+    `decoding_press` the tail holds `compression_interval` (+ tail_extra) slots only. A press
+    and a decoding press that cannot work together are refused here, before any tracing.
     """
+    hook = check_hooks(press, decoding_press)
     tokens, lengths = pad_prompts(input_ids)
     check_budget(fn, int(lengths.max()) + tail_extra, max_new_tokens)
     if press is not None:
         press.check_prompt(int(lengths.min()))
     attn_impl = resolve_attn_impl(attn_impl)
     out_len = bucket_length(max_new_tokens + tail_extra)
-    tail = out_len if decoding_press is None else bucket_length(
-        decoding_press.compression_interval + tail_extra, minimum=16)
+    tail = (hook or DecodeHook()).tail_slots(out_len, tail_extra)
     logits, cache = prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                            tail_capacity=tail, press=press, attn_impl=attn_impl)
+                            tail_capacity=tail, press=press, attn_impl=attn_impl, hook=hook)
     return init_state(logits, cache, len(lengths), out_len, rng), lengths
 
 
@@ -239,8 +202,7 @@ def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=
     state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
                      attn_impl=attn_impl, rng=rng, decoding_press=decoding_press)
     state = decode(fn, params, state, jnp.int32(max_new_tokens), eos_array(eos_id),
-                   sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id,
-                   decoding_press=decoding_press)
+                   sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id)
     return GenerateOutput(tokens=np.asarray(state.tokens)[:, :max_new_tokens],
                           lengths=np.asarray(state.lengths), cache=state.cache)
 

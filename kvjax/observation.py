@@ -95,7 +95,8 @@ def gather_window(q: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Ar
 
 
 def causal_column_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, *,
-                       scale: float | None = None) -> jax.Array:
+                       scale: float | None = None,
+                       sliding_window: int | None = None) -> jax.Array:
     """Column sums of causal softmax attention over all valid query rows, per query head.
 
     One pass over static query chunks, each against only the keys causality lets it see
@@ -105,13 +106,16 @@ def causal_column_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, *,
 
     Args:
       q: [B, T, N, H]; k: [B, T, K, H]; lengths: [B].
+      sliding_window: rows see only the last `sliding_window` positions (Mistral), as the
+        prefill attention does.
 
     Returns:
       [B, N, T] f32; entry t is sum_i softmax_i(t) over valid rows i >= t.
     """
     b, t, n, _ = q.shape
     cols = jnp.zeros((b, k.shape[2], n // k.shape[2], t), jnp.float32)
-    for start, stop, lo, p in causal_chunks(q, k, lengths, scale=scale, sliding_window=None):
+    for start, stop, lo, p in causal_chunks(q, k, lengths, scale=scale,
+                                            sliding_window=sliding_window):
         row_ok = (jnp.arange(start, stop)[None, :] < lengths[:, None])[:, None, None, :, None]
         cols = cols.at[..., lo:stop].add(jnp.sum(jnp.where(row_ok, p, 0.0), axis=3))
     return cols.reshape(b, n, t)
@@ -133,7 +137,8 @@ def query_statistics(q: jax.Array, lengths: jax.Array, skip: int) -> tuple[jax.A
 def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
             scale: float | None = None, q_prerope: jax.Array | None = None,
             rope_inv_freq=None, rope_interleaved: bool = False,
-            column_sums: jax.Array | None = None) -> Observation:
+            column_sums: jax.Array | None = None,
+            sliding_window: int | None = None) -> Observation:
     """Build the Observation that `spec` asks for from one layer's prefill q and k.
 
     `column_sums` [B, N, T], when given, are the attention column sums already computed by a
@@ -146,7 +151,8 @@ def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
     if not spec.column_sums:
         column_sums = None
     elif column_sums is None:
-        column_sums = causal_column_sums(q, k, lengths, scale=scale)
+        column_sums = causal_column_sums(q, k, lengths, scale=scale,
+                                         sliding_window=sliding_window)
     if spec.query_stats:
         if q_prerope is None or rope_inv_freq is None:
             raise ValueError("this press needs pre-RoPE queries and the RoPE frequencies: pass "

@@ -18,7 +18,7 @@ from models.config import ModelConfig, RopeScaling
 from models.decoder import Decoder
 
 SAVED_MARKER = "kvjax_model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoder blocks stacked over layers
 
 
 def _config_to_json(cfg: ModelConfig) -> dict:

@@ -4,15 +4,13 @@ Attention goes through kvjax's integration API (`kvjax.prefill_layer`, `kvjax.de
 the model computes post-RoPE q, k, v and kvjax owns the cache. Axis letters as in STYLE.md.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import kvjax
-from kvjax.cache import KVCache, LayerCache
-from kvjax.observation import Observation, ObsSpec
+from kvjax.cache import KVCache
+from kvjax.observation import ObsSpec
 from models.config import ModelConfig
 from models.rope import Rope
 
@@ -63,32 +61,20 @@ class Attention(nnx.Module):
     def _out(self, o: jax.Array) -> jax.Array:
         return self.o_proj(o.reshape(o.shape[0], o.shape[1], -1))
 
-    def prefill(self, x, lengths, *, tail_capacity, obs_spec, attn_impl, positions=None):
-        """x [B, T, D] -> (y [B, T, D], LayerCache, Observation).
-
-        `positions` [B, T] (ascending per row) are the tokens' original positions when earlier
-        layers pruned tokens (UNComp); the cache prefix then records them in `pos`.
-        """
-        pruned = positions is not None
-        if not pruned:
-            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    def prefill(self, x, lengths, positions, *, obs_spec, attn_impl):
+        """x [B, T, D], original positions [B, T] -> (y [B, T, D], kvjax.LayerPrompt)."""
         q, k, v, q_pre = self._qkv(x, positions)
-        o, layer, obs = kvjax.prefill_layer(
-            q, k, v, lengths, tail_capacity=tail_capacity, sliding_window=self.sliding_window,
-            obs_spec=obs_spec, attn_impl=attn_impl, q_prerope=q_pre,
-            rope_inv_freq=self.rope.inverse_frequencies())
-        if pruned:
-            pos = jnp.broadcast_to(positions[:, None].astype(jnp.int32), layer.prefix.pos.shape)
-            layer = LayerCache(prefix=dataclasses.replace(layer.prefix, pos=pos),
-                               tail=layer.tail)
-        return self._out(o), layer, obs
+        o, prompt = kvjax.prefill_layer(
+            q, k, v, lengths, sliding_window=self.sliding_window, obs_spec=obs_spec,
+            attn_impl=attn_impl, q_prerope=q_pre, rope_inv_freq=self.rope.inverse_frequencies())
+        return self._out(o), prompt
 
-    def decode(self, x, positions, n_new, layer, *, attn_impl):
-        """x [B, T, D] new tokens -> (y [B, T, D], LayerCache)."""
+    def decode(self, x, positions, n_new, cache, layer, *, attn_impl):
+        """x [B, T, D] new tokens -> (y [B, T, D], KVCache with layer `layer` updated)."""
         q, k, v, _ = self._qkv(x, positions)
-        o, layer = kvjax.decode_layer(q, k, v, positions, n_new, layer,
+        o, cache = kvjax.decode_layer(q, k, v, positions, n_new, cache, layer,
                                       sliding_window=self.sliding_window, attn_impl=attn_impl)
-        return self._out(o), layer
+        return self._out(o), cache
 
 
 class Block(nnx.Module):
@@ -101,23 +87,34 @@ class Block(nnx.Module):
     def _mlp_residual(self, h: jax.Array) -> jax.Array:
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def prefill(self, h, lengths, **kw):
-        y, layer, obs = self.self_attn.prefill(self.input_layernorm(h), lengths, **kw)
-        return self._mlp_residual(h + y), layer, obs
+    def prefill(self, h, lengths, positions, **kw):
+        y, prompt = self.self_attn.prefill(self.input_layernorm(h), lengths, positions, **kw)
+        return self._mlp_residual(h + y), prompt
 
-    def decode(self, h, positions, n_new, layer, **kw):
-        y, layer = self.self_attn.decode(self.input_layernorm(h), positions, n_new, layer, **kw)
-        return self._mlp_residual(h + y), layer
+    def decode(self, h, positions, n_new, cache, layer, **kw):
+        y, cache = self.self_attn.decode(self.input_layernorm(h), positions, n_new, cache, layer,
+                                         **kw)
+        return self._mlp_residual(h + y), cache
 
 
 class Decoder(nnx.Module):
-    """A Llama-architecture causal LM that keeps its KV cache outside, as a kvjax pytree."""
+    """A Llama-architecture causal LM that keeps its KV cache outside, as a kvjax pytree.
+
+    The blocks are one stacked module (parameters with a leading layer axis) that prefill and
+    decode run with `lax.scan`: one layer is compiled whatever the depth.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                                       param_dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.n_layers)])
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def blocks(rngs):
+            return Block(cfg, dtype=dtype, rngs=rngs)
+
+        self.layers = blocks(rngs)
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_embeddings else _linear(cfg.d_model, cfg.vocab_size,
                                                                dtype, rngs)
@@ -130,133 +127,88 @@ class Decoder(nnx.Module):
                               preferred_element_type=jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, *, tail_capacity: int,
-                obs_spec: ObsSpec = ObsSpec(), attn_impl: str = "auto",
-                all_logits: bool = False, prefill_keep: tuple[int | None, ...] | None = None,
-                prune_window: int = 8, return_hidden: bool = False):
-        """Run the prompt, build the cache.
+    def _scan(self, body, carry, start: int = 0, stop: int | None = None):
+        """lax.scan of body(carry, block, layer_idx) -> (carry, out) over blocks [start, stop)."""
+        graphdef, state = nnx.split(self.layers)
+        stop = self.config.n_layers if stop is None else stop
+        state = jax.tree.map(lambda x: x[start:stop], state)
+
+        def step(c, xs):
+            st, layer = xs
+            return body(c, nnx.merge(graphdef, st), layer)
+
+        return jax.lax.scan(step, carry, (state, jnp.arange(start, stop, dtype=jnp.int32)))
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, *, obs_spec: ObsSpec = ObsSpec(),
+                attn_impl: str = "auto", between=None, all_logits: bool = False,
+                return_hidden: bool = False):
+        """Run the prompt; return what kvjax compresses.
 
         Args:
           tokens: [B, T] right-padded prompt ids; lengths: [B] true lengths (>= 1).
-          tail_capacity: static number of slots for tokens appended later.
           obs_spec: what presses need observed; attn_impl: static dispatch key.
-          all_logits: return logits of every position [B, T, V] instead of the last [B, V]
-            (with pruning: of every token that reached the last layer).
-          prefill_keep: static UNComp hidden-state token pruning (arXiv 2410.03090): per layer,
-            the number of tokens entering that layer, or None to keep what arrives. Before a
-            layer with keep < current length the residual stream is gathered down to the
-            tokens the last `prune_window` queries of the previous layer attended to most
-            (summed over heads and window rows); the last `prune_window` tokens always
-            survive and original positions are kept (RoPE, cache `pos`). None: no pruning.
-          prune_window: W of the importance scores above (static).
+          between: a kvjax between-layers hook (e.g. UNComp's hidden-state pruning,
+            `kvjax.presses.pruning.HiddenPruning`) or None. Before each layer in
+            `between.starts(T)` the residual stream, positions and lengths go through
+            `between(layer, h, positions, lengths, previous_layer_prompt)`.
+          all_logits: logits of every position [B, T, V] instead of the last [B, V] (with
+            pruning: of every token that reached the last layer).
           return_hidden: also return every layer's output hidden states (a tuple of
             [B, T_l, D]), e.g. for UNComp calibration.
 
         Returns:
-          (logits, KVCache, per-layer observations) [+ hidden states when return_hidden].
+          (logits, kvjax.prompt.Prompt) [+ hidden states when return_hidden].
         """
-        keep = self._check_keep(prefill_keep, prune_window, obs_spec)
+        n_layers = self.config.n_layers
+        starts = ()
+        if between is not None:
+            between.check(n_layers, self.config.sliding_window)
+            obs_spec = obs_spec.merge(between.obs_spec)
+            starts = between.starts(tokens.shape[1])
         h = self.embed_tokens(tokens)
-        positions, cur = None, lengths
-        layers, observations, hidden = [], [], []
-        for i, block in enumerate(self.layers):
-            if keep[i] is not None and keep[i] < h.shape[1]:
-                imp = _window_importance(layers[-1], observations[-1], lengths, prune_window)
-                if positions is None:
-                    positions = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32),
-                                                 h.shape[:2])
-                h, positions, cur = _prune_tokens(h, positions, cur, imp, keep[i], prune_window)
-                observations[-1] = _trim_obs(observations[-1], obs_spec, layers[-1])
-            spec = obs_spec.merge(ObsSpec(window=prune_window)) if _next_prunes(
-                keep, i, h.shape[1]) else obs_spec
-            h, layer, obs = block.prefill(h, cur, tail_capacity=tail_capacity, obs_spec=spec,
-                                          attn_impl=attn_impl, **(
-                                              {} if positions is None else
-                                              {"positions": positions}))
-            layers.append(layer)
-            observations.append(obs)
-            hidden.append(h)
+        positions = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
+        cur, groups, hidden = lengths.astype(jnp.int32), [], []
+        bounds = (0,) + starts + (n_layers,)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            if start in starts:
+                last = jax.tree.map(lambda x: x[-1], groups[-1].layers)
+                h, positions, cur = between(start, h, positions, cur, last)
+
+            def body(carry, block, layer, positions=positions, cur=cur):
+                out, prompt = block.prefill(carry, cur, positions, obs_spec=obs_spec,
+                                            attn_impl=attn_impl)
+                return out, (prompt, out if return_hidden else None)
+
+            h, (layers, hs) = self._scan(body, h, start, stop)
+            groups.append(kvjax.PromptGroup(layers=layers, positions=positions, lengths=cur))
+            if return_hidden:
+                hidden.extend(hs[i] for i in range(stop - start))
         if not all_logits:
             h = jnp.take_along_axis(h, (cur - 1)[:, None, None], axis=1)
         logits = self.logits(h)
-        cache = KVCache(layers=tuple(layers), next_pos=lengths.astype(jnp.int32))
-        out = (logits if all_logits else logits[:, 0]), cache, tuple(observations)
+        prompt = kvjax.Prompt(groups=tuple(groups), next_pos=lengths.astype(jnp.int32))
+        out = (logits if all_logits else logits[:, 0]), prompt
         return out + (tuple(hidden),) if return_hidden else out
-
-    def _check_keep(self, prefill_keep, prune_window, obs_spec) -> tuple:
-        n = len(self.layers)
-        if prefill_keep is None:
-            return (None,) * n
-        if len(prefill_keep) != n:
-            raise ValueError(f"prefill_keep has {len(prefill_keep)} entries for {n} layers")
-        if prefill_keep[0] is not None:
-            raise ValueError("prefill_keep[0] must be None (layer 0 has no previous attention)")
-        if any(k is not None for k in prefill_keep):
-            if self.config.sliding_window is not None:
-                raise ValueError("hidden-state pruning needs full attention (no sliding window)")
-            if any(k is not None and k < prune_window for k in prefill_keep):
-                raise ValueError(f"prefill_keep {prefill_keep} keeps fewer tokens than "
-                                 f"{prune_window=}")
-            if obs_spec.window > prune_window or obs_spec.proxy_ratio or obs_spec.column_sums:
-                raise ValueError(f"with hidden-state pruning a press may observe at most the "
-                                 f"last {prune_window=} queries; got {obs_spec}")
-        return tuple(prefill_keep)
 
     def decode(self, tokens: jax.Array, n_new: jax.Array, cache: KVCache, *,
                attn_impl: str = "auto") -> tuple[jax.Array, KVCache]:
         """Append T tokens per sequence (n_new [B] of them real) -> (logits [B, T, V], cache)."""
-        positions = kvjax.decode_positions(cache.next_pos, tokens.shape[1])
-        h = self.embed_tokens(tokens)
-        layers = []
-        for i, block in enumerate(self.layers):
-            h, layer = block.decode(h, positions, n_new, cache.layer(i), attn_impl=attn_impl)
-            layers.append(cache.store(i, layer))
-        new_cache = dataclasses.replace(cache, layers=tuple(layers),
-                                        next_pos=cache.next_pos + n_new)
-        return self.logits(h), new_cache
+        positions, cache = kvjax.begin_decode(cache, tokens.shape[1], n_new)
+
+        def body(carry, block, layer):
+            h, c = carry
+            h, c = block.decode(h, positions, n_new, c, layer, attn_impl=attn_impl)
+            return (h, c), None
+
+        (h, cache), _ = self._scan(body, (self.embed_tokens(tokens), cache))
+        return self.logits(h), cache
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Plain full forward: tokens [B, T] -> logits [B, T, V] (no padding)."""
         lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-        return self.prefill(tokens, lengths, tail_capacity=1, all_logits=True)[0]
+        return self.prefill(tokens, lengths, all_logits=True)[0]
 
     def kvjax_split(self):
         """Split into (hashable functional model, params) for kvjax's jitted loops."""
         from models.functional import split_model
         return split_model(self)
-
-
-def _next_prunes(keep: tuple, i: int, t: int) -> bool:
-    """Whether layer i + 1 prunes tokens (so layer i must observe the pruning window)."""
-    return i + 1 < len(keep) and keep[i + 1] is not None and keep[i + 1] < t
-
-
-def _window_importance(layer: LayerCache, obs: Observation, lengths: jax.Array,
-                       window: int) -> jax.Array:
-    """[B, T] attention each slot received from the last `window` queries of the layer."""
-    probs = kvjax.presses.window.window_attention(layer.prefix, obs, lengths, window)
-    return jnp.sum(probs, axis=(1, 2, 3))  # [B, K, G, W, C] -> [B, C]
-
-
-def _prune_tokens(h, positions, lengths, importance, keep: int, window: int):
-    """Keep the `keep` most important valid tokens per row (the last `window` always).
-
-    Returns h [B, keep, D], positions [B, keep] (ascending originals) and lengths [B].
-    """
-    slot = jnp.arange(h.shape[1])[None]
-    recent = slot >= (lengths - window)[:, None]
-    score = jnp.where(slot < lengths[:, None], jnp.where(recent, jnp.inf, importance), -jnp.inf)
-    n_keep = jnp.minimum(keep, lengths).astype(jnp.int32)
-    mask = kvjax.presses.select.topk_mask(score[:, None], n_keep[:, None], keep)
-    idx = kvjax.presses.select.kept_indices(mask, keep)[0][:, 0]  # [B, keep]
-    return (jnp.take_along_axis(h, idx[:, :, None], axis=1),
-            jnp.take_along_axis(positions, idx, axis=1), n_keep)
-
-
-def _trim_obs(obs: Observation, spec: ObsSpec, layer: LayerCache) -> Observation:
-    """Drop the window rows that only pruning asked for (the press gets what it asked for)."""
-    rows = spec.window_for(layer.prefix.capacity)
-    if rows == 0:
-        return dataclasses.replace(obs, q_window=None, window_valid=None)
-    return dataclasses.replace(obs, q_window=obs.q_window[:, -rows:],
-                               window_valid=obs.window_valid[:, -rows:])

@@ -20,18 +20,22 @@ _LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-def hf_name_table(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
-    """Map HF tensor names to (NNX state path, transpose?)."""
-    table = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
-             "model.norm.weight": (("norm", "weight"), False)}
+def hf_name_table(cfg: ModelConfig) -> dict[str, tuple[tuple, bool, int | None]]:
+    """Map HF tensor names to (NNX state path, transpose?, layer index or None).
+
+    The decoder's blocks are stacked: layer i of a block parameter is row i of the array at
+    the path.
+    """
+    table = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), False, None),
+             "model.norm.weight": (("norm", "weight"), False, None)}
     if not cfg.tie_embeddings:
-        table["lm_head.weight"] = (("lm_head", "kernel"), True)
+        table["lm_head.weight"] = (("lm_head", "kernel"), True, None)
     for i in range(cfg.n_layers):
         for lin in _LAYER_LINEARS:
-            table[f"model.layers.{i}.{lin}.weight"] = (("layers", i, *lin.split("."), "kernel"),
-                                                       True)
+            table[f"model.layers.{i}.{lin}.weight"] = (("layers", *lin.split("."), "kernel"),
+                                                       True, i)
         for norm in _LAYER_NORMS:
-            table[f"model.layers.{i}.{norm}.weight"] = (("layers", i, norm, "weight"), False)
+            table[f"model.layers.{i}.{norm}.weight"] = (("layers", norm, "weight"), False, i)
     return table
 
 
@@ -49,14 +53,21 @@ def decoder_from_tensors(cfg: ModelConfig, tensors, *, dtype=jnp.float32) -> Dec
     missing = [name for name in table if name not in tensors]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    pure: dict = {}
     expected = nnx.to_pure_dict(state)
-    for name, (path, transpose) in table.items():
+    stacks: dict = {}  # path -> host array [L, ...] of a stacked block parameter
+    pure: dict = {}
+    for name, (path, transpose, layer) in table.items():
         arr = np.asarray(tensors[name])
         arr = arr.T if transpose else arr
-        want = _get_path(expected, path).shape
-        if arr.shape != tuple(want):
-            raise ValueError(f"tensor {name} has shape {arr.shape}, expected {tuple(want)}")
+        want = tuple(_get_path(expected, path).shape)
+        if arr.shape != (want if layer is None else want[1:]):
+            shown = want if layer is None else want[1:]
+            raise ValueError(f"tensor {name} has shape {arr.shape}, expected {shown}")
+        if layer is None:
+            _set_path(pure, path, jnp.asarray(arr, dtype=dtype))
+        else:
+            stacks.setdefault(path, np.empty(want, arr.dtype))[layer] = arr
+    for path, arr in stacks.items():
         _set_path(pure, path, jnp.asarray(arr, dtype=dtype))
     state.replace_by_pure_dict(pure)
     return nnx.merge(graphdef, state)

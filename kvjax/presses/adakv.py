@@ -5,33 +5,77 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.presses import select
-from kvjax.presses.base import Press, ScorerPress
+from kvjax.presses.base import Press
+from kvjax.presses.parts import Allocator, LayerwiseAllocator, Stage, StaticSize, TopK
 
 _SAFE = float(jnp.finfo(jnp.float32).max)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaKV(Allocator):
+    """Per-head budgets: the layer keeps the sum of `inner`'s budgets, chosen by one top-k over
+    the scores of all its kv heads; each head's top `alpha_safeguard * n_keep` is kept first.
+
+    The top-k over the layer's heads is a threshold, so each head's kept set is its own
+    top-(count) by score: the budget is the count, and any selector can take it.
+    """
+
+    inner: LayerwiseAllocator
+    alpha_safeguard: float = 0.2
+
+    def _n_safe(self, n_keep):
+        n_safe = jnp.floor(n_keep * self.alpha_safeguard).astype(jnp.int32)
+        return jnp.maximum(n_safe, 1) if self.alpha_safeguard > 0 else n_safe
+
+    def layer_stat(self, view, obs, scores, ctx):
+        b, k, c = scores.shape
+        n_keep = self.inner.layer_budgets(view.length, ctx.layer_idx, ctx.n_layers)  # [B, K]
+        safe = select.topk_mask(scores, jnp.minimum(self._n_safe(n_keep), n_keep), c)
+        boosted = jnp.where(safe, _SAFE, scores)
+        total = jnp.sum(n_keep, axis=1, keepdims=True)  # [B, 1]
+        flat = select.topk_mask(boosted.reshape(b, 1, k * c), total, k * c).reshape(b, k, c)
+        return jnp.sum(flat, axis=-1).astype(jnp.int32)  # [B, K]
+
+    def budgets(self, n_valid, stats, prompt_len):
+        return stats.transpose(1, 0, 2)  # [L, B, K] -> [B, L, K]
+
+    def capacity(self, size, n_kv):
+        base = self.inner.capacity(size, n_kv)
+        segs = []
+        for seg, cap in zip(size.segments, base.segments):
+            # largest per-head count: the layer's budget minus the other heads' safeguards
+            # (n * (K - (K-1) alpha) grows with n, so the largest per-row budget bounds it;
+            # the -1 absorbs the floor in the safeguard count of shorter rows)
+            n_safe = max(0, int(cap * self.alpha_safeguard) - 1)
+            segs.append(min(seg, n_kv * cap - (n_kv - 1) * n_safe))
+        return StaticSize(tuple(segs), base.total)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdaKVPress(Press):
-    """Ada-KV (Feng et al. 2024, arXiv 2407.11550), kvpress's variant.
+    """Ada-KV (Feng et al. 2024, arXiv 2407.11550), kvpress's variant, over any scorer.
 
     The layer keeps `K * n_keep` tokens chosen by one top-k over the scores of all its kv
     heads, so heads whose attention is spread out get larger budgets. Safeguard: each head's
-    top `alpha_safeguard * n_keep` tokens are always kept. Per-head counts live in
-    `prefix.length`; the array capacity is the largest count a head can reach.
+    top `alpha_safeguard * n_keep` tokens are always kept. The per-head budgets are segment
+    sizes in the store, so the bytes held are the kept entries. `compression_ratio` is the
+    wrapped press's.
     """
 
-    press: ScorerPress
+    press: Press
     alpha_safeguard: float = 0.2
 
     def __post_init__(self):
+        from kvjax.presses.base import ScorerPress
         if not isinstance(self.press, ScorerPress):
             raise ValueError(f"AdaKVPress needs a ScorerPress, got {type(self.press).__name__}")
+        if not isinstance(self.press.allocator(), LayerwiseAllocator):
+            raise ValueError(f"AdaKVPress cannot redistribute the budgets of "
+                             f"{type(self.press).__name__} (its allocator is not per layer)")
         if not 0.0 <= self.alpha_safeguard <= 1.0:
             raise ValueError(f"{self.alpha_safeguard=} must be in [0, 1]")
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
+        object.__setattr__(self, "compression_ratio", self.press.compression_ratio)
+        super().__post_init__()
 
     @property
     def obs_spec(self):
@@ -40,27 +84,9 @@ class AdaKVPress(Press):
     def check_prompt(self, min_prompt_len):
         self.press.check_prompt(min_prompt_len)
 
-    def _n_safe(self, n_keep):
-        n_safe = jnp.floor(n_keep * self.alpha_safeguard).astype(jnp.int32)
-        return jnp.maximum(n_safe, 1) if self.alpha_safeguard > 0 else n_safe
-
-    def compress_layer(self, layer, obs, ctx):
+    def stages(self):
         if self.compression_ratio == 0:
-            return layer
-        p = layer.prefix
-        b, k, c = p.pos.shape
-        scores = select.mask_invalid(self.press.score(p, obs, ctx), p.length)
-        n_keep = jnp.minimum(self.press.n_keep(p.length, ctx), p.length)  # [B, K]
-        cap = self.press.capacity(c, ctx)
-        safe = select.topk_mask(scores, jnp.minimum(self._n_safe(n_keep), n_keep), cap)
-        scores = jnp.where(safe, _SAFE, scores)
-        total = jnp.sum(n_keep, axis=1, keepdims=True)  # [B, 1]
-        flat = select.topk_mask(scores.reshape(b, 1, k * c), total, k * cap).reshape(b, k, c)
-        return dataclasses.replace(layer, prefix=select.compact(p, flat, self.capacity(c, cap, k)))
-
-    def capacity(self, n_slots: int, cap: int, n_kv: int) -> int:
-        """Largest per-head count: all of the layer's budget minus the others' safeguards."""
-        # n * (K - (K-1) * alpha) grows with n, so the largest per-row budget `cap` bounds it;
-        # the -1 absorbs the floor in the safeguard count of shorter rows.
-        n_safe = max(0, int(cap * self.alpha_safeguard) - 1)
-        return min(n_slots, n_kv * cap - (n_kv - 1) * n_safe)
+            return ()
+        return (Stage(scorer=self.press, allocator=AdaKV(self.press.allocator(),
+                                                         self.alpha_safeguard),
+                      selector=self.press.selector()),)

@@ -1,46 +1,50 @@
-"""The press protocol: frozen, hashable dataclasses that compress a prefilled cache.
+"""The press protocol: frozen, hashable dataclasses made of parts (docs/architecture.md).
 
-A press is a static jit argument. It never reads the model and never mutates itself: its
-only inputs are the layer's `LayerCache`, that layer's `Observation` and a `LayerContext`.
-Parts compose (ARCHITECTURE.md section 4): a `ScorerPress` scores tokens per kv head, a
-budget rule says how many to keep, `select.topk_mask` picks them and `select.compact`
-gathers the kept slots into a smaller static capacity (the real memory saving).
+A press is a static jit argument. It never reads the model and never mutates itself. It is a
+sequence of token *stages*, each a scorer (scores per kv head) x an allocator (how many slots
+every layer and kv head keeps) x a selector (which slots, given scores and budgets), plus an
+optional channel pruner (ThinK) and optional hooks: a decode-time hook (periodic merge, ring
+decode) and a between-layers hook (UNComp's hidden-state pruning). `kvjax.compress` runs the
+parts and writes one selection into the store.
 """
 
 import abc
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
-from kvjax.cache import KVCache, LayerCache, Prefix
-from kvjax.observation import Observation, ObsSpec
-from kvjax.presses import select
+from kvjax.observation import ObsSpec
+from kvjax.presses.parts import Stage, StaticSize, TopK, Uniform, validate_ratio
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerContext:
-    """What a press may know about the layer besides cache and observation.
+    """What a part may know about the layer besides its view and observation.
 
     Attributes:
-      layer_idx, n_layers: static ints.
       prompt_len: [B] original prompt lengths (positions >= prompt_len - W are the window).
+      layer_idx: [] int32 layer index (traced: compression maps over layers).
+      n_layers: static number of layers.
     """
 
     prompt_len: jax.Array
-    layer_idx: int = dataclasses.field(metadata=dict(static=True), default=0)
+    layer_idx: jax.Array | int = 0
     n_layers: int = dataclasses.field(metadata=dict(static=True), default=1)
-
-
-def validate_ratio(compression_ratio: float) -> None:
-    if not 0.0 <= compression_ratio < 1.0:
-        raise ValueError(f"{compression_ratio=} must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Press(abc.ABC):
-    """Base class: compress every layer of a freshly prefilled cache."""
+    """Base class of every press: the token stages and the optional parts and hooks.
+
+    `compression_ratio` is the fraction of prompt entries removed (wrappers derive it from the
+    presses they hold).
+    """
+
+    compression_ratio: float = 0.0
+
+    def __post_init__(self):
+        validate_ratio(self.compression_ratio)
 
     @property
     def obs_spec(self) -> ObsSpec:
@@ -51,49 +55,54 @@ class Press(abc.ABC):
         """Raise ValueError when the shortest prompt cannot be compressed by this press."""
 
     @abc.abstractmethod
-    def compress_layer(self, layer: LayerCache, obs: Observation,
-                       ctx: LayerContext) -> LayerCache:
-        """Return the layer with its prefix compressed (tail untouched)."""
+    def stages(self) -> tuple[Stage, ...]:
+        """The token stages, applied in order (each to what the previous one kept)."""
 
-    def compress(self, cache: KVCache, observations) -> KVCache:
-        """Apply `compress_layer` to every layer (pure; runs inside the prefill jit)."""
-        n = len(cache.layers)
-        layers = tuple(
-            self.compress_layer(layer, obs, LayerContext(cache.next_pos, i, n))
-            for i, (layer, obs) in enumerate(zip(cache.layers, observations)))
-        return dataclasses.replace(cache, layers=layers)
+    @property
+    def channel_pruner(self):
+        """A channel pruner applied after the token stages (ThinK), or None."""
+        return None
+
+    @property
+    def decode_hook(self):
+        """The decode-time hook this press brings (`kvjax.hooks`), or None."""
+        return None
+
+    @property
+    def between_layers(self):
+        """A between-layers prefill hook (hidden-state pruning), or None."""
+        return None
+
+    def capacity(self, prompt: StaticSize, n_kv: int) -> StaticSize:
+        """Static bounds of what the press keeps from a prompt whose bounds are `prompt`."""
+        size = prompt
+        for stage in self.stages():
+            size = stage.allocator.capacity(size, n_kv)
+        return size
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScorerPress(Press):
-    """A press that scores prompt tokens per kv head and keeps the top ceil((1-r)·n).
+    """A press that scores prompt tokens per kv head: one stage of
+    (itself, `allocator()`, `selector()`); uniform top-ceil((1 - r) n) by default.
 
-    Subclasses implement `score`; budgets may depend on the layer (`n_keep`, `capacity`).
+    Subclasses implement `score`; allocators take any ScorerPress as their scorer.
     """
 
-    compression_ratio: float = 0.0
-
-    def __post_init__(self):
-        validate_ratio(self.compression_ratio)
-
     @abc.abstractmethod
-    def score(self, prefix: Prefix, obs: Observation, ctx: LayerContext) -> jax.Array:
-        """Return scores [B, K, C] (higher = keep); invalid slots are masked afterwards."""
+    def score(self, prefix, obs, ctx: LayerContext) -> jax.Array:
+        """Return scores [B, K, C] for a LayerView `prefix` (higher = keep); invalid slots are
+        masked afterwards."""
 
-    def n_keep(self, n_valid: jax.Array, ctx: LayerContext) -> jax.Array:
-        """Slots kept per row from valid counts (elementwise; ceil((1-r)·n), at least 1)."""
-        return select.ceil_keep(n_valid, self.compression_ratio)
+    def allocator(self):
+        """How many slots each layer and kv head keeps (uniform by default)."""
+        return Uniform(compression_ratio=self.compression_ratio)
 
-    def capacity(self, n_slots: int, ctx: LayerContext) -> int:
-        """Static number of slots after compression for a prefix of `n_slots` slots."""
-        return select.ceil_keep_static(n_slots, self.compression_ratio)
+    def selector(self):
+        """Which slots are kept given scores and budgets (top-k by default)."""
+        return TopK()
 
-    def compress_layer(self, layer, obs, ctx):
+    def stages(self):
         if self.compression_ratio == 0:
-            return layer
-        p = layer.prefix
-        scores = select.mask_invalid(self.score(p, obs, ctx), p.length)
-        n_keep = jnp.minimum(self.n_keep(p.length, ctx), p.length)  # [B, K]
-        mask = select.topk_mask(scores, n_keep, self.capacity(p.capacity, ctx))
-        return dataclasses.replace(layer, prefix=select.compact(p, mask,
-                                                               self.capacity(p.capacity, ctx)))
+            return ()
+        return (Stage(scorer=self, allocator=self.allocator(), selector=self.selector()),)

@@ -1,7 +1,8 @@
-"""ComposedPress: apply presses one after the other on every layer."""
+"""ComposedPress: apply presses one after the other."""
 
 import dataclasses
 import functools
+import math
 
 from kvjax.observation import ObsSpec
 from kvjax.presses.base import Press
@@ -9,9 +10,10 @@ from kvjax.presses.base import Press
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ComposedPress(Press):
-    """Chain presses: each compresses what the previous one kept (e.g. SnapKV then ThinK).
-
-    The observation is shared; the kept fraction multiplies.
+    """Chain presses: each token stage compresses what the previous one kept (e.g. SnapKV
+    then KNorm); a channel pruner (ThinK) may come last. The observation is shared; the kept
+    fraction multiplies (`compression_ratio` is derived). At most one press may bring a
+    decode hook and at most one a between-layers hook.
     """
 
     presses: tuple[Press, ...]
@@ -22,19 +24,17 @@ class ComposedPress(Press):
         for i, p in enumerate(self.presses):
             if not isinstance(p, Press):
                 raise ValueError(f"{p!r} is not a Press")
-            if _is_uncomp(p) and i != len(self.presses) - 1:
-                raise ValueError("a UNCompPress must come last in a ComposedPress (it stores "
-                                 "kv-head groups as separate arrays)")
-            if _is_channel_pruner(p) and i != len(self.presses) - 1:
-                raise ValueError("a ThinKPress must come last in a ComposedPress (it wraps "
-                                 "the token presses before it)")
-
-    @property
-    def compression_ratio(self) -> float:
-        kept = 1.0
-        for p in self.presses:
-            kept *= 1.0 - getattr(p, "compression_ratio", 0.0)
-        return 1.0 - kept
+            if p.channel_pruner is not None and i != len(self.presses) - 1:
+                raise ValueError(f"{type(p).__name__} prunes channels: it must come last in a "
+                                 "ComposedPress (token stages select full-width keys)")
+        for hook in ("decode_hook", "between_layers"):
+            owners = [type(p).__name__ for p in self.presses if getattr(p, hook) is not None]
+            if len(owners) > 1:
+                raise ValueError(f"{' and '.join(owners)} both bring a {hook}: compose at most "
+                                 "one of them")
+        kept = math.prod(1.0 - p.compression_ratio for p in self.presses)
+        object.__setattr__(self, "compression_ratio", 1.0 - kept)
+        super().__post_init__()
 
     @property
     def obs_spec(self):
@@ -44,23 +44,18 @@ class ComposedPress(Press):
         for p in self.presses:
             p.check_prompt(min_prompt_len)
 
-    def compress_layer(self, layer, obs, ctx):
-        last = self.presses[-1]
-        if _is_channel_pruner(last) and len(self.presses) > 1:
-            # ThinK needs the uncompressed layer for its full-width recent window
-            rest = self.presses[:-1]
-            inner = rest[0] if len(rest) == 1 else ComposedPress(presses=rest)
-            return dataclasses.replace(last, press=inner).compress_layer(layer, obs, ctx)
-        for p in self.presses:
-            layer = p.compress_layer(layer, obs, ctx)
-        return layer
+    def stages(self):
+        return tuple(s for p in self.presses for s in p.stages())
 
+    @property
+    def channel_pruner(self):
+        return self.presses[-1].channel_pruner
 
-def _is_channel_pruner(press) -> bool:
-    from kvjax.presses.think import ThinKPress
-    return isinstance(press, ThinKPress) and press.press is None
+    @property
+    def decode_hook(self):
+        return next((p.decode_hook for p in self.presses if p.decode_hook is not None), None)
 
-
-def _is_uncomp(press) -> bool:
-    from kvjax.presses.uncomp import UNCompPress
-    return isinstance(press, UNCompPress)
+    @property
+    def between_layers(self):
+        return next((p.between_layers for p in self.presses if p.between_layers is not None),
+                    None)

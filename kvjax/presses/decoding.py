@@ -1,8 +1,9 @@
 """DecodingPress: compress during generation so memory stays bounded on long outputs.
 
-Every `compression_interval` generated tokens the tail is merged into the prefix: the base
-press scores prefix and tail slots together and the best `C` survive, where `C` is the
-prefix's static capacity. Runs inside the jitted decode loop (`lax.cond`), with no
+Every `compression_interval` generated tokens each layer's tail is merged into its segments:
+the base press scores segment and tail slots together and the best `length` survive, where
+`length` is the segment's size in the store (any allocator's table: uniform, PyramidKV,
+AdaKV, ZigZagKV, UNComp). Runs inside the jitted decode loop (`lax.cond`), with no
 recompilation; the tail only needs `compression_interval` slots.
 """
 
@@ -11,15 +12,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import KVCache, LayerCache, Prefix
+from kvjax.cache import KVCache, LayerView, layer_view, write_view
+from kvjax.hooks import DecodeHook
+from kvjax.buckets import bucket_length
 from kvjax.observation import Observation, ObsSpec
 from kvjax.presses import select
 from kvjax.presses.base import LayerContext, ScorerPress
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DecodingPress:
-    """Periodic re-selection over prefix + tail with a query-free scorer.
+class DecodingPress(DecodeHook):
+    """Periodic re-selection over each segment + the tail with a query-free scorer.
 
     Args:
       press: a ScorerPress that needs no prefill observation (KnormPress, StreamingLLMPress,
@@ -40,36 +43,36 @@ class DecodingPress:
         if self.compression_interval < 1:
             raise ValueError(f"{self.compression_interval=} must be >= 1")
 
-    def merge_layer(self, layer: LayerCache, ctx: LayerContext) -> LayerCache:
-        """Merge the tail into the prefix, keeping the best `C` valid slots."""
-        if hasattr(layer, "parts"):
-            raise ValueError("DecodingPress cannot merge a head-grouped (UNComp) cache; "
-                             "UNCompPress(decode='ring') bounds decode memory itself")
-        p, t = layer.prefix, layer.tail
-        if p.channels is not None:
-            raise ValueError("DecodingPress cannot merge into thin (ThinK) prefix keys")
-        both = Prefix(k=jnp.concatenate([p.k, t.k.astype(p.k.dtype)], 2),
-                      v=jnp.concatenate([p.v, t.v.astype(p.v.dtype)], 2),
-                      pos=jnp.concatenate([p.pos, jnp.broadcast_to(t.pos[:, None],
-                                                                   t.k.shape[:3])], 2),
-                      length=p.length + t.count[:, None])
+    def tail_slots(self, out_len, reserved):
+        return bucket_length(self.compression_interval + reserved, minimum=16)
+
+    def merge_layer(self, cache: KVCache, layer) -> KVCache:
+        """Merge layer `layer`'s tail into its segments, keeping the best `length` slots."""
+        store, t = cache.store, cache.tail.layer(layer)
+        p = layer_view(store, layer)
+        count = jnp.minimum(t.count, t.capacity)
+        both = LayerView(k=jnp.concatenate([p.k, t.k.astype(p.k.dtype)], 2),
+                         v=jnp.concatenate([p.v, t.v.astype(p.v.dtype)], 2),
+                         pos=jnp.concatenate([p.pos, jnp.broadcast_to(t.pos[:, None],
+                                                                      t.k.shape[:3])], 2),
+                         length=p.length + count[:, None])
         valid = jnp.concatenate([jnp.arange(p.capacity) < p.length[..., None],
-                                 (jnp.arange(t.capacity) < t.count[:, None])[:, None]
+                                 (jnp.arange(t.capacity) < count[:, None])[:, None]
                                  .repeat(p.k.shape[1], 1)], axis=2)
+        ctx = LayerContext(prompt_len=cache.next_pos, layer_idx=layer,
+                           n_layers=cache.n_layers)
         scores = jnp.where(valid, self.press.score(both, Observation(), ctx), -jnp.inf)
-        n_keep = jnp.minimum(jnp.sum(valid, -1), p.capacity)
-        mask = select.topk_mask(scores, n_keep, p.capacity)
-        tail = dataclasses.replace(t, count=jnp.zeros_like(t.count))
-        return LayerCache(prefix=select.compact(both, mask, p.capacity), tail=tail)
+        mask = select.topk_mask(scores, p.length, p.capacity)
+        kept = select.compact(both, mask, p.capacity)
+        return dataclasses.replace(cache, store=write_view(store, layer, kept))
 
-    def maybe_merge(self, cache: KVCache) -> KVCache:
-        """Merge every layer when the tail holds `compression_interval` tokens (lax.cond)."""
-        n = len(cache.layers)
+    def merge(self, cache: KVCache) -> KVCache:
+        """Merge every layer and empty the tail."""
+        cache = jax.lax.fori_loop(0, cache.n_layers, lambda l, c: self.merge_layer(c, l), cache)
+        tail = dataclasses.replace(cache.tail, count=jnp.zeros_like(cache.tail.count))
+        return dataclasses.replace(cache, tail=tail)
 
-        def merge(c):
-            return dataclasses.replace(c, layers=tuple(
-                self.merge_layer(l, LayerContext(c.next_pos, i, n))
-                for i, l in enumerate(c.layers)))
-
-        full = jnp.max(cache.layers[0].tail.count) >= self.compression_interval
-        return jax.lax.cond(full, merge, lambda c: c, cache)
+    def after_step(self, cache: KVCache) -> KVCache:
+        """Merge when the tail holds `compression_interval` tokens (lax.cond)."""
+        full = jnp.max(cache.tail.count) >= self.compression_interval
+        return jax.lax.cond(full, self.merge, lambda c: c, cache)

@@ -17,6 +17,8 @@ import numpy as np
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
 from kvjax.presses.base import ScorerPress
+from kvjax.presses.parts import (LayerwiseAllocator, Selector, Stage, StaticSize, Uniform,
+                                 static_budget_max)
 from kvjax.presses.proxy import DEFAULT_CHUNK, proxy_scores_reference
 
 _OFFICIAL = ("token_protect_ratio", "proxy_keep_ratio", "random_keep_ratio")
@@ -175,10 +177,12 @@ class NACLPress(ScorerPress):
     def obs_spec(self):
         return ObsSpec(proxy_ratio=self.proxy_tokens_ratio)
 
-    def split(self, n, xp=jnp):
+    def split(self, n, xp=jnp, keep=None):
         """(sinks, recent, proxy, random) kept for rows of n valid slots, int32 each.
 
-        Rows kept whole (the documented no-op) get (n, 0, 0, 0).
+        `keep` (jnp only) is the row's budget when an allocator other than NACL's own sets it
+        (default: ceil((1 - r) n), or the official counts). Rows kept whole (the documented
+        no-op) get (n, 0, 0, 0).
         """
         n = xp.asarray(n).astype(xp.int32)
         nf = n.astype(xp.float32)
@@ -189,8 +193,15 @@ class NACLPress(ScorerPress):
             sinks = xp.minimum(n, self.n_sink)
             recent = xp.maximum(floor(self.token_protect_ratio) - self.n_sink, 0)
             n_proxy, n_random = floor(self.proxy_keep_ratio), floor(self.random_keep_ratio)
+            if keep is not None:  # another allocator's budget: the same shares of it
+                sinks, recent = jnp.minimum(sinks, keep), jnp.minimum(recent, keep - sinks)
+                rest = keep - sinks - recent
+                share = self.random_keep_ratio / max(
+                    self.proxy_keep_ratio + self.random_keep_ratio, 1e-9)
+                n_random = jnp.round(jnp.float32(share) * rest).astype(jnp.int32)
+                n_proxy = rest - n_random
         else:  # jnp only: the kept total is the generic ceil((1 - r) * n)
-            keep = select.ceil_keep(n, self.compression_ratio)
+            keep = select.ceil_keep(n, self.compression_ratio) if keep is None else keep
             sinks = jnp.minimum(keep, self.n_sink)
             recent = jnp.round(jnp.float32(self.recent_ratio) * nf).astype(jnp.int32)
             recent = jnp.minimum(recent, keep - sinks)
@@ -202,14 +213,18 @@ class NACLPress(ScorerPress):
         return (xp.where(whole, n, sinks), xp.where(whole, zero, recent),
                 xp.where(whole, zero, n_proxy), xp.where(whole, zero, n_random))
 
-    def n_keep(self, n_valid, ctx):
-        return sum(self.split(n_valid))
+    def allocator(self):
+        if not self.official_form and self.min_eviction_length == 0:
+            return Uniform(compression_ratio=self.compression_ratio)
+        return NACLBudget(press=self)  # rows kept whole exceed the uniform budget
 
-    def capacity(self, n_slots, ctx=None):
-        if not self.official_form:
-            whole = min(n_slots, self.min_eviction_length)
-            return max(whole, select.ceil_keep_static(n_slots, self.compression_ratio))
-        return int(max(1, sum(self.split(np.arange(n_slots + 1), np)).max()))
+    def selector(self):
+        return HybridSelector(press=self)
+
+    def stages(self):
+        if not self.official_form and self.compression_ratio == 0:
+            return ()
+        return (Stage(scorer=self, allocator=self.allocator(), selector=self.selector()),)
 
     def proxy_scores(self, prefix, obs, ctx):
         """[B, K, C] f32 proxy scores summed over the query heads of each kv group."""
@@ -237,13 +252,37 @@ class NACLPress(ScorerPress):
         protected = protected_mask(prefix.length, sinks, recent, prefix.capacity)
         return jnp.where(protected, jnp.inf, self.proxy_scores(prefix, obs, ctx))
 
-    def compress_layer(self, layer, obs, ctx):
-        p = layer.prefix
-        if p.capacity <= self.min_eviction_length or (
-                not self.official_form and self.compression_ratio == 0):
-            return layer  # every row is kept whole
-        cap = self.capacity(p.capacity, ctx)
-        scores = select.mask_invalid(self.proxy_scores(p, obs, ctx), p.length)
-        noise = gumbel_noise(layer_key(self.seed, ctx.layer_idx), p.pos)
-        mask = hybrid_select(scores, p.length, self.split(p.length), noise, cap)
-        return dataclasses.replace(layer, prefix=select.compact(p, mask, cap))
+
+
+@dataclasses.dataclass(frozen=True)
+class NACLBudget(LayerwiseAllocator):
+    """NACL's official budgets: sinks + recent + proxy + random counts of `press.split`."""
+
+    press: NACLPress
+
+    def layer_budgets(self, n_valid, layer_idx, n_layers):
+        return jnp.minimum(sum(self.press.split(n_valid)), n_valid)
+
+    def _static(self, seg: int) -> int:
+        p = self.press
+        if not p.official_form:  # whole rows up to min_eviction_length, else ceil((1 - r) n)
+            return max(min(seg, p.min_eviction_length),
+                       select.ceil_keep_static(seg, p.compression_ratio))
+        return static_budget_max(lambda n: sum(p.split(n, np)), seg)
+
+    def capacity(self, size, n_kv):
+        segs = tuple(self._static(seg) for seg in size.segments)
+        return StaticSize(segs, min(size.total, n_kv * sum(segs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridSelector(Selector):
+    """NACL's selector (`hybrid_select`): sinks, recent, the best by proxy score, and random
+    extra ones by Gumbel-top-k; the counts are `press.split` of the budget."""
+
+    press: NACLPress
+
+    def select(self, scores, n_keep, view, obs, ctx, capacity):
+        split = self.press.split(view.length, keep=n_keep)
+        noise = gumbel_noise(layer_key(self.press.seed, ctx.layer_idx), view.pos)
+        return hybrid_select(scores, view.length, split, noise, capacity)

@@ -6,6 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.presses.parts import LayerwiseAllocator, StaticSize, static_budget_max
 from kvjax.presses.snapkv import SnapKVPress
 
 
@@ -31,13 +32,37 @@ def pyramid_budget(q_len, layer_idx: int, n_layers: int, compression_ratio: floa
     return xp.where(ok, pyramid, fallback).astype(xp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Pyramid(LayerwiseAllocator):
+    """PyramidKV's layer budgets (`pyramid_budget`), clipped to [1, n_valid]."""
+
+    compression_ratio: float
+    window_size: int
+    beta: float
+
+    def _budget(self, n, layer_idx, n_layers, xp):
+        return pyramid_budget(n, layer_idx, n_layers, self.compression_ratio, self.window_size,
+                              self.beta, xp)
+
+    def layer_budgets(self, n_valid, layer_idx, n_layers):
+        b = jnp.clip(self._budget(n_valid, layer_idx, n_layers, jnp), 1, jnp.maximum(n_valid, 1))
+        return jnp.minimum(b, n_valid)
+
+    def capacity(self, size, n_kv):
+        # static: the largest budget any prompt of at most `seg` tokens can get in layer l
+        n_layers = len(size.segments)
+        segs = tuple(static_budget_max(lambda n, l=l: self._budget(n, l, n_layers, np), seg)
+                     for l, seg in enumerate(size.segments))
+        return StaticSize(segs, min(size.total, n_kv * sum(segs)))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PyramidKVPress(SnapKVPress):
     """PyramidKV (Cai et al. 2024, arXiv 2406.02069), as in kvpress.
 
     SnapKV scoring; layer l keeps `max_num - l * (max_num - min_num) / (L - 1)` tokens with
-    `min_num = budget / beta`, so lower layers keep more. Per-layer capacities are static,
-    so the per-layer cache arrays really differ in size.
+    `min_num = budget / beta`, so lower layers keep more (the `Pyramid` allocator; its
+    budgets are segment sizes in the store, so memory follows them).
     """
 
     beta: float = 20.0
@@ -47,14 +72,6 @@ class PyramidKVPress(SnapKVPress):
         if self.beta < 1:
             raise ValueError(f"{self.beta=} must be >= 1")
 
-    def _budget(self, q_len, ctx, xp):
-        return pyramid_budget(q_len, ctx.layer_idx, ctx.n_layers, self.compression_ratio,
-                              self.window_size, self.beta, xp)
-
-    def n_keep(self, n_valid, ctx):
-        return jnp.clip(self._budget(n_valid, ctx, jnp), 1, jnp.maximum(n_valid, 1))
-
-    def capacity(self, n_slots, ctx):
-        # static: the largest budget any prompt of at most n_slots tokens can get
-        budgets = self._budget(np.arange(1, n_slots + 1), ctx, np)
-        return int(min(n_slots, max(1, budgets.max())))
+    def allocator(self):
+        return Pyramid(compression_ratio=self.compression_ratio, window_size=self.window_size,
+                       beta=self.beta)

@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import Prefix
+from kvjax.cache import LayerView
 
 NEG = -jnp.inf
 
@@ -59,7 +59,7 @@ def gather_slots(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=2)
 
 
-def compact(prefix: Prefix, mask: jax.Array, capacity: int) -> Prefix:
+def compact(prefix: LayerView, mask: jax.Array, capacity: int) -> LayerView:
     """Gather the kept slots of `prefix` (mask [B, K, C]) into `capacity` slots, ascending.
 
     Slots beyond the per-head kept count are padding (length says how many are valid).

@@ -6,11 +6,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import LayerCache, Prefix, Tail
+from kvjax.cache import LayerView
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
 from kvjax.presses.base import Press
-from kvjax.presses.uncomp import UNCompPress
 from kvjax.presses.window import window_attention
 
 
@@ -68,38 +67,27 @@ def top_channels(scores: jax.Array, n_keep: int) -> jax.Array:
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
-def split_recent(layer: LayerCache, prompt_len: jax.Array, window: int):
-    """Move the last `window` prompt tokens out of the prefix into the front of the tail.
-
-    Expects the *uncompressed* prefix (slot t holds position t). Returns recent k
-    [B, K, W, H], recent v and their positions [B, W].
-    """
-    p = layer.prefix
+def split_recent(full: LayerView, prompt_len: jax.Array, window: int):
+    """The last `window` prompt tokens of an *uncompressed* view (slot t holds position t):
+    recent k [B, K, W, H], recent v and their positions [B, W]."""
     rpos = prompt_len[:, None] - window + jnp.arange(window)[None]  # [B, W]
-    idx = jnp.broadcast_to(rpos[:, None], p.k.shape[:2] + (window,))
-    return select.gather_slots(p.k, idx), select.gather_slots(p.v, idx), rpos
-
-
-def prepend_to_tail(tail: Tail, k, v, pos) -> Tail:
-    """A tail whose first W slots hold k, v [B, K, W, H] at positions pos [B, W]."""
-    return Tail(k=jnp.concatenate([k.astype(tail.k.dtype), tail.k], 2),
-                v=jnp.concatenate([v.astype(tail.v.dtype), tail.v], 2),
-                pos=jnp.concatenate([pos.astype(jnp.int32), tail.pos], 1),
-                count=tail.count + k.shape[2])
+    idx = jnp.broadcast_to(rpos[:, None], full.k.shape[:2] + (window,))
+    return select.gather_slots(full.k, idx), select.gather_slots(full.v, idx), rpos
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ThinKPress(Press):
     """ThinK (Xu et al. 2024, arXiv 2407.21018): thinner keys by query-driven channel pruning.
 
-    Per layer and kv head, key channels are scored from the queries of the last `window_size`
-    prompt positions and the kept keys (`key_channel_scores`) and the lowest
-    `floor(key_channel_compression_ratio * H)` are dropped: the prefix stores keys
-    `[B, K, C, H - floor(λH)]` plus their channel indices. The last `window_size` prompt
-    tokens keep full-width keys (they move to the front of the tail), as does every decoded
-    token; decode attention gathers the kept query channels for the thin part, scale 1/sqrt(H).
-    Composes with any token press (`press=SnapKVPress(...)`, or last in a ComposedPress).
-    `value_channel_compression_ratio` also drops value channels (`value_channel_scores`).
+    A channel pruner over any token press. Per layer and kv head, key channels are scored from
+    the queries of the last `window_size` prompt positions and the kept keys
+    (`key_channel_scores`) and the lowest `floor(key_channel_compression_ratio * H)` are
+    dropped: the store holds keys `[.., H - floor(λH)]` plus their channel indices (a column
+    of its table). The last `window_size` prompt tokens keep full-width keys (they move to
+    the front of the tail), as does every decoded token; decode attention gathers the kept
+    query channels for the thin part, scale 1/sqrt(H). `press=SnapKVPress(...)` (or any
+    press; last in a ComposedPress) picks the tokens; `value_channel_compression_ratio` also
+    drops value channels (`value_channel_scores`). `compression_ratio` is the token press's.
     """
 
     key_channel_compression_ratio: float = 0.4
@@ -115,14 +103,15 @@ class ThinKPress(Press):
             raise ValueError(f"{self.window_size=} must be >= 1")
         if self.press is not None and not isinstance(self.press, Press):
             raise ValueError(f"press={self.press!r} is not a Press")
-        if isinstance(self.press, UNCompPress):
-            raise ValueError("ThinKPress cannot wrap a UNCompPress (its kv-head groups are "
-                             "stored as separate arrays)")
-
-    @property
-    def compression_ratio(self) -> float:
-        """Token ratio of the wrapped press (channels are reported by the memory report)."""
-        return getattr(self.press, "compression_ratio", 0.0)
+        if self.press is not None and self.press.channel_pruner is not None:
+            raise ValueError(f"ThinKPress cannot wrap {type(self.press).__name__}: it already "
+                             "prunes channels")
+        if self.press is not None and self.press.between_layers is not None:
+            raise ValueError(f"ThinKPress cannot wrap {type(self.press).__name__} with "
+                             "hidden-state pruning: the recent window must reach every layer")
+        object.__setattr__(self, "compression_ratio",
+                           0.0 if self.press is None else self.press.compression_ratio)
+        super().__post_init__()
 
     @property
     def obs_spec(self):
@@ -136,24 +125,36 @@ class ThinKPress(Press):
         if self.press is not None:
             self.press.check_prompt(min_prompt_len)
 
-    def _is_noop(self) -> bool:
-        return self.key_channel_compression_ratio == 0 and self.value_channel_compression_ratio == 0
+    def stages(self):
+        return () if self.press is None else self.press.stages()
 
-    def compress_layer(self, layer, obs, ctx):
-        inner = layer if self.press is None else self.press.compress_layer(layer, obs, ctx)
-        if self._is_noop():
-            return inner
-        rk, rv, rpos = split_recent(layer, ctx.prompt_len, self.window_size)
+    def capacity(self, prompt, n_kv):
+        return prompt if self.press is None else self.press.capacity(prompt, n_kv)
+
+    @property
+    def decode_hook(self):
+        return None if self.press is None else self.press.decode_hook
+
+    @property
+    def channel_pruner(self):
+        no_op = (self.key_channel_compression_ratio == 0
+                 and self.value_channel_compression_ratio == 0)
+        return None if no_op else self
+
+    def prune_layer(self, kept: LayerView, full: LayerView, obs, ctx):
+        """Thin one layer: (view without the recent window, channels set; recent k, v, pos).
+
+        Args:
+          kept: what the token stages kept; full: the layer's uncompressed view.
+        """
+        rk, rv, rpos = split_recent(full, ctx.prompt_len, self.window_size)
         # the token press decided the rest; drop the recent window from its result
-        p = inner.prefix
-        old = (p.pos < (ctx.prompt_len - self.window_size)[:, None, None]) & (
-            jnp.arange(p.capacity) < p.length[..., None])
-        p = select.compact(p, old, p.capacity)
-        p = self._prune_channels(p, rk, obs, ctx)
-        tail = prepend_to_tail(inner.tail, rk, rv, rpos)
-        return LayerCache(prefix=p, tail=tail)
+        old = (kept.pos < (ctx.prompt_len - self.window_size)[:, None, None]) & (
+            jnp.arange(kept.capacity) < kept.length[..., None])
+        p = select.compact(kept, old, kept.capacity)
+        return self._prune_channels(p, rk, obs, ctx), rk, rv, rpos
 
-    def _prune_channels(self, p: Prefix, rk, obs, ctx) -> Prefix:
+    def _prune_channels(self, p: LayerView, rk, obs, ctx) -> LayerView:
         h = p.k.shape[-1]
         slot_ok = jnp.arange(p.capacity) < p.length[..., None]
         all_k = jnp.concatenate([p.k, rk.astype(p.k.dtype)], 2)
@@ -179,4 +180,3 @@ def _take_channels(x: jax.Array, channels: jax.Array) -> jax.Array:
     """x [B, K, C, H], channels [B, K, D'] -> [B, K, C, D']."""
     idx = jnp.broadcast_to(channels[:, :, None, :], x.shape[:3] + (channels.shape[-1],))
     return jnp.take_along_axis(x, idx, axis=-1)
-

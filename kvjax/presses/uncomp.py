@@ -5,7 +5,8 @@ calibration (`kvjax.uncomp.calibrate`) ranks every layer's kv heads by the trunc
 entropy of their queries and splits them into groups; high-entropy (retrieval-like) heads get
 larger budgets than low-entropy (streaming-like) ones. Inside each head tokens are chosen
 SnapKV-style (window 8, max-pool 7, the official setting). The layer-level part (hidden-state
-token pruning between stages) is `models.Decoder.prefill(prefill_keep=...)`.
+token pruning between stages) is `HiddenPruning`, a between-layers hook that kvjax hands the
+decoder (`UNCompPress(prefill_keep=...)`).
 """
 
 import dataclasses
@@ -13,13 +14,12 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import grouped  # module import: kvjax.layer -> grouped -> presses -> here
-from kvjax.cache import LayerCache, init_tail
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
-from kvjax.presses.base import Press, validate_ratio
-from kvjax.presses.snapkv import POOLINGS, check_window, snapkv_scores
-from kvjax.presses.window import window_attention
+from kvjax.presses.base import Press, ScorerPress
+from kvjax.presses.parts import LayerwiseAllocator, Stage, StaticSize
+from kvjax.presses.pruning import HiddenPruning
+from kvjax.presses.snapkv import POOLINGS, SnapKVPress, check_window
 from kvjax.uncomp.calibration import UNCompCalibration, load_calibration
 
 
@@ -36,10 +36,10 @@ def group_weights(n_groups: int, ratio: float) -> np.ndarray:
 def allocate(total, n_valid, weights, xp=jnp):
     """Integer per-head budgets [B, K] summing to `total` [B], proportional to weights [K].
 
-    `weights` is a static numpy array. Water-filling: shares are floored and capped at the
-    head's valid count n_valid [B, K]; what is left goes again to unsaturated heads, the
-    last units one each to the heads of largest weight (ties: lower id). Works with numpy
-    (static capacities) and jnp (traced).
+    Water-filling: shares are floored and capped at the head's valid count n_valid [B, K];
+    what is left goes again to unsaturated heads, the last units one each to the heads of
+    largest weight (ties: lower id). Works with numpy (static capacities) and jnp (traced,
+    also with traced weights).
     """
     k = weights.shape[0]
     w = xp.asarray(weights, xp.float32)
@@ -49,67 +49,27 @@ def allocate(total, n_valid, weights, xp=jnp):
         room = (total - b.sum(-1))[:, None]
         share = xp.floor(room * wf / xp.maximum(wf.sum(-1, keepdims=True), 1e-9))
         b = xp.minimum(b + share.astype(b.dtype), n_valid)
-    order = sorted(range(k), key=lambda h: (-float(weights[h]), h))
+    order = xp.argsort(-w, stable=True) if xp is jnp else np.argsort(-w, kind="stable")
     for _ in range(2):
-        for h in order:
+        for r in range(k):
+            h = order[r]
             give = ((total - b.sum(-1)) > 0) & (b[:, h] < n_valid[:, h])
             b = b + xp.where(xp.arange(k)[None, :] == h, give[:, None], False).astype(b.dtype)
     return b
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class UNCompPress(Press):
-    """UNComp head-group budgets over SnapKV scores (arXiv 2410.03090).
+@dataclasses.dataclass(frozen=True)
+class HeadGroups(LayerwiseAllocator):
+    """UNComp's per-head budgets: the layer total of a uniform press, split over kv heads in
+    proportion to their entropy group's weight (static per layer).
 
-    Per layer the kv heads of group g (0 = lowest entropy) get budgets proportional to
-    w_g = 1 + (group_budget_ratio - 1) g / (groups - 1), so high : low = group_budget_ratio,
-    and the layer total equals K * ceil((1 - r) n) (the mean per-head budget of a uniform
-    press at the same ratio, so byte counts compare at equal budget). Each head group is
-    stored as its own dense array (`kvjax.grouped.GroupedLayerCache`) whose capacity is the
-    group's largest head budget, so the bytes held equal the kept entries (heads of one group
-    differ by at most one slot of integer rounding).
-
-    Args:
-      calibration: a `UNCompCalibration`, a JSON path or "smollm2" (the shipped file). None
-        groups kv heads by index (a placeholder for models without a calibration, not
-        UNComp's entropy ranking).
-      decode: "tail" (new tokens go to each group's dense tail, nothing is evicted while
-        decoding) or "ring" (the official decode: each group holds exactly its capacity
-        C_g; every new token enters and the group re-selects with the attention of the last
-        `window_size` queries, see `kvjax.grouped`).
+    Heads are grouped by `calibration` (low -> high entropy) or, without one, by index.
     """
 
-    compression_ratio: float = 0.0
+    compression_ratio: float
     groups: int = 2
     group_budget_ratio: float = 2.0
-    window_size: int = 8
-    kernel_size: int = 7
-    pooling: str = "max"
     calibration: UNCompCalibration | None = None
-    decode: str = "tail"
-
-    def __post_init__(self):
-        validate_ratio(self.compression_ratio)
-        if self.decode not in DECODE_MODES:
-            raise ValueError(f"{self.decode=} is not one of {DECODE_MODES}")
-        if self.groups < 1 or self.group_budget_ratio < 1.0:
-            raise ValueError(f"{self.groups=} must be >= 1 and {self.group_budget_ratio=} >= 1")
-        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"{self.window_size=} must be >= 1, {self.kernel_size=} odd")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.pooling=} is not one of {POOLINGS}")
-        if self.calibration is not None and not isinstance(self.calibration, UNCompCalibration):
-            object.__setattr__(self, "calibration", load_calibration(self.calibration))
-        if self.calibration is not None and self.calibration.n_groups != self.groups:
-            raise ValueError(f"calibration has {self.calibration.n_groups} head groups, "
-                             f"press has {self.groups=}")
-
-    @property
-    def obs_spec(self):
-        return ObsSpec(window=self.window_size)
-
-    def check_prompt(self, min_prompt_len):
-        check_window(self, min_prompt_len)
 
     def head_groups(self, layer_idx: int, n_kv: int) -> np.ndarray:
         """Group index of every kv head of the layer [K] (static)."""
@@ -123,59 +83,132 @@ class UNCompPress(Press):
         return out
 
     def head_weights(self, layer_idx: int, n_kv: int) -> np.ndarray:
+        """[K] budget weight of every kv head of the layer (static)."""
         return group_weights(self.groups, self.group_budget_ratio)[
             self.head_groups(layer_idx, n_kv)].astype(np.float32)
 
-    def budgets(self, n_valid, weights, xp=jnp):
-        """Per-head budgets [B, K] for valid counts n_valid [B, K]."""
-        base = (select.ceil_keep(n_valid, self.compression_ratio) if xp is jnp else
-                np.vectorize(lambda n: select.ceil_keep_static(int(n), self.compression_ratio))(
-                    n_valid).astype(n_valid.dtype))
-        return allocate(base.sum(-1), n_valid, weights, xp)
-
-    def capacity(self, n_slots: int, weights: np.ndarray) -> int:
-        """Largest head budget over every valid count 1..n_slots (static)."""
-        return self.group_capacity(n_slots, weights, range(len(weights)))
-
-    def head_partition(self, layer_idx: int, n_kv: int) -> tuple[tuple[int, ...], ...]:
-        """The kv heads of every non-empty group, low to high entropy (static)."""
-        g = self.head_groups(layer_idx, n_kv)
-        return tuple(tuple(int(h) for h in np.flatnonzero(g == i)) for i in np.unique(g))
-
-    def group_capacity(self, n_slots: int, weights: np.ndarray, heads) -> int:
-        """Largest budget of the heads `heads` over every valid count 1..n_slots (static)."""
-        n = np.broadcast_to(np.arange(1, n_slots + 1)[:, None], (n_slots, len(weights)))
-        return int(self.budgets(n.astype(np.int64), weights, np)[:, list(heads)].max())
-
-    def compress_layer(self, layer, obs, ctx):
-        if self.compression_ratio == 0:
-            return layer
-        p = layer.prefix
-        n_kv = p.k.shape[1]
+    def layer_budgets(self, n_valid, layer_idx, n_layers):
+        n_kv = n_valid.shape[-1]
         if self.calibration is not None:
-            self.calibration.check_model(ctx.n_layers, obs.q_window.shape[2], n_kv,
-                                         obs.q_window.shape[3])
-        w = self.head_weights(ctx.layer_idx, n_kv)
-        scores = select.mask_invalid(snapkv_scores(p, obs, ctx.prompt_len, self.window_size,
-                                                   self.kernel_size, self.pooling), p.length)
-        n_keep = self.budgets(p.length, w)
-        probs = (window_attention(p, obs, ctx.prompt_len, self.window_size)
-                 if self.decode == "ring" else None)  # [B, K, G, W, C]
-        parts, rows = [], []
-        for heads in self.head_partition(ctx.layer_idx, n_kv):
-            idx = np.asarray(heads)
-            cap = self.group_capacity(p.capacity, w, heads)
-            part = grouped.take_heads(layer, heads)
-            mask = select.topk_mask(scores[:, idx], n_keep[:, idx], cap)
-            kept, length = select.kept_indices(mask, cap)
-            prefix = select.compact(part.prefix, mask, cap)
-            if probs is not None:
-                r = jnp.take_along_axis(probs[:, idx], kept[:, :, None, None, :], axis=4)
-                rows.append(grouped.valid_rows(r, length))
-                b, k_g, _, h = part.tail.k.shape
-                part = dataclasses.replace(part, tail=init_tail(b, k_g, 0, h, part.tail.k.dtype))
-            parts.append(LayerCache(prefix=prefix, tail=part.tail))
-        return grouped.GroupedLayerCache(
-            parts=tuple(parts), rows=tuple(rows) if probs is not None else None,
-            heads=self.head_partition(ctx.layer_idx, n_kv), kernel_size=self.kernel_size,
-            pooling=self.pooling)
+            self.calibration.check_model(n_layers, None, n_kv)
+        table = np.stack([self.head_weights(l, n_kv) for l in range(n_layers)])
+        base = select.ceil_keep(n_valid, self.compression_ratio)
+        return allocate(base.sum(-1), n_valid, jnp.asarray(table)[layer_idx], jnp)
+
+    def static_budgets(self, n_valid: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Budgets [N, K] for host valid counts [N, K] and static weights [K] (numpy)."""
+        ceil = np.vectorize(lambda n: select.ceil_keep_static(int(n), self.compression_ratio))
+        base = ceil(n_valid).astype(n_valid.dtype)
+        return allocate(base.sum(-1), n_valid, weights, np)
+
+    def capacity(self, size, n_kv):
+        segs, total = [], 0
+        for l, seg in enumerate(size.segments):
+            n = np.broadcast_to(np.arange(1, seg + 1)[:, None], (seg, n_kv)).astype(np.int64)
+            b = self.static_budgets(n, self.head_weights(l, n_kv))
+            segs.append(int(min(seg, b.max())))
+            total += n_kv * select.ceil_keep_static(seg, self.compression_ratio)
+        return StaticSize(tuple(segs), min(size.total, total))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UNCompPress(Press):
+    """UNComp head-group budgets over SnapKV scores (arXiv 2410.03090).
+
+    Per layer the kv heads of group g (0 = lowest entropy) get budgets proportional to
+    w_g = 1 + (group_budget_ratio - 1) g / (groups - 1), so high : low = group_budget_ratio,
+    and the layer total equals K * ceil((1 - r) n) (the mean per-head budget of a uniform
+    press at the same ratio, so byte counts compare at equal budget). The budgets are segment
+    sizes in the store (`HeadGroups`), so the bytes held equal the kept entries. Tokens inside
+    a head are chosen by `scorer`, SnapKV with the official setting (window 8, max-pool 7) by
+    default; any ScorerPress works.
+
+    Args:
+      calibration: a `UNCompCalibration`, a JSON path or "smollm2" (the shipped file). None
+        groups kv heads by index (a placeholder for models without a calibration, not
+        UNComp's entropy ranking).
+      decode: "tail" (new tokens go to the dense tail, nothing is evicted while decoding) or
+        "ring" (the official decode, `kvjax.hooks.RingDecode`: every (layer, head) segment
+        holds exactly its budget; each new token enters and the segment re-selects with the
+        attention of the last `window_size` queries).
+      prefill_keep: UNComp's hidden-state token pruning during prefill (`HiddenPruning`):
+        per layer the number of tokens entering it, or None; e.g. from
+        `UNCompCalibration.prefill_keep(n)`. None: no pruning.
+    """
+
+    groups: int = 2
+    group_budget_ratio: float = 2.0
+    window_size: int = 8
+    kernel_size: int = 7
+    pooling: str = "max"
+    calibration: UNCompCalibration | None = None
+    decode: str = "tail"
+    scorer: ScorerPress | None = None
+    prefill_keep: tuple[int | None, ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"{self.decode=} is not one of {DECODE_MODES}")
+        if self.groups < 1 or self.group_budget_ratio < 1.0:
+            raise ValueError(f"{self.groups=} must be >= 1 and {self.group_budget_ratio=} >= 1")
+        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"{self.window_size=} must be >= 1, {self.kernel_size=} odd")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{self.pooling=} is not one of {POOLINGS}")
+        if self.calibration is not None and not isinstance(self.calibration, UNCompCalibration):
+            object.__setattr__(self, "calibration", load_calibration(self.calibration))
+        if self.calibration is not None and self.calibration.n_groups != self.groups:
+            raise ValueError(f"calibration has {self.calibration.n_groups} head groups, "
+                             f"press has {self.groups=}")
+        if self.scorer is not None and not isinstance(self.scorer, ScorerPress):
+            raise ValueError(f"scorer={self.scorer!r} is not a ScorerPress")
+        if self.prefill_keep is not None:
+            HiddenPruning(keep=self.prefill_keep, window=self.window_size).check_obs(
+                self.token_scorer().obs_spec)
+        if self.calibration is None and self.groups < 1:
+            raise ValueError(f"{self.groups=} must be >= 1")
+
+    def token_scorer(self) -> ScorerPress:
+        if self.scorer is not None:
+            return self.scorer
+        return SnapKVPress(compression_ratio=self.compression_ratio,
+                           window_size=self.window_size, kernel_size=self.kernel_size,
+                           pooling=self.pooling)
+
+    @property
+    def obs_spec(self):
+        return ObsSpec(window=self.window_size).merge(self.token_scorer().obs_spec)
+
+    def check_prompt(self, min_prompt_len):
+        check_window(self, min_prompt_len)
+        self.token_scorer().check_prompt(min_prompt_len)
+
+    @property
+    def decode_hook(self):
+        if self.decode != "ring":
+            return None
+        from kvjax.hooks import RingDecode
+        return RingDecode(window_size=self.window_size, kernel_size=self.kernel_size,
+                          pooling=self.pooling)
+
+    @property
+    def between_layers(self):
+        if self.prefill_keep is None:
+            return None
+        return HiddenPruning(keep=self.prefill_keep, window=self.window_size)
+
+    def allocator(self) -> HeadGroups:
+        return HeadGroups(compression_ratio=self.compression_ratio, groups=self.groups,
+                          group_budget_ratio=self.group_budget_ratio,
+                          calibration=self.calibration)
+
+    def head_weights(self, layer_idx: int, n_kv: int) -> np.ndarray:
+        """[K] budget weight of every kv head of the layer (static)."""
+        return self.allocator().head_weights(layer_idx, n_kv)
+
+    def stages(self):
+        if self.compression_ratio == 0:
+            return ()
+        scorer = self.token_scorer()
+        return (Stage(scorer=scorer, allocator=self.allocator(), selector=scorer.selector()),)

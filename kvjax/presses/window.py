@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import default_scale
-from kvjax.cache import Prefix
+from kvjax.cache import LayerView
 from kvjax.observation import Observation
 
 
@@ -17,7 +17,7 @@ def window_positions(prompt_len: jax.Array, window: int) -> jax.Array:
     return prompt_len[:, None] - window + jnp.arange(window)[None, :]
 
 
-def window_attention(prefix: Prefix, obs: Observation, prompt_len: jax.Array,
+def window_attention(prefix: LayerView, obs: Observation, prompt_len: jax.Array,
                      window: int) -> jax.Array:
     """Softmax attention of the last `window` prompt queries over the prefix slots.
 
@@ -49,7 +49,7 @@ def window_attention(prefix: Prefix, obs: Observation, prompt_len: jax.Array,
     return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
 
 
-def in_window(prefix: Prefix, prompt_len: jax.Array, window: int) -> jax.Array:
+def in_window(prefix: LayerView, prompt_len: jax.Array, window: int) -> jax.Array:
     """[B, K, C] True for slots holding one of the last `window` prompt tokens."""
     return prefix.pos >= (prompt_len - window)[:, None, None]
 

@@ -12,6 +12,8 @@ docs/zigzagkv.md:
   * Tokens inside a layer: SnapKV (window W, pooling kernel 7, max pooling), window kept.
   * Eviction happens once at the end of prefill (the paper's "dynamic" setting), so the
     prefill peak holds the full cache; `profile=` gives static per-layer shares instead.
+  * The budgets are segments of the cache's one store (kvjax/cache.py): exactly
+    L * B_avg kept entries per sequence and kv head, whatever the budget vector.
 """
 
 import dataclasses
@@ -20,11 +22,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import KVCache, Pool, Prefix
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
-from kvjax.presses.base import LayerContext, Press, validate_ratio
-from kvjax.presses.snapkv import POOLINGS, check_window, snapkv_scores
+from kvjax.presses.base import Press, ScorerPress
+from kvjax.presses.parts import Allocator, Stage, StaticSize
+from kvjax.presses.snapkv import POOLINGS, SnapKVPress, check_window
 from kvjax.presses.window import window_attention
 
 
@@ -83,29 +85,77 @@ def _largest_remainder(x: jax.Array, total: jax.Array, hi: jax.Array) -> jax.Arr
     return (base + bonus).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class ZigZag(Allocator):
+    """ZigZagKV's per-input layer budgets (the same for every kv head of a layer).
+
+    `layer_stat` is the layer's LMBA [B] on the last `window_size` prompt queries; budgets are
+    `allocate`'s, summing to L * ceil((1 - r) T) per sequence. With `profile` (static
+    per-layer shares) the shares replace LMBA and the per-layer bounds are static.
+    """
+
+    compression_ratio: float
+    window_size: int
+    attention_mass: float
+    budget_floor_ratio: float
+    profile: tuple[float, ...] | None = None
+
+    def layer_stat(self, view, obs, scores, ctx):
+        if self.profile is not None:
+            return None
+        probs = window_attention(view, obs, ctx.prompt_len, self.window_size)  # [B,K,G,W,C]
+        valid = (jnp.arange(view.capacity) < view.length[..., None])[:, :, None, :]
+        return lmba_per_head(probs, valid, self.attention_mass).mean(axis=(1, 2))  # [B]
+
+    def budgets(self, n_valid, stats, prompt_len):
+        b, n_layers, n_kv = n_valid.shape
+        if self.profile is not None:
+            if len(self.profile) != n_layers:
+                raise ValueError(f"profile has {len(self.profile)} layers, the model {n_layers}")
+            shares = jnp.broadcast_to(jnp.asarray(self.profile, jnp.float32), (b, n_layers))
+        else:
+            shares = stats.T.astype(jnp.float32)  # [L, B] -> [B, L]
+        b_avg = select.ceil_keep(prompt_len, self.compression_ratio)
+        alloc = lambda s, a, n: allocate(s, a, n, floor_ratio=self.budget_floor_ratio,
+                                         window=self.window_size)
+        per_layer = jax.vmap(alloc)(shares, b_avg, prompt_len)  # [B, L]
+        return jnp.minimum(per_layer[..., None], n_valid)
+
+    def capacity(self, size, n_kv):
+        n_layers, c = len(size.segments), max(size.segments)
+        total = n_layers * select.ceil_keep_static(c, self.compression_ratio)
+        if self.profile is None:  # any one layer may get up to the whole prompt
+            return StaticSize(size.segments, n_kv * total)
+        share = [x / sum(self.profile) for x in self.profile]
+        segs = tuple(min(seg, math.ceil(share[i] * total) + n_layers)
+                     for i, seg in enumerate(size.segments))
+        return StaticSize(segs, n_kv * total)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ZigZagKVPress(Press):
     """ZigZagKV (Zhong et al., COLING 2025, arXiv 2412.09036).
 
     Layers whose attention is diffuse need more of the budget: LMBA_l (the fewest tokens
     holding `attention_mass` of the window attention, averaged over heads) gives
-    u_l = LMBA_l / sum LMBA and B_l = B_floor + (B_avg - B_floor) * L * u_l per input; SnapKV
-    picks the tokens inside each layer. The kept entries live in one pool of exactly
-    L * B_avg slots per sequence and kv head (`KVCache.pool`), so memory follows the budgets
-    without a compilation per budget vector. `profile` (per-layer shares, e.g. from
-    `kvjax zigzag-profile`) gives static budgets and per-layer arrays instead.
+    u_l = LMBA_l / sum LMBA and B_l = B_floor + (B_avg - B_floor) * L * u_l per input (the
+    `ZigZag` allocator). Tokens inside a layer are picked by `scorer`, SnapKV (window
+    `window_size`, max-pool `kernel_size`) by default; any ScorerPress works, e.g.
+    `scorer=TOVAPress()`. The budgets are segment sizes in the store: memory follows them and a
+    new budget vector never recompiles. `profile` (per-layer shares, e.g. from
+    `kvjax zigzag-profile`) gives static budgets instead.
     """
 
-    compression_ratio: float = 0.0
     window_size: int = 32
     kernel_size: int = 7
     pooling: str = "max"
     attention_mass: float = 0.9
     budget_floor_ratio: float = 0.2
     profile: tuple[float, ...] | None = None
+    scorer: ScorerPress | None = None
 
     def __post_init__(self):
-        validate_ratio(self.compression_ratio)
+        super().__post_init__()
         if not 0.0 < self.attention_mass <= 1.0:
             raise ValueError(f"{self.attention_mass=} must be in (0, 1]")
         if not 0.0 <= self.budget_floor_ratio <= 1.0:
@@ -115,119 +165,32 @@ class ZigZagKVPress(Press):
         if self.profile is not None and (not isinstance(self.profile, tuple)
                                          or min(self.profile) <= 0):
             raise ValueError(f"profile={self.profile!r} must be a tuple of positive shares")
+        if self.scorer is not None and not isinstance(self.scorer, ScorerPress):
+            raise ValueError(f"scorer={self.scorer!r} is not a ScorerPress")
+
+    def token_scorer(self) -> ScorerPress:
+        """The scorer that picks tokens inside each layer."""
+        if self.scorer is not None:
+            return self.scorer
+        return SnapKVPress(compression_ratio=self.compression_ratio,
+                           window_size=self.window_size, kernel_size=self.kernel_size,
+                           pooling=self.pooling)
 
     @property
     def obs_spec(self):
-        return ObsSpec(window=self.window_size)
+        return ObsSpec(window=self.window_size).merge(self.token_scorer().obs_spec)
 
     def check_prompt(self, min_prompt_len):
         check_window(self, min_prompt_len)
+        self.token_scorer().check_prompt(min_prompt_len)
 
-    def compress_layer(self, layer, obs, ctx):
-        raise NotImplementedError("ZigZagKVPress allocates across layers: use compress()")
+    def allocator(self) -> ZigZag:
+        return ZigZag(compression_ratio=self.compression_ratio, window_size=self.window_size,
+                      attention_mass=self.attention_mass,
+                      budget_floor_ratio=self.budget_floor_ratio, profile=self.profile)
 
-    def _scores(self, prefix, obs, ctx):
-        return select.mask_invalid(
-            snapkv_scores(prefix, obs, ctx.prompt_len, self.window_size, self.kernel_size,
-                          self.pooling), prefix.length)
-
-    def lmba(self, cache: KVCache, observations) -> jax.Array:
-        """[B, L] LMBA of every layer and sequence."""
-        out = []
-        for layer, obs in zip(cache.layers, observations):
-            p = layer.prefix
-            probs = window_attention(p, obs, cache.next_pos, self.window_size)  # [B,K,G,W,C]
-            valid = (jnp.arange(p.capacity) < p.length[..., None])[:, :, None, :]
-            out.append(lmba_per_head(probs, valid, self.attention_mass).mean(axis=(1, 2)))
-        return jnp.stack(out, axis=1)
-
-    def budgets(self, cache: KVCache, observations) -> jax.Array:
-        """[B, L] int32 per-input layer budgets (sum L * B_avg per sequence)."""
-        t = cache.next_pos
-        b_avg = select.ceil_keep(t, self.compression_ratio)
-        if self.profile is not None:
-            if len(self.profile) != len(cache.layers):
-                raise ValueError(f"profile has {len(self.profile)} layers, the model "
-                                 f"{len(cache.layers)}")
-            shares = jnp.broadcast_to(jnp.asarray(self.profile, jnp.float32), (t.shape[0],
-                                                                              len(self.profile)))
-        else:
-            shares = self.lmba(cache, observations).astype(jnp.float32)
-        alloc = lambda s, a, n: allocate(s, a, n, floor_ratio=self.budget_floor_ratio,
-                                         window=self.window_size)
-        return jax.vmap(alloc)(shares, b_avg, t)
-
-    def compress(self, cache, observations):
+    def stages(self):
         if self.compression_ratio == 0:
-            return cache
-        budgets = self.budgets(cache, observations)
-        if self.profile is not None:
-            return self._per_layer(cache, observations, budgets)
-        return self._pooled(cache, observations, budgets)
-
-    def _select(self, layer, obs, ctx, n_keep, capacity) -> Prefix:
-        p = layer.prefix
-        n = jnp.broadcast_to(jnp.minimum(n_keep[:, None], p.length), p.length.shape)
-        mask = select.topk_mask(self._scores(p, obs, ctx), n, capacity)
-        return select.compact(p, mask, capacity)
-
-    def _per_layer(self, cache, observations, budgets):
-        c = cache.layers[0].prefix.capacity
-        total = len(cache.layers) * select.ceil_keep_static(c, self.compression_ratio)
-        share = [s / sum(self.profile) for s in self.profile]
-        layers = []
-        for i, (layer, obs) in enumerate(zip(cache.layers, observations)):
-            cap = min(c, math.ceil(share[i] * total) + len(self.profile))
-            ctx = LayerContext(cache.next_pos, i, len(cache.layers))
-            layers.append(dataclasses.replace(layer, prefix=self._select(
-                layer, obs, ctx, budgets[:, i], cap)))
-        return dataclasses.replace(cache, layers=tuple(layers))
-
-    def _pooled(self, cache, observations, budgets):
-        n_layers = len(cache.layers)
-        c = cache.layers[0].prefix.capacity
-        seg = c  # any one layer may get up to the whole prompt
-        size = pool_slots(n_layers * select.ceil_keep_static(c, self.compression_ratio))
-        offset = jnp.cumsum(budgets, axis=1) - budgets
-        first = cache.layers[0].prefix
-        b, k = first.k.shape[:2]
-        pool = Pool(k=jnp.zeros((b, k, size, first.k.shape[-1]), first.k.dtype),
-                    v=jnp.zeros((b, k, size, first.v.shape[-1]), first.v.dtype),
-                    pos=jnp.zeros((b, k, size), jnp.int32), offset=offset.astype(jnp.int32),
-                    length=budgets, max_segment=seg)
-        layers = []
-        for i, (layer, obs) in enumerate(zip(cache.layers, observations)):
-            ctx = LayerContext(cache.next_pos, i, n_layers)
-            pool = _write_segment(pool, self._select(layer, obs, ctx, budgets[:, i], seg), i)
-            layers.append(dataclasses.replace(layer, prefix=_empty_like(layer.prefix)))
-        return dataclasses.replace(cache, layers=tuple(layers), pool=pool)
-
-
-def pool_slots(kept: int) -> int:
-    """Pool slots per sequence and kv head for `kept` kept entries: rounded up to a multiple
-    of 8 (at most 7 padding slots), so that the GPU decode kernel's tiled TMA copies read the
-    pool in place instead of padding (copying) it every step."""
-    return -(-kept // 8) * 8
-
-
-def _write_segment(pool: Pool, p: Prefix, layer: int) -> Pool:
-    """Scatter the first length[b, layer] slots of p into the pool at the layer's offset."""
-    size = pool.k.shape[2]
-    j = jnp.arange(p.capacity)
-    dest = pool.offset[:, layer, None] + j  # [B, S]
-    dest = jnp.where(j[None] < pool.length[:, layer, None], dest, size)  # beyond: dropped
-    dest = jnp.broadcast_to(dest[:, None], p.pos.shape)
-
-    def put(buf, x):
-        return jax.vmap(jax.vmap(lambda bb, xx, dd: bb.at[dd].set(xx.astype(bb.dtype),
-                                                                   mode="drop")))(buf, x, dest)
-
-    return dataclasses.replace(pool, k=put(pool.k, p.k), v=put(pool.v, p.v),
-                               pos=put(pool.pos, p.pos))
-
-
-def _empty_like(p: Prefix) -> Prefix:
-    b, k = p.k.shape[:2]
-    return Prefix(k=jnp.zeros((b, k, 0, p.k.shape[-1]), p.k.dtype),
-                  v=jnp.zeros((b, k, 0, p.v.shape[-1]), p.v.dtype),
-                  pos=jnp.zeros((b, k, 0), jnp.int32), length=jnp.zeros((b, k), jnp.int32))
+            return ()
+        scorer = self.token_scorer()
+        return (Stage(scorer=scorer, allocator=self.allocator(), selector=scorer.selector()),)

@@ -1,0 +1,102 @@
+"""Attention over the store read in place, in jnp: what decode runs without a Pallas kernel.
+
+`cached_attention_reference` (the spec) reads a dense `[B, K, max_segment]` view of a layer's
+segments. With per-input budgets (ZigZagKV, AdaKV) `max_segment` can be far above the
+average segment, so reading it every step would cost as much as the full cache. Here each
+layer walks its segments block by block, with an online softmax, for as many blocks as its
+longest segment needs (a traced trip count): the bytes read follow the kept entries, as in
+the kernels. Tested equal to the spec; axis letters as in `kvjax.attention`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.attention import (default_scale, gather_query_channels, group_heads,
+                             scatter_channels, tail_mask)
+from kvjax.cache import KVStore, LayerTail, gather_rows, slot_index
+
+BLOCK = 128
+
+
+def _softmax_parts(logits: jax.Array, valid: jax.Array):
+    """Masked logits [..., S] -> (max [...], sum of exp [...], probs unnormalised [..., S])."""
+    s = jnp.where(valid, logits, -jnp.inf)
+    m = jnp.max(s, axis=-1)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(valid, jnp.exp(s - m_safe[..., None]), 0.0)
+    return m, jnp.sum(e, axis=-1), e
+
+
+def _merge(m1, l1, a1, m2, l2, a2):
+    """Merge two online-softmax partials (m, l [...], acc [..., D])."""
+    m = jnp.maximum(m1, m2)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w1 = jnp.where(jnp.isfinite(m1), jnp.exp(m1 - m_safe), 0.0)
+    w2 = jnp.where(jnp.isfinite(m2), jnp.exp(m2 - m_safe), 0.0)
+    return m, l1 * w1 + l2 * w2, a1 * w1[..., None] + a2 * w2[..., None]
+
+
+def segment_partial(qg: jax.Array, q_pos: jax.Array, store: KVStore, layer, *, scale: float,
+                    sliding_window: int | None, block: int = BLOCK):
+    """Online-softmax partial of queries over layer `layer`'s segments, block by block.
+
+    Args:
+      qg: [B, T, K, G, Dk] queries on the kept key channels; q_pos: [B, T].
+
+    Returns:
+      m, l [B, K, G, T] f32 (max logit, sum of exp) and acc [B, K, G, T, Dv] f32.
+    """
+    b, t, n_kv, g, _ = qg.shape
+    block = min(block, store.slots)
+    dv = store.v.shape[-1]
+    n_blocks = -(-jnp.max(store.length[:, layer]) // block)
+
+    def body(i, carry):
+        idx, ok = slot_index(store, layer, block, start=i * block)  # [B, K, blk]
+        kb, vb = gather_rows(store.k, idx), gather_rows(store.v, idx)
+        valid = ok[:, :, None, None, :]
+        if sliding_window is not None:
+            pb = gather_rows(store.pos, idx)
+            valid = valid & (q_pos[:, None, None, :, None] - pb[:, :, None, None, :]
+                             < sliding_window)
+        logits = jnp.einsum("btkgd,bksd->bkgts", qg, kb.astype(qg.dtype),
+                            preferred_element_type=jnp.float32) * scale
+        m, l, e = _softmax_parts(logits, valid)
+        acc = jnp.einsum("bkgts,bksd->bkgtd", e, vb.astype(jnp.float32))
+        return _merge(*carry, m, l, acc)
+
+    init = (jnp.full((b, n_kv, g, t), -jnp.inf), jnp.zeros((b, n_kv, g, t)),
+            jnp.zeros((b, n_kv, g, t, dv)))
+    return jax.lax.fori_loop(0, n_blocks, body, init)
+
+
+def store_attention(q: jax.Array, q_pos: jax.Array, store: KVStore, layer, tail: LayerTail, *,
+                    scale: float | None = None, sliding_window: int | None = None,
+                    block: int = BLOCK) -> jax.Array:
+    """`cached_attention_reference(q, q_pos, layer_view(store, layer), tail)`, reading only
+    the blocks that hold kept entries.
+
+    Args:
+      q: [B, T, N, H] post-RoPE queries; q_pos: [B, T]; store: the store; layer: the layer
+        (a traced index inside a scan); tail: the layer's tail (new tokens already in it).
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    scale = default_scale(h) if scale is None else scale
+    qg = group_heads(q, store.n_kv_heads)
+    channels = None if store.channels is None else store.channels[:, layer]
+    q_pref = qg if channels is None else gather_query_channels(qg, channels)
+    m1, l1, a1 = segment_partial(q_pref, q_pos, store, layer, scale=scale,
+                                 sliding_window=sliding_window, block=block)
+    if store.value_channels is not None:
+        a1 = scatter_channels(a1.transpose(0, 3, 1, 2, 4), store.value_channels[:, layer],
+                              h).transpose(0, 2, 3, 1, 4)
+    lt = jnp.einsum("btkgh,bksh->bkgts", qg, tail.k.astype(qg.dtype),
+                    preferred_element_type=jnp.float32) * scale
+    m2, l2, e2 = _softmax_parts(lt, tail_mask(q_pos, tail, sliding_window))
+    a2 = jnp.einsum("bkgts,bksd->bkgtd", e2, tail.v.astype(jnp.float32))
+    _, l, acc = _merge(m1, l1, a1, m2, l2, a2)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]  # rows with no valid slot: zeros
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)

@@ -1,0 +1,86 @@
+"""The one function that writes a selection into the store (docs/architecture.md).
+
+Whatever the press, compression ends with dense per-layer views of the kept entries, stacked
+over layers (`Selection`); `write_store` packs them into the slot rows: the segments of a row
+are laid end to end in (layer, kv head) order, so a row holds exactly the kept entries plus
+the rounding of P to the kernels' alignment.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache import KVStore, head_rows
+
+ALIGN = 8  # slots: the GPU decode kernel's tiled TMA copies start on multiples of 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Kept entries of every layer, stacked (slots >= length are padding).
+
+    Attributes:
+      k: [L, B, K, M, Dk]; v: [L, B, K, M, Dv]; pos: [L, B, K, M] int32; length: [L, B, K];
+      channels: [L, B, K, Dk] | None; value_channels: [L, B, K, Dv] | None;
+      extra: [L, B, K, M, E] f32 per-slot hook state | None.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    length: jax.Array
+    channels: jax.Array | None = None
+    value_channels: jax.Array | None = None
+    extra: jax.Array | None = None
+
+
+def aligned_slots(n: int) -> int:
+    """`n` slots rounded up to the kernels' alignment (at least one aligned block)."""
+    return max(ALIGN, -(-n // ALIGN) * ALIGN)
+
+
+def segment_offsets(length: jax.Array, rows: int) -> jax.Array:
+    """Exclusive cumulative sums of length [B, L, K] within each store row, in (layer, head)
+    order -> offsets [B, L, K] int32."""
+    b, n_layers, n_kv = length.shape
+    per_row = n_kv // rows
+    x = length.reshape(b, n_layers, rows, per_row).transpose(0, 2, 1, 3)
+    x = x.reshape(b, rows, n_layers * per_row)
+    off = jnp.cumsum(x, axis=-1) - x
+    off = off.reshape(b, rows, n_layers, per_row).transpose(0, 2, 1, 3)
+    return off.reshape(b, n_layers, n_kv).astype(jnp.int32)
+
+
+def write_store(sel: Selection, *, slots: int, rows: int = 1, max_segment: int) -> KVStore:
+    """Pack a selection into a store of `rows` rows of `slots` slots.
+
+    The caller guarantees that every row's total kept count fits in `slots` (the press's
+    static bound); entries past it would be dropped, never written over another segment.
+
+    Returns:
+      KVStore with k [B, R, slots, Dk], v, pos, offset/length [B, L, K] and the channels.
+    """
+    n_layers, b, n_kv, m = sel.pos.shape
+    length = sel.length.transpose(1, 0, 2).astype(jnp.int32)  # [B, L, K]
+    offset = segment_offsets(length, rows)
+    j = jnp.arange(m)
+    dest = offset.transpose(1, 0, 2)[..., None] + j  # [L, B, K, M]
+    row = jnp.asarray(head_rows(n_kv, rows) * slots)[None, None, :, None]
+    dest = jnp.where(j < sel.length[..., None], row + dest, rows * slots)  # padding: dropped
+    dest = dest.transpose(1, 0, 2, 3).reshape(b, -1)  # [B, L*K*M]
+
+    def pack(x, fill_dtype=None):  # x [L, B, K, M, ...] -> [B, R, slots, ...]
+        tail_shape = x.shape[4:]
+        vals = jnp.moveaxis(x, 1, 0).reshape((b, -1) + tail_shape)
+        buf = jnp.zeros((b, rows * slots) + tail_shape, fill_dtype or x.dtype)
+        out = jax.vmap(lambda bb, ii, vv: bb.at[ii].set(vv, mode="drop"))(buf, dest, vals)
+        return out.reshape((b, rows, slots) + tail_shape)
+
+    tr = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+    return KVStore(k=pack(sel.k), v=pack(sel.v), pos=pack(sel.pos.astype(jnp.int32)),
+                   offset=offset, length=length, channels=tr(sel.channels),
+                   value_channels=tr(sel.value_channels),
+                   extra=None if sel.extra is None else pack(sel.extra),
+                   max_segment=max_segment)
