@@ -88,7 +88,7 @@ class Pipeline:
         t1 = time.perf_counter()
         state = gen.decode(self.fn, self.params, state, jnp.int32(max_new_tokens),
                            gen.eos_array(self.tokenizer.eos_ids), sampler=sampler,
-                           attn_impl=self.attn_impl, decoding_press=decoding_press)
+                           attn_impl=self.attn_impl)
         tokens = np.asarray(state.tokens)[0, :int(state.lengths[0])].tolist()
         t2 = time.perf_counter()
         return PipelineResult(text=self.tokenizer.decode(tokens), tokens=tokens,

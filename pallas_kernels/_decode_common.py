@@ -16,14 +16,17 @@ def check_decode_args(q, prefix_k, prefix_v, prefix_len, prefix_pos, tail_k, tai
     """
     b, n, h = q.shape
     if prefix_k.ndim != 4 or prefix_k.shape[0] != b:
-        raise ValueError(f"prefix_k.shape={prefix_k.shape} must be [B={b}, K, C, Dk]")
-    _, n_kv, c, dk = prefix_k.shape
+        raise ValueError(f"prefix_k.shape={prefix_k.shape} must be [B={b}, R, C, Dk]")
+    _, rows, c, dk = prefix_k.shape
+    n_kv = prefix_len.shape[1] if prefix_len.ndim == 2 else rows
     s = tail_k.shape[2]
     if n % n_kv:
         raise ValueError(f"N={n} query heads must be a multiple of K={n_kv} kv heads")
-    expected = {"prefix_v": (prefix_v.shape[:3], (b, n_kv, c)),
+    if n_kv % rows:
+        raise ValueError(f"prefix rows R={rows} must divide the K={n_kv} kv heads")
+    expected = {"prefix_v": (prefix_v.shape[:3], (b, rows, c)),
                 "prefix_len": (prefix_len.shape, (b, n_kv)),
-                "prefix_pos": (prefix_pos.shape, (b, n_kv, c)),
+                "prefix_pos": (prefix_pos.shape, (b, rows, c)),
                 "tail_k": (tail_k.shape, (b, n_kv, s, h)),
                 "tail_v": (tail_v.shape, (b, n_kv, s, h)),
                 "tail_pos": (tail_pos.shape, (b, s)),
@@ -32,7 +35,7 @@ def check_decode_args(q, prefix_k, prefix_v, prefix_len, prefix_pos, tail_k, tai
     for name, (got, want) in expected.items():
         if tuple(got) != want:
             raise ValueError(f"{name}.shape={tuple(got)} must be {want} (B={b}, K={n_kv}, "
-                             f"C={c}, S={s}, H={h})")
+                             f"R={rows}, C={c}, S={s}, H={h})")
     if channels is None and dk != h:
         raise ValueError(f"prefix keys have Dk={dk} != H={h} channels but channels is None")
     if channels is not None and tuple(channels.shape) != (b, n_kv, dk):
@@ -75,11 +78,12 @@ def merge_prefix_tail(o_prefix: jax.Array, o_tail: jax.Array,
 
 def check_prefix_window(prefix_offset: jax.Array | None, max_prefix_len: int | None,
                         prefix_len: jax.Array, capacity: int) -> tuple[jax.Array, int]:
-    """Validate the pooled-prefix arguments; return (offsets [B*K] int32, max_len).
+    """Validate the segment arguments; return (offsets [B*K] int32, max_len).
 
     With `prefix_offset` [B, K] the prefix of kv head (b, h) is slots
-    [offset, offset + prefix_len) of the `capacity`-slot prefix arrays (a segment of a shared
-    pool, read in place); `max_prefix_len` (static) bounds prefix_len and sizes the grid.
+    [offset, offset + prefix_len) of row h // (K // R) of the `capacity`-slot prefix arrays
+    (a segment of the cache's store, read in place); `max_prefix_len` (static) bounds
+    prefix_len and sizes the grid.
     Without an offset the prefix starts at slot 0; the bound defaults to `capacity`. The caller
     guarantees prefix_len <= max_prefix_len and offset + prefix_len <= capacity (traced values
     are not checked).

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import loops
-from kvjax.compress import compress_cache, obs_spec_for
+from kvjax.compress import compress, obs_spec_for
 from kvjax.eval.sample import Sample
 from kvjax.memory import memory_report
 from kvjax.sampling import Greedy
@@ -50,26 +50,29 @@ class Answer:
     error: str = ""
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "obs_spec", "attn_impl"))
-def prefill_observe(fn, params, tokens, lengths, *, tail_capacity, obs_spec, attn_impl):
-    """Prefill without compressing -> (last logits [B, V], full KVCache, observations)."""
-    return fn.prefill(params, tokens, lengths, tail_capacity=tail_capacity, obs_spec=obs_spec,
-                      attn_impl=attn_impl)
+def prefill_observe(fn, params, tokens, lengths, *, obs_spec, attn_impl, between=None):
+    """Prefill without compressing -> (last logits [B, V], kvjax.prompt.Prompt)."""
+    return loops.prefill_prompt(fn, params, tokens, lengths, obs_spec=obs_spec,
+                                attn_impl=attn_impl, between=between)
 
 
-@functools.partial(jax.jit, static_argnames=("press",))
-def compress_copy(press, cache, observations):
-    """The cache compressed by `press`, always in new buffers (None copies it), so the shared
-    uncompressed cache survives the donation of the result to `loops.extend`."""
-    out = compress_cache(press, cache, observations)
-    return jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), out) if press is None else out
+@functools.partial(jax.jit, static_argnames=("press", "tail_capacity"))
+def compress_copy(press, prompt, *, tail_capacity):
+    """The prompt compressed by `press` into a new cache (the prompt's buffers survive, so
+    other presses compress the same prefill)."""
+    return compress(press, prompt, tail_capacity=tail_capacity)
+
+
+def _between(press):
+    return None if press is None else press.between_layers
 
 
 def group_by_spec(presses: Sequence) -> list[list[int]]:
-    """Indices of `presses` grouped by equal observation specs, in first-seen order."""
+    """Indices of `presses` grouped by equal prefills (observation spec and between-layers
+    hook), in first-seen order."""
     groups: dict = {}
     for i, press in enumerate(presses):
-        groups.setdefault(obs_spec_for(press), []).append(i)
+        groups.setdefault((obs_spec_for(press), _between(press)), []).append(i)
     return list(groups.values())
 
 
@@ -101,21 +104,23 @@ def answer_sample(pipeline, sample: Sample, presses: Sequence, *,
     answers: list[Answer | None] = [None] * len(presses)
     for group in group_by_spec(presses):
         t0 = time.perf_counter()
-        logits, cache, obs = prefill_observe(
-            fn, params, jnp.asarray(tokens), jnp.asarray(lengths), tail_capacity=out_len,
-            obs_spec=obs_spec_for(presses[group[0]]), attn_impl=pipeline.attn_impl)
+        first = presses[group[0]]
+        logits, prompt = prefill_observe(
+            fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+            obs_spec=obs_spec_for(first), attn_impl=pipeline.attn_impl, between=_between(first))
         jax.block_until_ready(logits)
         shared_s = time.perf_counter() - t0
         for i in group:
-            answers[i] = _decode_one(pipeline, presses[i], logits, cache, obs, q_ids, out_len,
+            answers[i] = _decode_one(pipeline, presses[i], logits, prompt, q_ids, out_len,
                                      sample.max_new_tokens, shared_s, len(ctx_ids))
     return answers
 
 
-def _decode_one(pipeline, press, logits, cache, obs, q_ids, out_len, max_new_tokens,
+def _decode_one(pipeline, press, logits, prompt, q_ids, out_len, max_new_tokens,
                 shared_s, n_context) -> Answer:
     t0 = time.perf_counter()
-    state = loops.init_state(logits, compress_copy(press, cache, obs), 1, out_len, None)
+    cache = compress_copy(press, prompt, tail_capacity=out_len)
+    state = loops.init_state(logits, cache, 1, out_len, None)
     jax.block_until_ready(state.cache)
     t1 = time.perf_counter()
     context_kv_bytes = int(memory_report(state.cache).kv_bytes_needed)

@@ -95,11 +95,12 @@ def perplexities(fn, params, ids: Sequence[int], n_context: int, n_score: int,
     tail = loops.bucket_length(n_score + chunk)
     results: list[PerplexityResult | None] = [None] * len(presses)
     for group in group_by_spec(presses):
-        logits, cache, obs = prefill_observe(
-            fn, params, jnp.asarray(tokens), jnp.asarray(lengths), tail_capacity=tail,
-            obs_spec=obs_spec_for(presses[group[0]]), attn_impl=attn_impl)
+        first = presses[group[0]]
+        logits, prompt = prefill_observe(
+            fn, params, jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=obs_spec_for(first),
+            attn_impl=attn_impl, between=None if first is None else first.between_layers)
         for i in group:
-            compressed = compress_copy(presses[i], cache, obs)
+            compressed = compress_copy(presses[i], prompt, tail_capacity=tail)
             report = memory_report(compressed)
             nll = continuation_nll(fn, params, logits, compressed,
                                    ids[n_context:n_context + n_score], chunk=chunk,

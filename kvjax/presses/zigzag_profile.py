@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from kvjax import loops
 from kvjax.observation import ObsSpec
+from kvjax.presses.base import LayerContext
 from kvjax.presses.window import window_attention
-from kvjax.presses.zigzag import ZigZagKVPress, lmba_per_head
+from kvjax.presses.zigzag import ZigZagKVPress
 
 
 def layer_statistics(model, ids: list[int], *, window: int = 32, tau: float = 0.9,
@@ -28,16 +29,22 @@ def layer_statistics(model, ids: list[int], *, window: int = 32, tau: float = 0.
     """
     fn, params = model.kvjax_split()
     tokens, lengths = loops.pad_prompts([ids])
-    _, cache, obs = jax.jit(lambda p, t, n: fn.prefill(p, t, n, tail_capacity=1,
-                                                       obs_spec=ObsSpec(window=window)))(
-        params, jnp.asarray(tokens), jnp.asarray(lengths))
-    press = ZigZagKVPress(compression_ratio=0.5, window_size=window, attention_mass=tau)
-    lmba = np.asarray(press.lmba(cache, obs))[0]
+    _, prompt = loops.prefill_prompt(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                     obs_spec=ObsSpec(window=window))
+    group = prompt.groups[0]
+    views, obs = group.views(), group.layers.obs
+    layer = lambda x, i: jax.tree.map(lambda a: a[i], x)
+    alloc = ZigZagKVPress(compression_ratio=0.5, window_size=window,
+                          attention_mass=tau).allocator()
+    ctx = lambda i: LayerContext(prompt_len=prompt.next_pos, layer_idx=i,
+                                 n_layers=group.n_layers)
+    lmba = [float(alloc.layer_stat(layer(views, i), layer(obs, i), None, ctx(i))[0])
+            for i in range(group.n_layers)]
     t = len(ids)
     sizes = np.unique(np.linspace(1, t, grid).round().astype(int))
-    lmbo = [_lmbo(layer.prefix, o, cache.next_pos, window, sizes, cos_threshold)
-            for layer, o in zip(cache.layers, obs)]
-    return dict(lmba=lmba.tolist(), lmbo=lmbo, prompt_tokens=t)
+    lmbo = [_lmbo(layer(views, i), layer(obs, i), prompt.next_pos, window, sizes, cos_threshold)
+            for i in range(group.n_layers)]
+    return dict(lmba=lmba, lmbo=lmbo, prompt_tokens=t)
 
 
 def _lmbo(prefix, obs, prompt_len, window, sizes, threshold) -> int:

@@ -95,7 +95,7 @@ class UNCompCalibration:
 
     def prefill_keep(self, n_tokens: int, min_keep_ratio: float = 0.375,
                      window: int = 8) -> tuple[int | None, ...]:
-        """Hidden-state pruning schedule for `Decoder.prefill(prefill_keep=...)`.
+        """Hidden-state pruning schedule for `UNCompPress(prefill_keep=...)`.
 
         Stage s of S keeps `min_len + ((n - min_len) // (S - 1)) * (S - 1 - s)` tokens
         (official code, with max_tokens = n the padded prompt length and min_len =
@@ -175,10 +175,9 @@ def _measure(fn, k):
     def run(params, tokens):
         t = tokens.shape[1]
         lengths = jnp.array([t], jnp.int32)
-        _, _, obs, hidden = fn.prefill(params, tokens, lengths, tail_capacity=1,
-                                       obs_spec=ObsSpec(window=t), attn_impl="reference",
-                                       return_hidden=True)
-        q = jnp.stack([o.q_window[0] for o in obs])  # [L, T, N, H]
+        _, prompt, hidden = fn.prefill(params, tokens, lengths, obs_spec=ObsSpec(window=t),
+                                       attn_impl="reference", return_hidden=True)
+        q = prompt.groups[0].layers.obs.q_window[:, 0]  # [L, T, N, H]
         q_ent = truncated_entropy(q.transpose(0, 2, 1, 3), k)  # [L, N]
         h_ent = truncated_entropy(jnp.stack([x[0] for x in hidden]), k)  # [L]
         return q_ent, h_ent

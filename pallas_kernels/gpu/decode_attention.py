@@ -10,9 +10,10 @@ split writes unnormalised partials (acc, m, l) for its prefix part and its tail 
 widths differ with thin values); a small jnp step combines all partials into one softmax and
 scatters the prefix part onto its kept value channels.
 
-Pooled prefix (ZigZagKV): with `prefix_offset` the prefix arrays are the whole shared pool and
-each kv head walks its layer's segment [offset, offset + length) in place, its TMA copies starting
-at the offset rounded down to 8 (a tile row); the slots before `offset` are masked.
+Segments of the store: with `prefix_offset` the prefix arrays are the cache's whole store (R rows,
+R dividing K; `kvjax.cache.KVStore`) and each kv head walks its layer's segment
+[offset, offset + length) of its row in place, its TMA copies starting at the offset rounded down
+to 8 (a tile row); the slots before `offset` are masked.
 
 Inputs are computed in bf16/f16 (WGMMA): f32 inputs are rounded to bf16 first, so an f32 call
 has bf16 input precision (f32 accumulation and softmax).
@@ -55,12 +56,12 @@ class BlockSizes:
             raise ValueError(f"{self.num_splits=} must be >= 1")
 
 
-def _phase(carry, q_smem, k_ref, v_ref, pos_ref, k_smem, v_smem, pos_smem, bars, *, row,
+def _phase(carry, q_smem, k_ref, v_ref, pos_ref, k_smem, v_smem, pos_smem, bars, *, kv_row,
            pos_row, lo, limit, base, first_block, n_blocks, q_pos, scale, bs, causal,
            sliding_window, interpret):
     """Attend over `n_blocks` blocks of one source (prefix or tail) with double-buffered TMA.
 
-    k_ref, v_ref: [R, X, D] in GMEM, this kv head's slab at `row`; pos_ref: [P, X] in GMEM,
+    k_ref, v_ref: [R, X, D] in GMEM, this kv head's slab at `kv_row`; pos_ref: [P, X] in GMEM,
     row `pos_row`; k_smem, v_smem, pos_smem: two buffers each; bars: (k, v, pos) barriers;
     the valid slots are [lo, limit); block i starts at slot base + (first_block + i) * bs
     (base <= lo, a multiple of 8: tiled TMA copies start on a tile row).
@@ -74,7 +75,7 @@ def _phase(carry, q_smem, k_ref, v_ref, pos_ref, k_smem, v_smem, pos_smem, bars,
         return jnp.minimum(base + (first_block + i) * bs, n_slots - bs)
 
     def fetch(i, slot):
-        sl = (row, pl.ds(start(i), bs))
+        sl = (kv_row, pl.ds(start(i), bs))
         plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
         if use_pos:
@@ -127,8 +128,8 @@ def _init_carry(rows, width, interpret):
 def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B], [B]
             qp_ref,  # [B*K, 64, Dk] queries on the kept key channels (rows >= G are zero)
             qt_ref,  # [B*K, 64, H] full-width queries
-            pk_ref, pv_ref,  # [B*K, C, Dk], [B*K, C, Hv] prefix (the whole pool when pooled)
-            ppos_ref,  # [B*K, C] prefix positions
+            pk_ref, pv_ref,  # [B*R, C, Dk], [B*R, C, Hv] prefix rows (the whole store)
+            ppos_ref,  # [B*R, C] prefix positions
             tk_ref, tv_ref,  # [B*K, S, H] tail
             tpos_ref,  # [B, S] tail positions
             op_ref,  # [B*K, splits, 64, Hv] f32 unnormalised prefix partials
@@ -136,9 +137,11 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B
             m_ref, l_ref,  # [B*K, splits, 2, 64] f32 partial max / sum (prefix, tail)
             qp_smem, qt_smem, kv_smem, pos_smem, op_smem, ot_smem, m_smem, l_smem, q_bar,
             prefix_bars, tail_bars,
-            *, n_kv, scale, bs, prefix_chunk, tail_chunk, sliding_window, interpret):
+            *, n_kv, n_rows, scale, bs, prefix_chunk, tail_chunk, sliding_window, interpret):
     row, split = jax.lax.axis_index("bk"), jax.lax.axis_index("split")
     b = jax.lax.div(row, n_kv)
+    # the prefix row (of R per sequence) that holds kv head `row - b * K`'s segments
+    prow = b * n_rows + jax.lax.div(row - b * n_kv, n_kv // n_rows)
     length, count, q_pos = len_ref[row], cnt_ref[b], qpos_ref[b]
     offset = off_ref[row]  # the prefix is slots [offset, offset + length) (0 unless pooled)
     base = jax.lax.div(offset, 8) * 8
@@ -148,13 +151,14 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B
     plgpu.barrier_wait(q_bar.at[1])
     rows = qp_smem.shape[0]
     (pk_smem, pv_smem), (tk_smem, tv_smem) = kv_smem[0], kv_smem[-1]  # shared if same shapes
-    common = {"row": row, "q_pos": q_pos, "scale": scale, "bs": bs,
+    common = {"q_pos": q_pos, "scale": scale, "bs": bs,
               "sliding_window": sliding_window, "interpret": interpret}
     # The prefix and the tail are two softmax partials (their value widths may differ with
     # thin values); `_combine` merges them with the other splits' partials.
     first = split * prefix_chunk
     m, l, acc = _phase(_init_carry(rows, op_smem.shape[1], interpret), qp_smem, pk_ref, pv_ref,
-                       ppos_ref, pk_smem, pv_smem, pos_smem, prefix_bars, pos_row=row,
+                       ppos_ref, pk_smem, pv_smem, pos_smem, prefix_bars, kv_row=prow,
+                       pos_row=prow,
                        lo=offset, limit=offset + length, base=base, first_block=first,
                        n_blocks=jnp.where(length > 0, jnp.clip(
                            pl.cdiv(offset + length - base, bs) - first, 0, prefix_chunk), 0),
@@ -164,7 +168,8 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B
     l_smem[0] = l
     first = split * tail_chunk
     m, l, acc = _phase(_init_carry(rows, ot_smem.shape[1], interpret), qt_smem, tk_ref, tv_ref,
-                       tpos_ref, tk_smem, tv_smem, pos_smem, tail_bars, pos_row=b, lo=0,
+                       tpos_ref, tk_smem, tv_smem, pos_smem, tail_bars, kv_row=row, pos_row=b,
+                       lo=0,
                        limit=count, base=0, first_block=first,
                        n_blocks=jnp.clip(pl.cdiv(count, bs) - first, 0, tail_chunk),
                        causal=True, **common)
@@ -179,8 +184,8 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B
     plgpu.wait_smem_to_gmem(0)
 
 
-def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, n_kv, scale, bs,
-          splits, prefix_span, sliding_window, interpret):
+def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, n_kv, n_rows,
+          scale, bs, splits, prefix_span, sliding_window, interpret):
     bk_rows, rows, dk = qp.shape
     h, hv, dt = qt.shape[2], pv.shape[2], pk.dtype
     prefix_chunk = pl.cdiv(pl.cdiv(prefix_span, bs), splits)
@@ -203,7 +208,7 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, n_kv
         plgpu.Barrier(num_barriers=2),
         *(tuple(plgpu.Barrier(num_barriers=2) for _ in range(3)) for _ in range(2)),
     ]
-    kernel = functools.partial(_kernel, n_kv=n_kv, scale=scale, bs=bs,
+    kernel = functools.partial(_kernel, n_kv=n_kv, n_rows=n_rows, scale=scale, bs=bs,
                                prefix_chunk=prefix_chunk, tail_chunk=tail_chunk,
                                sliding_window=sliding_window, interpret=interpret is not None)
     f32 = jnp.float32
@@ -262,16 +267,18 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                      interpret: bool | None = None) -> jax.Array:
     """Attend one new query token per sequence over a compressed prefix plus a dense tail.
 
-    With `prefix_offset`, the prefix arrays are a shared pool (ZigZagKV's `Pool`, C = P pool
-    slots) and head (b, h) reads its segment [offset, offset + prefix_len) in place: TMA
-    copies start at the segment's offset rounded down to 8 (tile rows), so no segment is
-    copied. Keep P a multiple of 8 and >= block_kv, or the pool is padded (a copy).
+    With `prefix_offset`, the prefix arrays are the cache's store (`kvjax.cache.KVStore`:
+    R rows of C slots, R dividing K) and head (b, h) reads its segment
+    [offset, offset + prefix_len) of row h // (K // R) in place: TMA copies start at the
+    segment's offset rounded down to 8 (tile rows), so no segment is copied. Keep C a multiple
+    of 8 and >= block_kv, or the store is padded (a copy).
 
     Args:
       q: [B, N, H] post-RoPE queries (bf16/f16; f32 is rounded to bf16 for the MMAs).
-      prefix_k: [B, K, C, Dk] keys (Dk < H with thin keys); prefix_v: [B, K, C, Hv].
+      prefix_k: [B, R, C, Dk] keys (Dk < H with thin keys); prefix_v: [B, R, C, Hv]; R = K
+        (one row per kv head) or any divisor of K.
       prefix_len: [B, K] valid prefix slots per kv head (0 allowed).
-      prefix_pos: [B, K, C] original positions (used by the sliding window).
+      prefix_pos: [B, R, C] original positions (used by the sliding window).
       tail_k, tail_v: [B, K, S, H] dense tail; tail_pos: [B, S]; tail_count: [B] valid slots.
       q_pos: [B] position of the query (tail slots after it are masked).
       channels: [B, K, Dk] kept key channels of the prefix, or None for full-width keys.
@@ -279,7 +286,7 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
         those output channels only), or None for full-width values (Hv = H).
       scale: logit scale, default 1/sqrt(H) (full H even with thin keys).
       sliding_window: Mistral-style window on positions, or None.
-      prefix_offset: [B, K] int32 first slot of each head's prefix (pooled), or None (0).
+      prefix_offset: [B, K] int32 first slot of each head's segment in its row, or None (0).
       max_prefix_len: static bound on prefix_len (splits and work per split), default C.
       block_sizes: BlockSizes (slots per TMA block, number of splits).
       interpret: None = Mosaic GPU interpreter unless the default backend is GPU.
@@ -318,7 +325,8 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
         _as_rows(_pad_slots(tail_k, 2, bs.block_kv), dt),
         _as_rows(_pad_slots(tail_v, 2, bs.block_kv), dt),
         _pad_slots(i32(tail_pos), 1, bs.block_kv), i32(prefix_len).reshape(-1), offsets,
-        i32(tail_count), i32(q_pos), n_kv=n_kv, scale=scale, bs=bs.block_kv, splits=splits,
+        i32(tail_count), i32(q_pos), n_kv=n_kv, n_rows=prefix_k.shape[1], scale=scale,
+        bs=bs.block_kv, splits=splits,
         prefix_span=span, sliding_window=sliding_window,
         interpret=_interpret.gpu_interpret(interpret))
     o_prefix, o_tail = _combine(op, ot, m, l, g)

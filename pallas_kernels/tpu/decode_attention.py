@@ -9,10 +9,11 @@ those of the valid slots (rounded up to a block). Softmax statistics and two acc
 (prefix values, possibly thin, and tail values) live in VMEM scratch in f32; the prefix part is
 scattered onto its kept value channels outside the kernel.
 
-Pooled prefix (ZigZagKV): with `prefix_offset`, the prefix arrays are the whole shared pool and
-each kv head reads its layer's segment [offset, offset + length) in place. The index maps walk
-the pool's own blocks from the one holding `offset` (scalar prefetch), and the kernel masks the
-slots outside the segment; an unaligned segment costs at most one extra block of reads.
+Segments of the store: with `prefix_offset`, the prefix arrays are the cache's whole store
+(R rows, R dividing K; `kvjax.cache.KVStore`) and each kv head reads its layer's segment
+[offset, offset + length) of its row in place. The index maps walk the row's own blocks from
+the one holding `offset` (scalar prefetch), and the kernel masks the slots outside the
+segment; an unaligned segment costs at most one extra block of reads.
 
 Spec: `kvjax.attention.cached_attention_reference` with T = 1.
 Axis letters: B batch, N q heads, K kv heads, G = N // K, H head dim, Hv value dim,
@@ -84,15 +85,16 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
             qt_ref,  # [G, H] full-width queries (for the tail)
             pk_ref,  # [bp, Dk] prefix keys
             pv_ref,  # [bp, Hv] prefix values
-            ppos_ref,  # [1, bp] prefix positions ([K, bp], all kv heads, when pooled)
+            ppos_ref,  # [1, bp] prefix positions ([R, bp], all store rows, when pooled)
             tk_ref,  # [bt, H] tail keys
             tv_ref,  # [bt, H] tail values
             tpos_ref,  # [1, bt] tail positions
             op_ref,  # [G, Hv] f32 prefix part of the output (normalised)
             ot_ref,  # [G, H] f32 tail part of the output (normalised)
             m_ref, l_ref, accp_ref, acct_ref,  # scratch: [G, 1], [G, 1], [G, Hv], [G, H] f32
-            *, scale, n_kv, n_prefix_blocks, bp, bt, sliding_window, pooled):
+            *, scale, n_kv, per_row, n_prefix_blocks, bp, bt, sliding_window, pooled):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row = h // per_row  # the prefix row (of R) holding this kv head's segments
     length, count, q_pos = len_ref[b * n_kv + h], cnt_ref[b], qpos_ref[b]
     # The prefix is slots [offset, offset + length) of its arrays (offset 0 unless pooled);
     # its blocks are the array's own blocks, starting with the one holding `offset`.
@@ -113,7 +115,7 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
         slot = start + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)
         valid = (slot >= lo) & (slot < limit)
         if causal or sliding_window is not None:
-            pos = pos_ref[pl.ds(h, 1), :] if pooled and not causal else pos_ref[...]  # [1, bs]
+            pos = pos_ref[pl.ds(row, 1), :] if pooled and not causal else pos_ref[...]  # [1, bs]
             if causal:
                 valid &= pos <= q_pos
             if sliding_window is not None:
@@ -156,6 +158,8 @@ def _prefix_blocks(c, bp, max_len, pooled):
 def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scale,
           sliding_window, bp, bt, max_len, pooled, interpret):
     b, n_kv, g, dk = qp.shape
+    rows = pk.shape[1]
+    per_row = n_kv // rows
     c, hv, s, h = pk.shape[2], pv.shape[3], tk.shape[2], qt.shape[3]
     n_pb, n_tb = _prefix_blocks(c, bp, max_len, pooled), pl.cdiv(s, bt)
 
@@ -164,16 +168,16 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scal
         off = off_ref[r]
         last = _last_block(jax.lax.rem(off, bp) + len_ref[r], bp)  # later steps repeat it
         blk = jax.lax.div(off, bp) + jnp.minimum(j, last)
-        return bi, hi, jnp.minimum(blk, pl.cdiv(c, bp) - 1), 0
+        return bi, hi // per_row, jnp.minimum(blk, pl.cdiv(c, bp) - 1), 0
 
     def tail_map(bi, hi, j, len_ref, off_ref, cnt_ref, qpos_ref):
         return bi, hi, jnp.clip(j - n_pb, 0, _last_block(cnt_ref[bi], bt)), 0
 
-    def ppos_map(*args):  # positions [B, K, 1, C]: the slot axis is the lane axis
+    def ppos_map(*args):  # positions [B, R, 1, C]: the slot axis is the lane axis
         bi, hi, blk, _ = prefix_map(*args)
         return bi, hi, 0, blk
 
-    def pool_pos_map(*args):  # pool positions [B, K, P]: all K rows (a K-row block is legal)
+    def pool_pos_map(*args):  # store positions [B, R, P]: all R rows (an R-row block is legal)
         bi, _, blk, _ = prefix_map(*args)
         return bi, 0, blk if sliding_window is not None else 0  # unread without a window
 
@@ -184,9 +188,10 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scal
     def head_map(bi, hi, j, *_):
         return bi, hi, 0, 0
 
-    kernel = functools.partial(_kernel, scale=scale, n_kv=n_kv, n_prefix_blocks=n_pb, bp=bp,
-                               bt=bt, sliding_window=sliding_window, pooled=pooled)
-    pos_spec = (pl.BlockSpec((None, n_kv, bp), pool_pos_map) if pooled
+    kernel = functools.partial(_kernel, scale=scale, n_kv=n_kv, per_row=per_row,
+                               n_prefix_blocks=n_pb, bp=bp, bt=bt,
+                               sliding_window=sliding_window, pooled=pooled)
+    pos_spec = (pl.BlockSpec((None, rows, bp), pool_pos_map) if pooled
                 else pl.BlockSpec((None, None, 1, bp), ppos_map))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4, grid=(b, n_kv, n_pb + n_tb),
@@ -225,16 +230,17 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                      interpret: bool | None = None) -> jax.Array:
     """Attend one new query token per sequence over a compressed prefix plus a dense tail.
 
-    With `prefix_offset`, the prefix arrays are a shared pool (ZigZagKV's `Pool`, C = P pool
-    slots) and head (b, h) reads its segment [offset, offset + prefix_len) in place: the
-    index maps start at the block holding `offset` (one extra block at most), so no segment is
-    copied.
+    With `prefix_offset`, the prefix arrays are the cache's store (`kvjax.cache.KVStore`:
+    R rows of C slots, R dividing K) and head (b, h) reads its segment
+    [offset, offset + prefix_len) of row h // (K // R) in place: the index maps start at the
+    block holding `offset` (one extra block at most), so no segment is copied.
 
     Args:
       q: [B, N, H] post-RoPE queries (bf16 or f32).
-      prefix_k: [B, K, C, Dk] keys (Dk < H with thin keys); prefix_v: [B, K, C, Hv].
+      prefix_k: [B, R, C, Dk] keys (Dk < H with thin keys); prefix_v: [B, R, C, Hv]; R = K
+        (one row per kv head) or any divisor of K.
       prefix_len: [B, K] valid prefix slots per kv head (0 allowed).
-      prefix_pos: [B, K, C] original positions (used by the sliding window).
+      prefix_pos: [B, R, C] original positions (used by the sliding window).
       tail_k, tail_v: [B, K, S, H] dense tail; tail_pos: [B, S]; tail_count: [B] valid slots.
       q_pos: [B] position of the query (tail slots after it are masked).
       channels: [B, K, Dk] kept key channels of the prefix, or None for full-width keys.
@@ -242,7 +248,7 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
         those output channels only), or None for full-width values (Hv = H).
       scale: logit scale, default 1/sqrt(H) (full H even with thin keys).
       sliding_window: Mistral-style window on positions, or None.
-      prefix_offset: [B, K] int32 first slot of each head's prefix (pooled), or None (0).
+      prefix_offset: [B, K] int32 first slot of each head's segment in its row, or None (0).
       max_prefix_len: static bound on prefix_len (grid size), default C.
       block_sizes: slots per grid step (BlockSizes).
       interpret: None = interpret unless the default backend is TPU; True/False force it.
@@ -264,7 +270,7 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     def i32(x):
         return x.astype(jnp.int32)
 
-    # pooled: positions stay [B, K, P] (a [B, K, 1, P] view would copy the whole pool)
+    # pooled: positions stay [B, R, P] (a [B, R, 1, P] view would copy the whole store)
     ppos = i32(prefix_pos) if pooled else i32(prefix_pos)[:, :, None, :]
     o_prefix, o_tail = _call(
         qp, qg, prefix_k, prefix_v, ppos, tail_k, tail_v, i32(tail_pos)[:, None, :],
