@@ -4,6 +4,7 @@ from kvjax.attention import cached_attention_reference, prefill_attention_refere
 from kvjax.cache import (KVCache, KVStore, LayerTail, LayerView, Tail, kept_positions,
                          kv_nbytes_needed)
 from kvjax.compress import compress
+from kvjax.compress import obs_spec_for as compress_obs_spec
 from kvjax.hooks import DecodeHook, RingDecode
 from kvjax.layer import begin_decode, decode_layer, decode_positions, prefill_layer
 from kvjax.prompt import LayerPrompt, Prompt, PromptGroup
@@ -29,7 +30,7 @@ __all__ = [
     # cache, decode hooks, integration API, memory
     "DecodeHook", "KVCache", "KVStore", "LayerPrompt", "LayerTail", "LayerView", "MemoryReport",
     "Observation", "ObsSpec", "Prompt", "PromptGroup", "RingDecode", "Tail",
-    "begin_decode", "cached_attention_reference", "compress", "decode_layer",
+    "begin_decode", "cached_attention_reference", "compress", "compress_obs_spec", "decode_layer",
     "decode_positions", "kept_positions", "kv_nbytes_needed", "memory_report",
     "prefill_attention_reference", "prefill_layer",
 ]

@@ -53,3 +53,16 @@ def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     import torch
     with torch.no_grad():
         return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def prefill_cache(model, tokens, lengths, *, tail_capacity: int, press=None, hook=None,
+                  **prefill_kwargs):
+    """`model.prefill` + `kvjax.compress` (eagerly): (last logits [B, V], KVCache)."""
+    import jax.numpy as jnp
+
+    import kvjax
+    spec = kvjax.compress_obs_spec(press, hook)
+    between = None if press is None else press.between_layers
+    logits, prompt = model.prefill(jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=spec,
+                                   between=between, **prefill_kwargs)
+    return logits, kvjax.compress(press, prompt, tail_capacity=tail_capacity, hook=hook)

@@ -1,5 +1,7 @@
-"""DecodingPress: merges inside the jitted loop, bounded memory, against a numpy re-selection."""
+"""DecodingPress: merges inside the jitted loop over every allocator's table, bounded memory,
+against a numpy re-selection; refused combinations."""
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -19,45 +21,53 @@ def model():
     return models.Decoder(cfg, rngs=nnx.Rngs(2))
 
 
-def _numpy_merge(cache, capacity, n_sink=4):
-    """Independent StreamingLLM re-selection: per row and kv head keep, among the valid prefix
-    and tail slots, the first `n_sink` positions and the most recent ones (`capacity` in all).
-    (Positions are exact, unlike key-norm scores whose near-ties between repeated tokens
-    would make a float-rounding-sensitive reference.)"""
-    layers = []
-    for layer in cache.layers:
-        p, t = layer.prefix, layer.tail
-        k = np.concatenate([np.asarray(p.k), np.asarray(t.k)], 2)
-        v = np.concatenate([np.asarray(p.v), np.asarray(t.v)], 2)
-        b, h = k.shape[:2]
-        pos = np.concatenate([np.asarray(p.pos), np.broadcast_to(
-            np.asarray(t.pos)[:, None], (b, h, t.capacity))], 2)
-        new_k, new_v, new_pos = (np.zeros_like(np.asarray(x)) for x in (p.k, p.v, p.pos))
-        length = np.zeros((b, h), np.int32)
-        for i in range(b):
-            for j in range(h):
-                valid = [s for s in range(p.capacity) if s < int(p.length[i, j])] + \
-                        [p.capacity + s for s in range(int(t.count[i]))]
-                by_pos = sorted(valid, key=lambda s: pos[i, j, s])
-                sinks = [s for s in by_pos if pos[i, j, s] < n_sink]
-                rest = [s for s in by_pos if pos[i, j, s] >= n_sink]
-                chosen = sorted(sinks + rest[max(0, len(rest) - (capacity - len(sinks))):],
-                                key=lambda s: pos[i, j, s])
-                n = len(chosen)
-                new_k[i, j, :n], new_v[i, j, :n], new_pos[i, j, :n] = \
-                    k[i, j, chosen], v[i, j, chosen], pos[i, j, chosen]
-                length[i, j] = n
-        prefix = kvjax.Prefix(k=jnp.asarray(new_k), v=jnp.asarray(new_v),
-                              pos=jnp.asarray(new_pos), length=jnp.asarray(length))
-        tail = kvjax.Tail(k=t.k, v=t.v, pos=t.pos, count=jnp.zeros_like(t.count))
-        layers.append(kvjax.LayerCache(prefix=prefix, tail=tail))
-    return kvjax.KVCache(layers=tuple(layers), next_pos=cache.next_pos)
+def _numpy_merge(cache, n_sink=4):
+    """Independent StreamingLLM re-selection, written on numpy copies of the store: per layer,
+    row and kv head keep, among the segment's valid slots and the tail, the first `n_sink`
+    positions and the most recent ones, as many as the segment holds (`length`), written back
+    at the segment's slots in position order. (Positions are exact, unlike key-norm scores
+    whose near-ties between repeated tokens would make a float-rounding-sensitive reference.)"""
+    st, t = cache.store, cache.tail
+    k, v, pos = (np.array(x) for x in (st.k, st.v, st.pos))
+    off, length = np.asarray(st.offset), np.asarray(st.length)
+    tk, tv, tpos, count = (np.asarray(x) for x in (t.k, t.v, t.pos, t.count))
+    b_size, n_layers, n_kv = length.shape
+    row = np.arange(n_kv) // (n_kv // st.rows)
+    for layer in range(n_layers):
+        for i in range(b_size):
+            for j in range(n_kv):
+                o, n, r = off[i, layer, j], length[i, layer, j], row[j]
+                cand = [(pos[i, r, o + s], k[i, r, o + s], v[i, r, o + s]) for s in range(n)]
+                cand += [(tpos[i, s], tk[layer, i, j, s], tv[layer, i, j, s])
+                         for s in range(count[i])]
+                cand.sort(key=lambda c: c[0])
+                sinks = [c for c in cand if c[0] < n_sink]
+                rest = [c for c in cand if c[0] >= n_sink]
+                chosen = sorted(sinks + rest[max(0, len(rest) - (n - len(sinks))):],
+                                key=lambda c: c[0])
+                for s, (p_, k_, v_) in enumerate(chosen):
+                    pos[i, r, o + s], k[i, r, o + s], v[i, r, o + s] = p_, k_, v_
+    store = dataclasses.replace(st, k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos))
+    tail = dataclasses.replace(t, count=jnp.zeros_like(t.count))
+    return dataclasses.replace(cache, store=store, tail=tail)
 
 
-def test_matches_stepwise_numpy_reference(model):
+# every allocator's table: uniform, per layer, per head (data), per input layer, head groups
+PREFILL_PRESSES = {
+    "knorm": lambda: kvjax.KnormPress(compression_ratio=0.5),
+    "pyramidkv": lambda: kvjax.PyramidKVPress(compression_ratio=0.5, window_size=4),
+    "adakv": lambda: kvjax.AdaKVPress(press=kvjax.SnapKVPress(compression_ratio=0.5,
+                                                              window_size=4)),
+    "zigzagkv": lambda: kvjax.ZigZagKVPress(compression_ratio=0.5, window_size=4),
+    "uncomp": lambda: kvjax.UNCompPress(compression_ratio=0.5, window_size=4),
+}
+
+
+@pytest.mark.parametrize("name", list(PREFILL_PRESSES))
+def test_matches_stepwise_numpy_reference(model, name):
     prompts = [list(range(3, 40)), list(range(5, 30))]
     interval, n_new = 8, 30
-    press = kvjax.KnormPress(compression_ratio=0.5)  # prefill press: any
+    press = PREFILL_PRESSES[name]()
     dp = DecodingPress(press=kvjax.StreamingLLMPress(compression_ratio=0.5),
                        compression_interval=interval)
     got = kvjax.generate(model, prompts, max_new_tokens=n_new, press=press, decoding_press=dp)
@@ -66,7 +76,6 @@ def test_matches_stepwise_numpy_reference(model):
     tokens, lengths = loops.pad_prompts(prompts)
     logits, cache = loops.prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
                                   tail_capacity=interval, press=press)
-    capacity = cache.layers[0].prefix.capacity
     out = []
     for _ in range(n_new):
         tok = np.asarray(logits).argmax(-1)
@@ -74,9 +83,27 @@ def test_matches_stepwise_numpy_reference(model):
         step_logits, cache = fn.decode(params, jnp.asarray(tok[:, None]), jnp.array([1, 1]),
                                        cache)
         logits = step_logits[:, 0]
-        if int(cache.layers[0].tail.count.max()) >= interval:
-            cache = _numpy_merge(cache, capacity)
+        if int(cache.tail.count.max()) >= interval:
+            cache = _numpy_merge(cache)
     assert got.tokens.tolist() == np.stack(out, 1).tolist()
+    np.testing.assert_array_equal(np.asarray(got.cache.store.length),
+                                  np.asarray(cache.store.length))  # segments keep their size
+
+
+def test_zigzag_keeps_the_generated_tokens(model):
+    """The first version merged ZigZagKV's tail into an empty placeholder and lost every
+    generated token; on the store each layer's segment takes them like any other press."""
+    prompts = [list(range(3, 60))]
+    dp = DecodingPress(press=kvjax.StreamingLLMPress(compression_ratio=0.5),
+                       compression_interval=8)
+    for press in (kvjax.ZigZagKVPress(compression_ratio=0.5, window_size=4),
+                  kvjax.SnapKVPress(compression_ratio=0.5, window_size=4)):
+        out = kvjax.generate(model, prompts, max_new_tokens=40, press=press, decoding_press=dp)
+        end = int(out.cache.next_pos[0])
+        for layer in range(out.cache.n_layers):
+            for kept in kvjax.kept_positions(out.cache, layer)[0]:
+                if len(kept) > 4 + 8:  # a segment longer than the sinks + one interval
+                    assert set(range(end - 8, end)) <= set(kept.tolist()), (press, layer)
 
 
 def test_memory_bounded_over_long_generation_one_compilation(model):
@@ -87,17 +114,29 @@ def test_memory_bounded_over_long_generation_one_compilation(model):
     out = kvjax.generate(model, [list(range(1, 60))], max_new_tokens=200, press=press,
                          decoding_press=dp)
     assert out.lengths.tolist() == [200]
-    layer = out.cache.layers[0]
-    cap = math.ceil(64 * 0.5)
-    assert layer.prefix.capacity == cap and layer.tail.capacity == 16
-    assert int(layer.prefix.length.max()) <= cap and int(layer.tail.count.max()) < 16
+    cache = out.cache
+    assert cache.tail.capacity == 16 and int(cache.tail.count.max()) < 16
+    assert int(cache.store.length.max()) == math.ceil(59 * 0.5)  # segments keep their size
     # StreamingLLM: the 4 sinks plus the most recent positions survive every merge
-    kept = np.asarray(layer.prefix.pos[0, 0, :int(layer.prefix.length[0, 0])]).tolist()
-    newest = int(out.cache.next_pos[0]) - int(layer.tail.count[0])
+    seg = kvjax.cache.layer_view(cache.store, 0)
+    kept = np.asarray(seg.pos[0, 0, :int(seg.length[0, 0])]).tolist()
+    newest = int(cache.next_pos[0]) - int(cache.tail.count[0])
     assert kept == [0, 1, 2, 3] + list(range(newest - (len(kept) - 4), newest))
     kvjax.generate(model, [list(range(1, 60))], max_new_tokens=150, press=press,
                    decoding_press=dp)
     assert loops.decode._cache_size() == 1
+
+
+def test_refused_combinations_name_both_presses(model):
+    dp = DecodingPress(press=kvjax.KnormPress(compression_ratio=0.5))
+    think = kvjax.ThinKPress(key_channel_compression_ratio=0.5, window_size=4)
+    with pytest.raises(ValueError, match="DecodingPress.*ThinKPress"):
+        kvjax.generate(model, [list(range(1, 30))], max_new_tokens=4, press=think,
+                       decoding_press=dp)
+    ring = kvjax.UNCompPress(compression_ratio=0.5, decode="ring", window_size=4)
+    with pytest.raises(ValueError, match="UNCompPress.*DecodingPress"):
+        kvjax.generate(model, [list(range(1, 30))], max_new_tokens=4, press=ring,
+                       decoding_press=dp)
 
 
 def test_rejects_observation_presses():

@@ -11,6 +11,7 @@ from flax import nnx
 
 import kvjax
 import models
+from conftest import prefill_cache
 gen = importlib.import_module("kvjax.loops")
 
 
@@ -24,8 +25,7 @@ def test_decode_after_prefill_equals_full_forward(tiny):
     """Logits of prefill + extend + step decode equal one forward over the whole sequence."""
     ids = np.random.RandomState(0).randint(0, 97, (2, 40))
     full = np.asarray(tiny(jnp.asarray(ids)))
-    logits, cache, _ = tiny.prefill(jnp.asarray(ids[:, :20]), jnp.array([20, 20]),
-                                    tail_capacity=32)
+    logits, cache = prefill_cache(tiny, ids[:, :20], np.array([20, 20]), tail_capacity=32)
     ext, cache = tiny.decode(jnp.asarray(ids[:, 20:30]), jnp.array([10, 10]), cache)
     np.testing.assert_allclose(np.asarray(ext), full[:, 20:30], atol=1e-5)
     for t in range(30, 40):
@@ -36,7 +36,7 @@ def test_decode_after_prefill_equals_full_forward(tiny):
 
 def _greedy_by_full_forward(model, prompt, n):
     """Independent greedy loop: a fresh full forward over the whole sequence every step."""
-    last_logits = nnx.jit(lambda m, ids, length: m.prefill(ids, length, tail_capacity=1)[0])
+    last_logits = nnx.jit(lambda m, ids, length: m.prefill(ids, length)[0])
     seq = list(prompt)
     for _ in range(n):
         ids = np.zeros((1, 64), np.int32)

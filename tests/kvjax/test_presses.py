@@ -45,12 +45,10 @@ def _prefill(model, prompts, press, tail=8):
                          tail_capacity=tail, press=press)
 
 
-def _kept(layer, b, h):
-    """Kept positions of row b, kv head h: prefix slots, plus tail slots right after prefill
-    (ThinK moves the full-width recent window to the front of the tail)."""
-    prefix = np.asarray(layer.prefix.pos[b, h, :int(layer.prefix.length[b, h])])
-    tail = np.asarray(layer.tail.pos[b, :int(layer.tail.count[b])])
-    return np.concatenate([prefix, tail])
+def _kept(cache, layer, b, h):
+    """Kept positions of row b, kv head h of a layer: its store segment, plus tail slots right
+    after prefill (ThinK moves the full-width recent window to the front of the tail)."""
+    return kvjax.kept_positions(cache, layer)[b][h]
 
 
 @pytest.mark.parametrize("name", [n for n in press_names() if n != "think"])
@@ -61,11 +59,6 @@ def test_ratio_zero_is_identity(model, prompts, name):
     np.testing.assert_array_equal(np.asarray(logits0), np.asarray(logits1))
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(comp)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def _layers(cache):
-    """Layers as dense arrays (pool segments for ZigZagKV, head groups for UNComp)."""
-    return [cache.dense_layer(i) for i in range(len(cache.layers))]
 
 
 def _expected_counts(name, press, layer_idx, n_layers, n):
@@ -83,15 +76,15 @@ def _expected_counts(name, press, layer_idx, n_layers, n):
 def test_kept_counts_and_indices(model, prompts, name, ratio):
     press = _press(name, ratio)
     _, cache = _prefill(model, prompts, press)
-    n_layers = len(cache.layers)
+    n_layers, n_kv = cache.n_layers, cache.store.n_kv_heads
     for b, n in enumerate(LENGTHS):
         if name == "zigzagkv":  # per-input layer budgets: the total over layers is fixed
-            per_layer = [len(_kept(l, b, 0)) for l in _layers(cache)]
+            per_layer = [len(_kept(cache, l, b, 0)) for l in range(n_layers)]
             assert sum(per_layer) == n_layers * math.ceil(round(n * (1 - ratio), 6))
-    for li, layer in enumerate(_layers(cache)):
+    for li in range(n_layers):
         for b, n in enumerate(LENGTHS):
             want = _expected_counts(name, press, li, n_layers, n)
-            counts = np.array([len(_kept(layer, b, h)) for h in range(layer.prefix.k.shape[1])])
+            counts = np.array([len(_kept(cache, li, b, h)) for h in range(n_kv)])
             if name == "zigzagkv":
                 assert len(set(counts.tolist())) == 1  # one budget for all kv heads of a layer
             elif name in ("adakv", "uncomp"):  # head-wise budgets: the layer total is fixed
@@ -100,7 +93,7 @@ def test_kept_counts_and_indices(model, prompts, name, ratio):
             else:
                 assert (counts == want).all(), (li, b, counts, want)
             for h in range(len(counts)):
-                kept = _kept(layer, b, h)
+                kept = _kept(cache, li, b, h)
                 assert (np.diff(kept) > 0).all() and kept.min() >= 0 and kept.max() < n
 
 
@@ -114,28 +107,26 @@ def test_kept_counts_and_indices(model, prompts, name, ratio):
 ])
 def test_protected_tokens_kept(model, prompts, name, protected):
     _, cache = _prefill(model, prompts, _press(name, 0.7))
-    for layer in _layers(cache):
+    for layer in range(cache.n_layers):
         for b, n in enumerate(LENGTHS):
-            for h in range(layer.prefix.k.shape[1]):
-                assert set(protected(n)) <= set(_kept(layer, b, h).tolist())
+            for h in range(cache.store.n_kv_heads):
+                assert set(protected(n)) <= set(_kept(cache, layer, b, h).tolist())
 
 
 def test_streaming_llm_keeps_exactly_sinks_and_recent(model, prompts):
     _, cache = _prefill(model, prompts, _press("streaming_llm", 0.5))
     n = LENGTHS[0]
     keep = math.ceil(n * 0.5)
-    assert _kept(cache.layers[0], 0, 0).tolist() == [0, 1, 2, 3] + list(range(n - keep + 4, n))
+    assert _kept(cache, 0, 0, 0).tolist() == [0, 1, 2, 3] + list(range(n - keep + 4, n))
 
 
 @pytest.mark.parametrize("name", press_names())
 def test_jit_equals_eager(model, prompts, name):
     press = _press(name, 0.6)
-    fn, params = model.kvjax_split()
     tokens, lengths = loops.pad_prompts(prompts)
-    _, full, obs = fn.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), tail_capacity=8,
-                              obs_spec=press.obs_spec)
-    eager = press.compress(full, obs)
-    jitted = jax.jit(lambda c, o: press.compress(c, o))(full, obs)
+    _, prompt = model.prefill(jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=press.obs_spec)
+    eager = kvjax.compress(press, prompt, tail_capacity=8)
+    jitted = jax.jit(lambda p: kvjax.compress(press, p, tail_capacity=8))(prompt)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
@@ -153,9 +144,10 @@ def test_batch_rows_independent_and_finite(model, prompts, name):
     swaps = 0
     for b, p in enumerate(prompts):
         _, alone = _prefill(model, [p], press)
-        for lb, la in zip(_layers(batch), _layers(alone)):
-            for h in range(lb.prefix.k.shape[1]):
-                diff = set(_kept(lb, b, h).tolist()) ^ set(_kept(la, 0, h).tolist())
+        for layer in range(batch.n_layers):
+            for h in range(batch.store.n_kv_heads):
+                diff = set(_kept(batch, layer, b, h).tolist()) ^ set(
+                    _kept(alone, layer, 0, h).tolist())
                 assert len(diff) <= 2
                 swaps += len(diff) // 2
     assert swaps <= 2
@@ -168,31 +160,33 @@ def test_random_press_deterministic_given_seed(model, prompts):
     a = _prefill(model, prompts, kvjax.RandomPress(compression_ratio=0.5, seed=3))[1]
     b = _prefill(model, prompts, kvjax.RandomPress(compression_ratio=0.5, seed=3))[1]
     c = _prefill(model, prompts, kvjax.RandomPress(compression_ratio=0.5, seed=4))[1]
-    assert _kept(a.layers[1], 0, 0).tolist() == _kept(b.layers[1], 0, 0).tolist()
-    assert _kept(a.layers[1], 0, 0).tolist() != _kept(c.layers[1], 0, 0).tolist()
-    assert _kept(a.layers[0], 0, 0).tolist() != _kept(a.layers[1], 0, 0).tolist()
+    assert _kept(a, 1, 0, 0).tolist() == _kept(b, 1, 0, 0).tolist()
+    assert _kept(a, 1, 0, 0).tolist() != _kept(c, 1, 0, 0).tolist()
+    assert _kept(a, 0, 0, 0).tolist() != _kept(a, 1, 0, 0).tolist()
 
 
 def test_memory_really_saved(model, prompts):
+    """The store holds L * K * ceil(C / 4) slots per sequence at ratio 0.75 (C = 64, the
+    bucket): a quarter of the full cache's, and what the longest prompt keeps."""
     _, full = _prefill(model, prompts, None)
     _, comp = _prefill(model, prompts, _press("snapkv", 0.75))
-    cap = full.layers[0].prefix.capacity
-    assert all(l.prefix.capacity == math.ceil(cap / 4) for l in comp.layers)
+    assert full.store.slots == 3 * 2 * 64 and comp.store.slots == 3 * 2 * 16
     rf, rc = kvjax.memory_report(full), kvjax.memory_report(comp)
-    prefix_bytes = lambda c: sum(l.prefix.k.nbytes + l.prefix.v.nbytes for l in c.layers)
-    assert prefix_bytes(comp) * 4 == prefix_bytes(full)
+    assert rc.prefix_kv_bytes_held * 4 == rf.prefix_kv_bytes_held
     assert rc.bytes_held < rf.bytes_held
     assert rc.prefix_tokens == tuple(2 * (math.ceil(57 / 4) + math.ceil(40 / 4))
-                                     for _ in comp.layers)
+                                     for _ in range(comp.n_layers))
     _, pyr = _prefill(model, prompts, _press("pyramidkv", 0.5))
-    caps = [l.prefix.capacity for l in pyr.layers]
-    assert caps[0] > caps[1] > caps[2]  # per-layer arrays of different sizes
+    seg = np.asarray(pyr.store.length)[0, :, 0]  # per-layer segments of different sizes
+    assert seg[0] > seg[1] > seg[2]
+    assert kvjax.memory_report(pyr).prefix_tokens == tuple(
+        int(x) for x in np.asarray(pyr.store.length).sum(axis=(0, 2)))
 
 
 def test_decode_continues_positions_from_prompt_length(model, prompts):
     out = kvjax.generate(model, prompts, max_new_tokens=3, press=_press("snapkv", 0.75))
     assert np.asarray(out.cache.next_pos).tolist() == [n + 3 for n in LENGTHS]
-    assert np.asarray(out.cache.layers[0].tail.pos[:, :3]).tolist() == [
+    assert np.asarray(out.cache.tail.pos[:, :3]).tolist() == [
         [n, n + 1, n + 2] for n in LENGTHS]
 
 
@@ -201,10 +195,10 @@ def test_composed_press_chains(model, prompts):
     knorm = kvjax.KnormPress(compression_ratio=0.5)
     _, two = _prefill(model, prompts, kvjax.ComposedPress(presses=(snap, knorm)))
     _, one = _prefill(model, prompts, snap)
-    for lt, lo in zip(two.layers, one.layers):
+    for layer in range(two.n_layers):
         for h in range(2):
-            assert set(_kept(lt, 0, h)) <= set(_kept(lo, 0, h))
-            assert len(_kept(lt, 0, h)) == math.ceil(math.ceil(57 / 2) / 2)
+            assert set(_kept(two, layer, 0, h)) <= set(_kept(one, layer, 0, h))
+            assert len(_kept(two, layer, 0, h)) == math.ceil(math.ceil(57 / 2) / 2)
 
 
 def test_presses_are_hashable_static_args():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import models
-from conftest import TINY_HF, hf_logits
+from conftest import TINY_HF, hf_logits, prefill_cache
 
 ATOL = 1e-4
 
@@ -29,8 +29,7 @@ def test_stepwise_decode_matches_transformers(loaded, name):
     hf, model = loaded[name]
     ids = np.random.RandomState(2).randint(0, 128, (2, 24))
     ref = hf_logits(hf, ids)
-    logits, cache, _ = model.prefill(jnp.asarray(ids[:, :9]), jnp.array([9, 9]),
-                                     tail_capacity=16)
+    logits, cache = prefill_cache(model, ids[:, :9], np.array([9, 9]), tail_capacity=16)
     np.testing.assert_allclose(np.asarray(logits), ref[:, 8], atol=ATOL, rtol=0)
     for t in range(9, 24):
         logits, cache = model.decode(jnp.asarray(ids[:, t:t + 1]), jnp.array([1, 1]), cache)
@@ -47,7 +46,7 @@ def test_ragged_batch_matches_unpadded_rows(loaded, name):
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
     lengths = jnp.array([len(r) for r in rows])
-    logits, cache, _ = model.prefill(jnp.asarray(tokens), lengths, tail_capacity=8)
+    logits, cache = prefill_cache(model, tokens, lengths, tail_capacity=8)
     nxt = np.array([[5], [7]])
     step_logits, _ = model.decode(jnp.asarray(nxt), jnp.array([1, 1]), cache)
     for i, r in enumerate(rows):
