@@ -7,7 +7,7 @@ from kvjax.compress import compress
 from kvjax.compress import obs_spec_for as compress_obs_spec
 from kvjax.hooks import DecodeHook, RingDecode
 from kvjax.layer import begin_decode, decode_layer, decode_positions, prefill_layer
-from kvjax.prompt import LayerPrompt, Prompt, PromptGroup
+from kvjax.prompt import LayerPrompt, Prompt, PromptGroup, single_group
 from kvjax.loops import GenerateOutput, generate, generate_stream
 from kvjax.memory import MemoryReport, memory_report
 from kvjax.observation import Observation, ObsSpec
@@ -32,5 +32,5 @@ __all__ = [
     "Observation", "ObsSpec", "Prompt", "PromptGroup", "RingDecode", "Tail",
     "begin_decode", "cached_attention_reference", "compress", "compress_obs_spec", "decode_layer",
     "decode_positions", "kept_positions", "kv_nbytes_needed", "memory_report",
-    "prefill_attention_reference", "prefill_layer",
+    "prefill_attention_reference", "prefill_layer", "single_group",
 ]

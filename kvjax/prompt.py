@@ -73,8 +73,15 @@ class Prompt:
         return sum(g.n_layers for g in self.groups)
 
 
-def single_group(layers: LayerPrompt, lengths: jax.Array) -> Prompt:
-    """A Prompt whose layers all saw the whole (right-padded) prompt."""
+def single_group(layers: LayerPrompt | list[LayerPrompt], lengths: jax.Array) -> Prompt:
+    """A Prompt whose layers all saw the whole (right-padded) prompt.
+
+    Args:
+      layers: the LayerPrompts of every layer, stacked (a scan's output) or as a list (a
+        Python loop over layers); lengths: [B] prompt lengths.
+    """
+    if isinstance(layers, (list, tuple)):
+        layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     b, t = layers.k.shape[1], layers.k.shape[3]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     lengths = lengths.astype(jnp.int32)

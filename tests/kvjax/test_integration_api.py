@@ -62,33 +62,32 @@ class ForeignDecoder(nnx.Module):
             h = h + blk.out(o.reshape(*o.shape[:2], -1)) + blk.fc2(jax.nn.gelu(blk.fc1(x)))
         return self.ln_f(h) @ self.emb.embedding[...].T, outs
 
-    def prefill(self, tokens, lengths, *, tail_capacity, obs_spec=kvjax.ObsSpec(),
-                attn_impl="auto", all_logits=False):
+    def prefill(self, tokens, lengths, *, obs_spec=kvjax.ObsSpec(), attn_impl="auto",
+                between=None, all_logits=False):
+        if between is not None:
+            raise ValueError("this decoder does not support between-layers hooks")
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
         def attend(i, q, k, v, q_pre):
-            o, layer, obs = kvjax.prefill_layer(
-                q, k, v, lengths, tail_capacity=tail_capacity, obs_spec=obs_spec,
-                attn_impl=attn_impl, q_prerope=q_pre, rope_inv_freq=INV_FREQ,
-                rope_interleaved=True)
-            return o, (layer, obs)
-
-        logits, outs = self._run(tokens, pos, attend)
-        cache = kvjax.KVCache(layers=tuple(l for l, _ in outs), next_pos=lengths)
-        if not all_logits:
-            logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], 1)[:, 0]
-        return logits, cache, tuple(o for _, o in outs)
-
-    def decode(self, tokens, n_new, cache, *, attn_impl="auto"):
-        pos = kvjax.decode_positions(cache.next_pos, tokens.shape[1])
-
-        def attend(i, q, k, v, q_pre):
-            return kvjax.decode_layer(q, k, v, pos, n_new, cache.layer(i), attn_impl=attn_impl)
+            return kvjax.prefill_layer(q, k, v, lengths, obs_spec=obs_spec,
+                                       attn_impl=attn_impl, q_prerope=q_pre,
+                                       rope_inv_freq=INV_FREQ, rope_interleaved=True)
 
         logits, layers = self._run(tokens, pos, attend)
-        new = [cache.store(i, l) for i, l in enumerate(layers)]
-        return logits, kvjax.KVCache(layers=tuple(new), next_pos=cache.next_pos + n_new,
-                                     pool=cache.pool)
+        if not all_logits:
+            logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], 1)[:, 0]
+        return logits, kvjax.single_group(layers, lengths)
+
+    def decode(self, tokens, n_new, cache, *, attn_impl="auto"):
+        pos, cache = kvjax.begin_decode(cache, tokens.shape[1], n_new)
+        box = [cache]  # a Python loop over layers (no scan) threads the cache by hand
+
+        def attend(i, q, k, v, q_pre):
+            o, box[0] = kvjax.decode_layer(q, k, v, pos, n_new, box[0], i, attn_impl=attn_impl)
+            return o, None
+
+        logits, _ = self._run(tokens, pos, attend)
+        return logits, box[0]
 
     def kvjax_split(self):
         return split_model(self, self.max_seq_len)
@@ -116,10 +115,11 @@ def foreign():
 
 def test_full_cache_logits_equal_plain_reference(foreign):
     ids = jnp.asarray(np.random.RandomState(0).randint(0, V, (2, 20)))
-    logits, _, _ = foreign.prefill(ids, jnp.array([20, 20]), tail_capacity=4, all_logits=True)
+    logits, _ = foreign.prefill(ids, jnp.array([20, 20]), all_logits=True)
     ref = plain_reference(foreign, ids)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5)
-    _, cache, _ = foreign.prefill(ids[:, :12], jnp.array([12, 12]), tail_capacity=8)
+    _, prompt = foreign.prefill(ids[:, :12], jnp.array([12, 12]))
+    cache = kvjax.compress(None, prompt, tail_capacity=8)
     step, cache = foreign.decode(ids[:, 12:16], jnp.array([4, 4]), cache)
     np.testing.assert_allclose(np.asarray(step), np.asarray(ref[:, 12:16]), atol=1e-5)
 

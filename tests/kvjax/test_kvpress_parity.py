@@ -64,8 +64,8 @@ def _ours(model, ids, press):
     tokens = jnp.asarray(np.pad(ids, ((0, 0), (0, 128 - T))))
     logits, cache = loops.prefill(fn, params, tokens, jnp.array([T]), tail_capacity=16,
                                   press=press)
-    kept = [[[np.asarray(l.prefix.pos[0, h, :int(l.prefix.length[0, h])]).tolist()
-              for h in range(N_KV)]] for l in cache.layers]
+    kept = [[[kvjax.kept_positions(cache, layer)[0][h].tolist() for h in range(N_KV)]]
+            for layer in range(cache.n_layers)]
     return fn, params, logits, cache, kept
 
 

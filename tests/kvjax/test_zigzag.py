@@ -1,5 +1,6 @@
 """ZigZagKV: LMBA against brute force, the allocator on hand-computed cases, equal-LMBA
-reduces to SnapKV, the pooled layout's bytes and its equivalence with a plain masked layout."""
+reduces to SnapKV, the store's bytes and its equivalence with a plain masked layout, any scorer
+under the layer budgets."""
 
 import dataclasses
 import math
@@ -15,6 +16,7 @@ import models
 from kvjax import loops
 from kvjax.presses import select
 from kvjax.presses.zigzag import ZigZagKVPress, allocate, lmba_per_head
+from kvjax.writer import Selection, write_store
 
 W = 8
 
@@ -81,66 +83,84 @@ def test_equal_lmba_gives_uniform_budgets_and_snapkv_indices(model):
                              pooling="max")
     _, a = _prefill(model, zz)
     _, b = _prefill(model, snap)
-    for la, lb in zip(a.layers, b.layers):
+    for layer in range(4):
+        ka, kb = kvjax.kept_positions(a, layer), kvjax.kept_positions(b, layer)
         for r, n in enumerate(len(p) for p in PROMPTS):
-            assert (np.asarray(la.prefix.length[r]) == math.ceil(n / 2)).all()
             for h in range(2):
-                k = int(la.prefix.length[r, h])
-                assert np.asarray(la.prefix.pos[r, h, :k]).tolist() == \
-                    np.asarray(lb.prefix.pos[r, h, :k]).tolist()
+                assert len(ka[r][h]) == math.ceil(n / 2)
+                assert ka[r][h].tolist() == kb[r][h].tolist()
 
 
-def test_pool_bytes_follow_budgets_with_one_compilation(model):
+def test_store_bytes_follow_budgets_with_one_compilation(model):
     press = ZigZagKVPress(compression_ratio=0.6, window_size=W)
     loops.prefill.clear_cache()
     _, cache = _prefill(model, press)
     _, cache2 = _prefill(model, press, prompts=[PROMPTS[1], PROMPTS[0][:50]])
     assert loops.prefill._cache_size() == 1
-    pool = cache.pool
-    budgets = np.asarray(pool.length)
-    assert not (budgets[0] == budgets[0, 0]).all() or not (budgets[1] == budgets[1, 0]).all()
-    assert budgets[0].tolist() != budgets[1].tolist()  # two different budget vectors
+    length = np.asarray(cache.store.length)  # [B, L, K]
+    assert (length == length[..., :1]).all()  # one budget for the kv heads of a layer
+    budgets = length[..., 0]
+    assert len(set(budgets[0].tolist())) > 1 and budgets[0].tolist() != budgets[1].tolist()
     for r, n in enumerate(len(p) for p in PROMPTS):
         assert budgets[r].sum() == 4 * math.ceil(n * 0.4)
-    c = cache.layers[0].tail.k.shape  # [B, K, S, H]
-    per_slot = c[1] * c[3] * 4 * 2  # one pool slot of one row: K heads x (k + v) x H f32
-    pool_slots = 4 * math.ceil(64 * 0.4)  # L * B_avg of the 64-token bucket, per row
-    assert pool.k.nbytes + pool.v.nbytes == 2 * pool_slots * per_slot
+    h = cache.store.k.shape[-1]
+    per_entry = h * 4 * 2  # one kv head's key + value, f32
+    slots = 4 * 2 * math.ceil(64 * 0.4)  # L * K * B_avg of the 64-token bucket, per row
+    assert cache.store.slots == slots  # 208: already a multiple of 8
     rep = kvjax.memory_report(cache)
-    tail_bytes = sum(l.tail.k.nbytes + l.tail.v.nbytes for l in cache.layers)
-    assert rep.kv_bytes_needed == int(budgets.sum()) * per_slot  # valid entries = budgets
-    # documented padding: only what length bucketing adds (pool sized for the 64-slot bucket)
-    assert rep.kv_bytes_held - tail_bytes == 2 * pool_slots * per_slot
+    assert rep.prefix_kv_bytes_needed == int(length.sum()) * per_entry  # valid = budgets
+    # documented padding: only what length bucketing adds (store sized for the 64 bucket)
+    assert rep.prefix_kv_bytes_held == 2 * slots * per_entry
 
 
 def _masked_layout(full, cache):
-    """The same kept tokens as per-layer arrays of the full capacity, masked by length."""
-    layers = []
-    for i, (lf, lp) in enumerate(zip(full.layers, cache.layers)):
-        view = cache.layer(i).prefix
-        keep = np.zeros(lf.prefix.pos.shape, bool)
-        for r in range(keep.shape[0]):
-            for h in range(keep.shape[1]):
-                keep[r, h, np.asarray(view.pos[r, h, :int(view.length[r, h])])] = True
-        prefix = select.compact(lf.prefix, jnp.asarray(keep), lf.prefix.capacity)
-        layers.append(dataclasses.replace(lp, prefix=prefix))
-    return kvjax.KVCache(layers=tuple(layers), next_pos=cache.next_pos)
+    """The same kept tokens as segments of the whole prompt's width (the full cache's table
+    and sizes), masked by length: a layout built without any allocator."""
+    views = [kvjax.cache.layer_view(full.store, i) for i in range(full.n_layers)]
+    keep = []
+    for i, view in enumerate(views):
+        mask = np.zeros(view.pos.shape, bool)
+        for r, heads in enumerate(kvjax.kept_positions(cache, i)):
+            for h, kept in enumerate(heads):
+                kept = kept[kept < int(full.next_pos[r])]  # the prompt part (tail is empty)
+                mask[r, h, kept] = True
+        keep.append(select.compact(view, jnp.asarray(mask), view.capacity))
+    stack = lambda f: jnp.stack([f(v) for v in keep])
+    sel = Selection(k=stack(lambda v: v.k), v=stack(lambda v: v.v), pos=stack(lambda v: v.pos),
+                    length=stack(lambda v: v.length))
+    store = write_store(sel, slots=full.store.slots, max_segment=full.store.max_segment)
+    return dataclasses.replace(full, store=store)
 
 
-def test_pool_generation_equals_masked_layout(model):
+def test_store_generation_equals_masked_layout(model):
     press = ZigZagKVPress(compression_ratio=0.6, window_size=W)
-    logits, pooled = _prefill(model, press)
+    logits, packed = _prefill(model, press)
     _, full = _prefill(model, None)
-    masked = _masked_layout(full, pooled)
+    masked = _masked_layout(full, packed)
     fn, params = model.kvjax_split()
     tok_a = tok_b = jnp.argmax(logits, -1)[:, None]
     for _ in range(6):
-        la, pooled = fn.decode(params, tok_a, jnp.array([1, 1]), pooled)
+        la, packed = fn.decode(params, tok_a, jnp.array([1, 1]), packed)
         lb, masked = fn.decode(params, tok_b, jnp.array([1, 1]), masked)
         np.testing.assert_allclose(np.asarray(la), np.asarray(lb), atol=1e-5)
         tok_a = tok_b = jnp.argmax(la[:, -1], -1)[:, None]
     out = kvjax.generate(model, PROMPTS, max_new_tokens=6, press=press)
-    assert out.lengths.tolist() == [6, 6] and out.cache.pool is not None
+    assert out.lengths.tolist() == [6, 6]
+
+
+def test_any_scorer_inside_the_layer_budgets(model):
+    """The allocator takes any scorer: TOVA's tokens under ZigZagKV's layer budgets."""
+    press = ZigZagKVPress(compression_ratio=0.5, window_size=W, scorer=kvjax.TOVAPress())
+    _, cache = _prefill(model, press)
+    _, plain = _prefill(model, ZigZagKVPress(compression_ratio=0.5, window_size=W))
+    np.testing.assert_array_equal(np.asarray(cache.store.length), np.asarray(plain.store.length))
+    for layer in range(4):  # TOVA scores are shared by the kv heads: identical kept sets
+        kept = kvjax.kept_positions(cache, layer)
+        for r in range(2):
+            assert kept[r][0].tolist() == kept[r][1].tolist()
+            assert int(cache.next_pos[r]) - 1 in kept[r][0]  # TOVA keeps the last token
+    with pytest.raises(ValueError, match="not a ScorerPress"):
+        ZigZagKVPress(compression_ratio=0.5, scorer=kvjax.AdaKVPress(press=kvjax.KnormPress()))
 
 
 @pytest.mark.parametrize("kwargs, match", [
