@@ -14,10 +14,11 @@ from flax import nnx
 import kvjax
 import models
 from kvjax import loops
-from kvjax.cache import Prefix
+from kvjax.cache import LayerView
 from kvjax.observation import Observation, ObsSpec, observe
 from kvjax.presses import make_press
 from kvjax.presses.base import LayerContext
+from kvjax.presses.parts import StaticSize
 from kvjax.presses.nacl import NACLPress, gumbel_noise, hybrid_select, layer_key, proxy_count
 from kvjax.presses.proxy import proxy_scores_reference
 
@@ -43,8 +44,8 @@ def _prefill(model, prompts, press):
                          tail_capacity=8, press=press)[1]
 
 
-def _kept(layer, b, h):
-    return np.asarray(layer.prefix.pos[b, h, :int(layer.prefix.length[b, h])])
+def _kept(cache, layer, b, h):
+    return kvjax.kept_positions(cache, layer)[b][h]
 
 
 # ---------------------------------------------------------------- proxy scores
@@ -79,7 +80,7 @@ def test_proxy_scores_match_full_softmax(causal):
                   jnp.asarray(lengths), press.obs_spec)
     assert obs.q_window.shape[1] == math.ceil(0.2 * 37)
     k32 = jnp.asarray(k, jnp.float32).transpose(0, 2, 1, 3)
-    prefix = Prefix(k=k32, v=k32, pos=jnp.broadcast_to(jnp.arange(t), (b, n_kv, t)),
+    prefix = LayerView(k=k32, v=k32, pos=jnp.broadcast_to(jnp.arange(t), (b, n_kv, t)),
                     length=jnp.asarray(np.repeat(lengths[:, None], n_kv, 1)))
     got = press.proxy_scores(prefix, obs, LayerContext(jnp.asarray(lengths)))
     n_proxy = [max(1, round(0.2 * x)) for x in lengths]  # 7 and 5
@@ -176,28 +177,29 @@ def test_selection_deterministic_given_seed(model, prompts):
     a = _prefill(model, prompts, NACLPress(compression_ratio=0.6, random_fraction=0.6, seed=3))
     b = _prefill(model, prompts, NACLPress(compression_ratio=0.6, random_fraction=0.6, seed=3))
     c = _prefill(model, prompts, NACLPress(compression_ratio=0.6, random_fraction=0.6, seed=4))
-    for la, lb in zip(a.layers, b.layers):
-        np.testing.assert_array_equal(np.asarray(la.prefix.pos), np.asarray(lb.prefix.pos))
-    assert any(_kept(a.layers[i], 0, h).tolist() != _kept(c.layers[i], 0, h).tolist()
+    np.testing.assert_array_equal(np.asarray(a.store.pos), np.asarray(b.store.pos))
+    assert any(_kept(a, i, 0, h).tolist() != _kept(c, i, 0, h).tolist()
                for i in range(2) for h in range(2))
 
 
-def _ctx_and_obs(model, prompts, press):
-    fn, params = model.kvjax_split()
+def _views_and_obs(model, prompts, press):
+    """Per layer: the uncompressed LayerView and its Observation; and the prompt lengths."""
     tokens, lengths = loops.pad_prompts(prompts)
-    _, cache, obs = fn.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), tail_capacity=8,
-                               obs_spec=press.obs_spec)
-    return cache, obs
+    _, prompt = model.prefill(jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=press.obs_spec)
+    group = prompt.groups[0]
+    at = lambda x, i: jax.tree.map(lambda a: a[i], x)
+    return [(at(group.views(), i), at(group.layers.obs, i)) for i in range(group.n_layers)], \
+        prompt.next_pos
 
 
 def test_random_fraction_zero_is_proxy_topk(model, prompts):
     press = NACLPress(compression_ratio=0.6, random_fraction=0.0, n_sink=3, recent_ratio=0.1,
                       proxy_tokens_ratio=0.1)
-    cache, obs = _ctx_and_obs(model, prompts, press)
-    for li, (layer, o) in enumerate(zip(cache.layers, obs)):
-        ctx = LayerContext(cache.next_pos, li, 2)
-        scores = np.asarray(press.proxy_scores(layer.prefix, o, ctx))
-        out = press.compress_layer(layer, o, ctx)
+    layers, next_pos = _views_and_obs(model, prompts, press)
+    cache = _prefill(model, prompts, press)
+    for li, (view, o) in enumerate(layers):
+        ctx = LayerContext(next_pos, li, 2)
+        scores = np.asarray(press.proxy_scores(view, o, ctx))
         for b, n in enumerate(LENGTHS):
             keep = math.ceil(0.4 * n)
             recent = round(0.1 * n)
@@ -205,7 +207,7 @@ def test_random_fraction_zero_is_proxy_topk(model, prompts):
                 cand = np.arange(3, n - recent)
                 best = cand[np.argsort(-scores[b, h, cand], kind="stable")[:keep - 3 - recent]]
                 want = sorted({0, 1, 2} | set(range(n - recent, n)) | set(best.tolist()))
-                assert _kept(out, b, h).tolist() == want
+                assert _kept(cache, li, b, h).tolist() == want
 
 
 # ---------------------------------------------------------------- budgets and batches
@@ -214,12 +216,12 @@ def test_kvpress_form_counts_sinks_recent_ragged(model, prompts):
     press = NACLPress(compression_ratio=0.7, random_fraction=0.35, n_sink=4, recent_ratio=0.1,
                       proxy_tokens_ratio=0.1, seed=1)
     cache = _prefill(model, prompts, press)
-    for layer in cache.layers:
-        assert layer.prefix.capacity == math.ceil(0.3 * 64)  # padded capacity 64
+    assert cache.store.max_segment == math.ceil(0.3 * 64)  # padded capacity 64
+    for layer in range(cache.n_layers):
         for b, n in enumerate(LENGTHS):
             keep, recent = math.ceil(round(0.3 * n, 6)), round(0.1 * n)
             for h in range(2):
-                kept = _kept(layer, b, h)
+                kept = _kept(cache, layer, b, h)
                 assert len(kept) == keep and (np.diff(kept) > 0).all() and kept.max() < n
                 assert set(range(4)) | set(range(n - recent, n)) <= set(kept.tolist())
     split = [np.asarray(x).tolist() for x in press.split(jnp.array(LENGTHS))]
@@ -231,10 +233,10 @@ def test_batch_row_equals_alone_and_padding_never_kept(model, prompts):
     batch = _prefill(model, prompts, press)
     for b, p in enumerate(prompts):
         alone = _prefill(model, [p], press)
-        for lb, la in zip(batch.layers, alone.layers):
+        for layer in range(batch.n_layers):
             for h in range(2):
-                assert _kept(lb, b, h).tolist() == _kept(la, 0, h).tolist()
-                assert _kept(lb, b, h).max() < LENGTHS[b]
+                assert _kept(batch, layer, b, h).tolist() == _kept(alone, layer, 0, h).tolist()
+                assert _kept(batch, layer, b, h).max() < LENGTHS[b]
 
 
 def test_official_preset_and_counts(model):
@@ -247,7 +249,8 @@ def test_official_preset_and_counts(model):
         want = (256, max(0, int(0.01 * n) - 256), int(0.12 * n), int(0.07 * n))
         assert [int(x) for x in press.split(n, np)] == list(want)
     assert [int(x) for x in press.split(2048, np)] == [2048, 0, 0, 0]  # no-op at <= 2048
-    assert press.capacity(4096) == max(2048, 256 + 491 + 286)
+    bound = press.capacity(StaticSize.prompt((4096,), 1), 1).segments[0]
+    assert bound == max(2048, 256 + 491 + 286)
     prompt = list(np.random.RandomState(1).randint(0, 101, 300))
     full = _prefill(model, [prompt], None)
     same = _prefill(model, [prompt], press)  # 300 <= 2048: kept whole
@@ -255,10 +258,10 @@ def test_official_preset_and_counts(model):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     small = NACLPress.official(n_sink=8, min_eviction_length=100)
     cache = _prefill(model, [prompt, prompt[:90]], small)
-    for layer in cache.layers:  # 300 -> 8 + 0 + 36 + 21; 90 <= 100 is kept whole
-        assert np.asarray(layer.prefix.length).tolist() == [[65, 65], [90, 90]]
+    for layer in range(cache.n_layers):  # 300 -> 8 + 0 + 36 + 21; 90 <= 100 kept whole
+        assert np.asarray(cache.store.length[:, layer]).tolist() == [[65, 65], [90, 90]]
         for h in range(2):
-            assert set(range(8)) <= set(_kept(layer, 0, h).tolist())
+            assert set(range(8)) <= set(_kept(cache, layer, 0, h).tolist())
 
 
 def test_prompt_shorter_than_protected_is_kept_whole():
@@ -281,7 +284,7 @@ def test_registry_seed_obs_spec_and_adakv(model, prompts):
     assert int(proxy_count(np.array(40), 0.01, np)) == 1
     ada = kvjax.AdaKVPress(press=NACLPress(compression_ratio=0.5, proxy_tokens_ratio=0.1))
     cache = _prefill(model, prompts, ada)
-    assert np.asarray(cache.layers[0].prefix.length).sum(1).tolist() == [58, 40]
+    assert np.asarray(cache.store.length[:, 0]).sum(1).tolist() == [58, 40]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -304,8 +307,8 @@ def test_bad_arguments(kwargs, match):
 
 def test_missing_observation_is_a_clear_error(model, prompts):
     press = NACLPress(compression_ratio=0.5)
-    cache, _ = _ctx_and_obs(model, prompts, kvjax.KnormPress())
+    layers, next_pos = _views_and_obs(model, prompts, kvjax.KnormPress())
     with pytest.raises(ValueError, match="obs_spec"):
-        press.compress_layer(cache.layers[0], Observation(), LayerContext(cache.next_pos))
+        press.proxy_scores(layers[0][0], Observation(), LayerContext(next_pos))
     with pytest.raises(dataclasses.FrozenInstanceError):
         press.seed = 2

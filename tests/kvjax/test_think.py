@@ -13,6 +13,7 @@ import kvjax
 import models
 from kvjax import loops
 from kvjax.attention import cached_attention_reference
+from kvjax.cache import layer_view, write_view
 from kvjax.presses.think import (ThinKPress, key_channel_scores, top_channels,
                                  value_channel_scores)
 
@@ -76,12 +77,25 @@ def test_lambda_zero_reproduces_token_press(model):
     assert ga.tolist() == gb.tolist()
 
 
-def _zero_filled(layer):
-    p = layer.prefix
-    h = layer.tail.k.shape[-1]
-    one_hot = jax.nn.one_hot(p.channels, h, dtype=p.k.dtype)  # [B, K, Dk, H]
-    k_full = jnp.einsum("bkcd,bkdh->bkch", p.k, one_hot)
-    return dataclasses.replace(layer, prefix=dataclasses.replace(p, k=k_full, channels=None))
+def _zero_filled(view, h=16):
+    """The view with thin keys scattered back to H channels (zeros elsewhere)."""
+    one_hot = jax.nn.one_hot(view.channels, h, dtype=view.k.dtype)  # [B, K, Dk, H]
+    k_full = jnp.einsum("bkcd,bkdh->bkch", view.k, one_hot)
+    return dataclasses.replace(view, k=k_full, channels=None)
+
+
+def _views(cache):
+    return [(layer_view(cache.store, i), cache.tail.layer(i)) for i in range(cache.n_layers)]
+
+
+def _zero_filled_cache(cache):
+    """The same cache with full-width (zero-filled) keys in a full-width store."""
+    st = cache.store
+    wide = dataclasses.replace(st, k=jnp.zeros(st.k.shape[:3] + (16,), st.k.dtype),
+                               channels=None)
+    for i, (view, _) in enumerate(_views(cache)):
+        wide = write_view(wide, i, _zero_filled(view))
+    return dataclasses.replace(cache, store=wide)
 
 
 def test_thin_attention_equals_zero_filled_keys(model):
@@ -90,11 +104,11 @@ def test_thin_attention_equals_zero_filled_keys(model):
     _, cache = _prefill(model, press)
     q = jax.random.normal(jax.random.key(0), (2, 1, 6, 16))
     q_pos = cache.next_pos[:, None]
-    for layer in cache.layers:
-        thin = cached_attention_reference(q, q_pos, layer)
-        full = cached_attention_reference(q, q_pos, _zero_filled(layer))
+    for view, tail in _views(cache):
+        thin = cached_attention_reference(q, q_pos, view, tail)
+        full = cached_attention_reference(q, q_pos, _zero_filled(view), tail)
         np.testing.assert_allclose(np.asarray(thin), np.asarray(full), atol=1e-5)
-    zf = dataclasses.replace(cache, layers=tuple(_zero_filled(l) for l in cache.layers))
+    zf = _zero_filled_cache(cache)
     tok = jnp.array([[3], [4]])
     la, _ = model.decode(tok, jnp.array([1, 1]), cache)
     lb, _ = model.decode(tok, jnp.array([1, 1]), zf)
@@ -106,22 +120,23 @@ def test_storage_is_thin_and_recent_window_is_full_width(model):
     _, base = _prefill(model, snap)
     _, cache = _prefill(model, ThinKPress(key_channel_compression_ratio=0.5, window_size=W,
                                           press=snap))
-    for lb, lt in zip(base.layers, cache.layers):
-        assert lt.prefix.k.shape[-1] * 2 == lb.prefix.k.shape[-1] == 16  # exactly half as wide
-        assert lt.prefix.channels.shape == lt.prefix.k.shape[:2] + (8,)
-        assert lt.prefix.v.shape[-1] == 16  # values untouched
-        ch = np.asarray(lt.prefix.channels)
-        assert (np.diff(ch, axis=-1) > 0).all()
+    st = cache.store
+    assert st.k.shape[-1] * 2 == base.store.k.shape[-1] == 16  # exactly half as wide
+    assert st.channels.shape == st.length.shape + (8,)  # a column of the table
+    assert st.v.shape[-1] == 16 and cache.tail.k.shape[-1] == 16  # values, tail untouched
+    assert (np.diff(np.asarray(st.channels), axis=-1) > 0).all()
+    for b, n in enumerate(len(p) for p in PROMPTS):
+        assert np.asarray(cache.tail.pos[b, :W]).tolist() == list(range(n - W, n))
+        assert int(cache.tail.count[b]) == W
+    for layer in range(cache.n_layers):  # same tokens as SnapKV: segment + recent window
+        thin, want = kvjax.kept_positions(cache, layer), kvjax.kept_positions(base, layer)
         for b, n in enumerate(len(p) for p in PROMPTS):
-            assert np.asarray(lt.tail.pos[b, :W]).tolist() == list(range(n - W, n))
-            assert int(lt.tail.count[b]) == W
-            # same tokens as SnapKV: prefix + recent window
             for h in range(2):
-                kept = np.asarray(lt.prefix.pos[b, h, :int(lt.prefix.length[b, h])]).tolist()
-                want = np.asarray(lb.prefix.pos[b, h, :int(lb.prefix.length[b, h])]).tolist()
-                assert kept + list(range(n - W, n)) == want
+                assert thin[b][h].tolist() == want[b][h].tolist()
+                seg = layer_view(st, layer)
+                assert int(seg.length[b, h]) == len(want[b][h]) - W  # window in the tail
     rep_t, rep_b = kvjax.memory_report(cache), kvjax.memory_report(base)
-    assert rep_t.key_width == (8, 8) and rep_b.key_width == (16, 16)
+    assert rep_t.key_width == 8 and rep_b.key_width == 16
     assert rep_t.kv_bytes_needed < rep_b.kv_bytes_needed
 
 
@@ -141,16 +156,15 @@ def test_value_pruning_equals_zeroed_value_channels(model):
                                                               window_size=W))
     _, cache = _prefill(model, press)
     q = jax.random.normal(jax.random.key(1), (2, 1, 6, 16))
-    for layer in cache.layers:
-        p = layer.prefix
+    q_pos = cache.next_pos[:, None]
+    for p, tail in _views(cache):
         assert p.v.shape[-1] == 12 and p.value_channels.shape[-1] == 12
         one_hot = jax.nn.one_hot(p.value_channels, 16, dtype=p.v.dtype)
         v_full = jnp.einsum("bkcd,bkdh->bkch", p.v, one_hot)
-        ref = dataclasses.replace(layer, prefix=dataclasses.replace(
-            _zero_filled(layer).prefix, v=v_full, value_channels=None))
+        ref = dataclasses.replace(_zero_filled(p), v=v_full, value_channels=None)
         np.testing.assert_allclose(
-            np.asarray(cached_attention_reference(q, cache.next_pos[:, None], layer)),
-            np.asarray(cached_attention_reference(q, cache.next_pos[:, None], ref)), atol=1e-5)
+            np.asarray(cached_attention_reference(q, q_pos, p, tail)),
+            np.asarray(cached_attention_reference(q, q_pos, ref, tail)), atol=1e-5)
     out = kvjax.generate(model, PROMPTS, max_new_tokens=4, press=press)
     assert out.lengths.tolist() == [4, 4]
 
@@ -169,10 +183,10 @@ def test_think_alone_matches_kvpress_pruned_channels(tiny_hf_dirs):
                                                            window_size=32))
     _, cache = _prefill(ours, ThinKPress(key_channel_compression_ratio=0.5, window_size=32),
                         prompts=[list(ids[0])])
-    for lk, lo in zip(compressed.layers, cache.layers):
+    for li, lk in enumerate(compressed.layers):
         zeroed = (lk.keys.numpy()[0] == 0).all(axis=1)  # [K, H]
         for h in range(zeroed.shape[0]):
-            kept = set(np.asarray(lo.prefix.channels[0, h]).tolist())
+            kept = set(np.asarray(cache.store.channels[0, li, h]).tolist())
             assert set(np.flatnonzero(~zeroed[h]).tolist()) == kept
     del torch
 
