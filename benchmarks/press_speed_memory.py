@@ -5,8 +5,10 @@
 
 For each press and ratio: compression time as a fraction of the full-cache prefill time
 (prefill-with-press minus plain prefill, observation statistics included), decode tokens/s
-relative to the full cache, and KV bytes relative to the full cache. Compilation is excluded
-(ahead-of-time compile, then one timed call). Saves docs/results/press_speed_memory.json.
+relative to the full cache, KV bytes relative to the full cache, and the store's bytes held
+over the bytes its kept entries need (tail excluded: 1.00 = no padding). Compilation is
+excluded (ahead-of-time compile, then one timed call). Saves
+docs/results/press_speed_memory.json.
 """
 
 import argparse
@@ -62,7 +64,7 @@ def main(argv=None):
           f"full cache: prefill {args.tokens / base_prefill:.0f} tok/s, decode "
           f"{base_decode:.1f} tok/s, KV {base.kv_bytes_held / 2**20:.1f} MiB")
     print(f"{'press':<20}{'ratio':>6}{'compress/prefill':>18}{'decode vs full':>16}"
-          f"{'KV held vs full':>17}{'KV needed vs full':>19}")
+          f"{'KV held vs full':>17}{'KV needed vs full':>19}{'store held/needed':>19}")
     for name in args.presses.split(","):
         for r in [float(x) for x in args.ratios.split(",")]:
             press = make_press(name, r, **_bench_kwargs(name))
@@ -71,11 +73,13 @@ def main(argv=None):
             row = dict(press=name, ratio=r, compress_frac=(tp - base_prefill) / base_prefill,
                        decode_speedup=dec / base_decode,
                        bytes_held_frac=rep.kv_bytes_held / base.kv_bytes_held,
-                       bytes_needed_frac=rep.kv_bytes_needed / base.kv_bytes_needed)
+                       bytes_needed_frac=rep.kv_bytes_needed / base.kv_bytes_needed,
+                       store_held_over_needed=rep.prefix_overhead)
             rows.append(row)
             print(f"{name:<20}{r:>6.2f}{row['compress_frac']:>18.3f}"
                   f"{row['decode_speedup']:>16.2f}{row['bytes_held_frac']:>17.3f}"
-                  f"{row['bytes_needed_frac']:>19.3f}", flush=True)
+                  f"{row['bytes_needed_frac']:>19.3f}{row['store_held_over_needed']:>19.3f}",
+                  flush=True)
     save_json(dict(device=device_name(), tokens=args.tokens, new_tokens=args.new_tokens,
                    full=dict(prefill_tok_s=args.tokens / base_prefill, decode_tok_s=base_decode,
                              kv_bytes_held=base.kv_bytes_held), rows=rows), args.out)

@@ -32,6 +32,8 @@ class ComposedPress(Press):
             if len(owners) > 1:
                 raise ValueError(f"{' and '.join(owners)} both bring a {hook}: compose at most "
                                  "one of them")
+        if self.between_layers is not None:
+            self.between_layers.check_obs(self.obs_spec)
         kept = math.prod(1.0 - p.compression_ratio for p in self.presses)
         object.__setattr__(self, "compression_ratio", 1.0 - kept)
         super().__post_init__()

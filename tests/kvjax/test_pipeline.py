@@ -18,10 +18,9 @@ def smollm2():
 
 
 def _greedy_by_hand(model, ctx_ids, q_ids, press, n):
-    logits, cache, obs = model.prefill(jnp.asarray([ctx_ids]), jnp.array([len(ctx_ids)]),
-                                       tail_capacity=len(q_ids) + n,
-                                       obs_spec=press.obs_spec)
-    cache = press.compress(cache, obs)
+    logits, prompt = model.prefill(jnp.asarray([ctx_ids]), jnp.array([len(ctx_ids)]),
+                                   obs_spec=press.obs_spec)
+    cache = kvjax.compress(press, prompt, tail_capacity=len(q_ids) + n)
     logits, cache = model.decode(jnp.asarray([q_ids]), jnp.array([len(q_ids)]), cache)
     tok = int(np.asarray(logits[0, -1]).argmax())
     out = [tok]
