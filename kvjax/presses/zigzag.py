@@ -17,10 +17,10 @@ docs/zigzagkv.md:
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
@@ -126,9 +126,16 @@ class ZigZag(Allocator):
         total = n_layers * select.ceil_keep_static(c, self.compression_ratio)
         if self.profile is None:  # any one layer may get up to the whole prompt
             return StaticSize(size.segments, n_kv * total)
-        share = [x / sum(self.profile) for x in self.profile]
-        segs = tuple(min(seg, math.ceil(share[i] * total) + n_layers)
-                     for i, seg in enumerate(size.segments))
+        # static shares: the largest budget each layer gets for any prompt length (the floor
+        # and the redistribution of clamped excess make shares alone an underestimate)
+        with jax.ensure_compile_time_eval():
+            n = jnp.arange(1, c + 1, dtype=jnp.int32)
+            shares = jnp.asarray(self.profile, jnp.float32)
+            alloc = jax.vmap(lambda a, t: allocate(shares, a, t,
+                                                   floor_ratio=self.budget_floor_ratio,
+                                                   window=self.window_size))
+            most = np.asarray(alloc(select.ceil_keep(n, self.compression_ratio), n)).max(0)
+        segs = tuple(int(min(seg, m)) for seg, m in zip(size.segments, most))
         return StaticSize(segs, n_kv * total)
 
 
