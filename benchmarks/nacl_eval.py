@@ -26,9 +26,8 @@ import numpy as np
 import kvjax
 import models
 from kvjax import loops
-from kvjax.compress import compress_cache
 from kvjax.compress import obs_spec_for as compress_obs_spec
-from kvjax.eval.engine import prefill_observe
+from kvjax.eval.engine import compress_copy, prefill_observe
 from kvjax.eval.scoring import score
 from kvjax.eval.tasks import make_samples
 from kvjax.observation import ObsSpec
@@ -49,7 +48,7 @@ def press_configs(ratios, random_fractions):
 
 def kept_tokens(cache) -> float:
     """Mean kept prefix tokens per (layer, kv head): equal bytes <=> equal counts."""
-    return float(np.mean([np.asarray(layer.prefix.length).mean() for layer in cache.layers]))
+    return float(np.asarray(cache.store.length).mean())
 
 
 def answer_spans(tokenizer, ctx_ids, answers):
@@ -71,11 +70,11 @@ def needle_kept(cache, spans, n_context: int):
     if not spans or any(not s for s in spans):
         return None
     fracs = []
-    for layer in cache.layers:
-        pos, length = np.asarray(layer.prefix.pos[0]), np.asarray(layer.prefix.length[0])
-        kept = np.zeros((len(length), n_context + 1), bool)
-        for h, n in enumerate(length):
-            kept[h, pos[h, :n]] = True
+    for layer in range(cache.n_layers):
+        heads = kvjax.kept_positions(cache, layer)[0]
+        kept = np.zeros((len(heads), n_context + 1), bool)
+        for h, pos in enumerate(heads):
+            kept[h, pos[pos <= n_context]] = True
         per_answer = [np.max([kept[:, a:b].mean(1) for a, b in occ], axis=0) for occ in spans]
         fracs.append(np.mean(per_answer))
     return float(np.mean(fracs))
@@ -84,9 +83,8 @@ def needle_kept(cache, spans, n_context: int):
 _prefill = prefill_observe  # shared with kvjax.eval
 
 
-@functools.partial(jax.jit, static_argnames=("press",))
-def _compress(press, cache, obs):
-    return compress_cache(press, cache, obs)
+def _compress(press, prompt, tail_capacity):
+    return compress_copy(press, prompt, tail_capacity=tail_capacity)
 
 
 def answer_all(pipe, sample, cells, aware: bool):
@@ -103,14 +101,14 @@ def answer_all(pipe, sample, cells, aware: bool):
     spec = functools.reduce(ObsSpec.merge, (compress_obs_spec(p) for _, _, p in cells))
     spans = answer_spans(pipe.tokenizer, ctx_ids, sample.answers)
     t0 = time.perf_counter()
-    logits, cache, obs = _prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                  tail_capacity=out_len, obs_spec=spec, attn_impl=attn)
+    logits, prompt = _prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                              obs_spec=spec, attn_impl=attn)
     jax.block_until_ready(logits)
     prefill_s = time.perf_counter() - t0
     rows = []
     for label, ratio, press in cells:
         t1 = time.perf_counter()
-        comp = jax.tree.map(jnp.copy, _compress(press, cache, obs))  # extend donates it
+        comp = _compress(press, prompt, out_len)  # new buffers: extend donates them
         state = loops.init_state(logits, comp, 1, out_len, None)
         padded = np.zeros((1, loops.bucket_length(len(q_ids), minimum=16)), np.int32)
         padded[0, :len(q_ids)] = q_ids

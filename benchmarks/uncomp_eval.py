@@ -9,7 +9,6 @@ held arrays) and prefill time (median over samples after the first, which compil
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import pathlib
@@ -23,26 +22,22 @@ import numpy as np
 import kvjax
 import models
 from kvjax import loops
-from kvjax.cache import layer_parts
+from kvjax.eval.engine import compress_copy
 from kvjax.eval.scoring import score
 from kvjax.eval.tasks import make_samples
 from kvjax.observation import ObsSpec
 from kvjax.presses import make_press
+from kvjax.presses.pruning import HiddenPruning
 from kvjax.sampling import Greedy
 from kvjax.uncomp.calibration import shipped_calibration
 
 SPEC = ObsSpec(window=8)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "prefill_keep"))
-def _prefill(fn, params, tokens, lengths, *, tail_capacity, prefill_keep):
-    return fn.prefill(params, tokens, lengths, tail_capacity=tail_capacity, obs_spec=SPEC,
-                      attn_impl="reference", prefill_keep=prefill_keep)
-
-
-@functools.partial(jax.jit, static_argnames=("press",))
-def _compress(press, cache, obs):
-    return cache if press is None else press.compress(cache, obs)
+def _prefill(fn, params, tokens, lengths, *, prefill_keep):
+    between = None if prefill_keep is None else HiddenPruning(keep=prefill_keep, window=8)
+    return loops.prefill_prompt(fn, params, tokens, lengths, obs_spec=SPEC,
+                                attn_impl="reference", between=between)
 
 
 def presses(ratios, cal):
@@ -66,12 +61,13 @@ def run_sample(pipe, sample, cells, keep):
     for prune in (False, True):
         sched = keep(tokens.shape[1]) if prune else None
         t0 = time.perf_counter()
-        logits, cache, obs = _prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                      tail_capacity=out_len, prefill_keep=sched)
+        logits, prompt = _prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                  prefill_keep=sched)
         jax.block_until_ready(logits)
         prefill_s = time.perf_counter() - t0
         for label, ratio, press in cells:
-            comp = jax.tree.map(jnp.copy, _compress(press, cache, obs))
+            hook = None if press is None else press.decode_hook
+            comp = compress_copy(press, prompt, tail_capacity=out_len, hook=hook)
             rep = kvjax.memory_report(comp)
             padded = np.zeros((1, loops.bucket_length(len(q_ids), minimum=16)), np.int32)
             padded[0, :len(q_ids)] = q_ids
@@ -88,8 +84,7 @@ def run_sample(pipe, sample, cells, keep):
                              task=sample.task, index=sample.index, score=score(sample, text),
                              prefill_s=prefill_s, n_context=len(ctx_ids),
                              prefix_tokens=sum(rep.prefix_tokens),
-                             prefix_kv_bytes=sum(p.prefix.k.nbytes + p.prefix.v.nbytes
-                                                 for l in comp.layers for p in layer_parts(l))))
+                             prefix_kv_bytes=rep.prefix_kv_bytes_held))
     return rows
 
 

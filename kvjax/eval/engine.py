@@ -56,11 +56,11 @@ def prefill_observe(fn, params, tokens, lengths, *, obs_spec, attn_impl, between
                                 attn_impl=attn_impl, between=between)
 
 
-@functools.partial(jax.jit, static_argnames=("press", "tail_capacity"))
-def compress_copy(press, prompt, *, tail_capacity):
+@functools.partial(jax.jit, static_argnames=("press", "tail_capacity", "hook"))
+def compress_copy(press, prompt, *, tail_capacity, hook=None):
     """The prompt compressed by `press` into a new cache (the prompt's buffers survive, so
-    other presses compress the same prefill)."""
-    return compress(press, prompt, tail_capacity=tail_capacity)
+    other presses compress the same prefill); `hook`: the cache's decode hook."""
+    return compress(press, prompt, tail_capacity=tail_capacity, hook=hook)
 
 
 def _between(press):
@@ -119,7 +119,8 @@ def answer_sample(pipeline, sample: Sample, presses: Sequence, *,
 def _decode_one(pipeline, press, logits, prompt, q_ids, out_len, max_new_tokens,
                 shared_s, n_context) -> Answer:
     t0 = time.perf_counter()
-    cache = compress_copy(press, prompt, tail_capacity=out_len)
+    cache = compress_copy(press, prompt, tail_capacity=out_len,
+                          hook=None if press is None else press.decode_hook)
     state = loops.init_state(logits, cache, 1, out_len, None)
     jax.block_until_ready(state.cache)
     t1 = time.perf_counter()

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from kvjax.presses import select
 from kvjax.presses.base import Press
-from kvjax.presses.parts import Allocator, LayerwiseAllocator, Stage, StaticSize, TopK
+from kvjax.presses.parts import Allocator, LayerwiseAllocator, Stage, StaticSize
 
 _SAFE = float(jnp.finfo(jnp.float32).max)
 

@@ -16,7 +16,6 @@ import kvjax
 import models
 from kvjax import loops
 from kvjax.presses import PRESSES, make_press, press_names
-from kvjax.presses.base import LayerContext
 from kvjax.presses.pyramidkv import pyramid_budget
 
 LENGTHS = (57, 40)

@@ -14,8 +14,7 @@ import models
 from kvjax import loops
 from kvjax.attention import cached_attention_reference
 from kvjax.cache import layer_view, write_view
-from kvjax.presses.think import (ThinKPress, key_channel_scores, top_channels,
-                                 value_channel_scores)
+from kvjax.presses.think import (ThinKPress, key_channel_scores, value_channel_scores)
 
 W = 8
 

@@ -5,7 +5,6 @@ under the layer budgets."""
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
