@@ -13,14 +13,15 @@ from kvjax.memory import MemoryReport, memory_report
 from kvjax.observation import Observation, ObsSpec
 from kvjax.pipeline import Pipeline, PipelineResult
 from kvjax.presses import (AdaKVPress, ComposedPress, DecodingPress, ExpectedAttentionPress,
-                           KnormPress, NACLPress, ObservedAttentionPress, Press, PyramidKVPress,
+                           KeyDiffPress, KnormPress, NACLPress, ObservedAttentionPress, Press, PyramidKVPress,
                            RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress, ThinKPress,
                            TOVAPress, UNCompPress, ZigZagKVPress, make_press)
 from kvjax.sampling import Greedy, Temperature, TopK, TopP
 
 __all__ = [
     # presses
-    "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KnormPress",
+    "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KeyDiffPress",
+    "KnormPress",
     "NACLPress", "ObservedAttentionPress", "Press", "PyramidKVPress", "RandomPress",
     "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "UNCompPress",
     "ZigZagKVPress", "make_press",

@@ -5,6 +5,7 @@ from kvjax.presses.base import LayerContext, Press, ScorerPress
 from kvjax.presses.composed import ComposedPress
 from kvjax.presses.decoding import DecodingPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
+from kvjax.presses.keydiff import KeyDiffPress
 from kvjax.presses.knorm import KnormPress
 from kvjax.presses.nacl import NACLPress
 from kvjax.presses.observed_attention import ObservedAttentionPress
@@ -19,7 +20,8 @@ from kvjax.presses.uncomp import UNCompPress
 from kvjax.presses.zigzag import ZigZagKVPress
 
 __all__ = [
-    "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KnormPress",
+    "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KeyDiffPress",
+    "KnormPress",
     "LayerContext", "NACLPress", "ObservedAttentionPress", "PRESSES", "Press", "PyramidKVPress",
     "RandomPress", "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress",
     "UNCompPress", "ZigZagKVPress", "make_press", "press_names",

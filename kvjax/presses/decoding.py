@@ -51,17 +51,18 @@ class DecodingPress(DecodeHook):
         store, t = cache.store, cache.tail.layer(layer)
         p = layer_view(store, layer)
         count = jnp.minimum(t.count, t.capacity)
-        both = LayerView(k=jnp.concatenate([p.k, t.k.astype(p.k.dtype)], 2),
-                         v=jnp.concatenate([p.v, t.v.astype(p.v.dtype)], 2),
-                         pos=jnp.concatenate([p.pos, jnp.broadcast_to(t.pos[:, None],
-                                                                      t.k.shape[:3])], 2),
-                         length=p.length + count[:, None])
+        pos_t = jnp.broadcast_to(t.pos[:, None], t.k.shape[:3])
         valid = jnp.concatenate([jnp.arange(p.capacity) < p.length[..., None],
-                                 (jnp.arange(t.capacity) < count[:, None])[:, None]
-                                 .repeat(p.k.shape[1], 1)], axis=2)
+                                 jnp.broadcast_to(jnp.arange(t.capacity) < count[:, None, None],
+                                                  pos_t.shape)], axis=2)
+        joined = LayerView(k=jnp.concatenate([p.k, t.k.astype(p.k.dtype)], 2),
+                           v=jnp.concatenate([p.v, t.v.astype(p.v.dtype)], 2),
+                           pos=jnp.concatenate([p.pos, pos_t], 2), length=p.length)
+        # valid candidates first (segment, then tail), so `length` means what it says
+        both = select.compact(joined, valid, joined.capacity)
         ctx = LayerContext(prompt_len=cache.next_pos, layer_idx=layer,
                            n_layers=cache.n_layers)
-        scores = jnp.where(valid, self.press.score(both, Observation(), ctx), -jnp.inf)
+        scores = select.mask_invalid(self.press.score(both, Observation(), ctx), both.length)
         mask = select.topk_mask(scores, p.length, p.capacity)
         kept = select.compact(both, mask, p.capacity)
         return dataclasses.replace(cache, store=write_view(store, layer, kept))

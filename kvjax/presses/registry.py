@@ -3,6 +3,7 @@
 from kvjax.presses.adakv import AdaKVPress
 from kvjax.presses.composed import ComposedPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
+from kvjax.presses.keydiff import KeyDiffPress
 from kvjax.presses.knorm import KnormPress
 from kvjax.presses.nacl import NACLPress
 from kvjax.presses.observed_attention import ObservedAttentionPress
@@ -51,6 +52,7 @@ PRESSES = {
     "observed_attention": (ObservedAttentionPress, {}, "H2O-style mean attention received"),
     "tova": (TOVAPress, {}, "attention of the last prompt token, averaged over heads"),
     "knorm": (KnormPress, {}, "smallest key norms"),
+    "keydiff": (KeyDiffPress, {}, "keys least similar to the mean key (arXiv 2504.15364)"),
     "expected_attention": (ExpectedAttentionPress, dict(n_future_positions=64),
                            "closed-form expected attention of future queries"),
     "random": (RandomPress, dict(seed=0), "uniformly random tokens (baseline)"),

@@ -4,6 +4,7 @@ against a numpy re-selection; refused combinations."""
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,12 +22,26 @@ def model():
     return models.Decoder(cfg, rngs=nnx.Rngs(2))
 
 
-def _numpy_merge(cache, n_sink=4):
-    """Independent StreamingLLM re-selection, written on numpy copies of the store: per layer,
-    row and kv head keep, among the segment's valid slots and the tail, the first `n_sink`
-    positions and the most recent ones, as many as the segment holds (`length`), written back
-    at the segment's slots in position order. (Positions are exact, unlike key-norm scores
-    whose near-ties between repeated tokens would make a float-rounding-sensitive reference.)"""
+def _streaming_choice(cand, n, n_sink=4):
+    """StreamingLLM: the first `n_sink` positions and the most recent ones, n in all."""
+    sinks = [c for c in cand if c[0] < n_sink]
+    rest = [c for c in cand if c[0] >= n_sink]
+    return sinks + rest[max(0, len(rest) - (n - len(sinks))):]
+
+
+def _keydiff_choice(cand, n):
+    """KeyDiff: the n keys least cosine-similar to the mean unit key of the candidates."""
+    k = np.stack([c[1] for c in cand]).astype(np.float64)
+    unit = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    anchor = unit.mean(0)
+    score = -(k @ anchor) / (np.linalg.norm(k, axis=-1) * np.linalg.norm(anchor))
+    return [cand[i] for i in np.argsort(-score, kind="stable")[:n]]
+
+
+def _numpy_merge(cache, choose=_streaming_choice):
+    """Independent re-selection, written on numpy copies of the store: per layer, row and kv
+    head, `choose` keeps as many of the segment's valid slots and the tail as the segment holds
+    (`length`), written back at the segment's slots in position order."""
     st, t = cache.store, cache.tail
     k, v, pos = (np.array(x) for x in (st.k, st.v, st.pos))
     off, length = np.asarray(st.offset), np.asarray(st.length)
@@ -41,10 +56,7 @@ def _numpy_merge(cache, n_sink=4):
                 cand += [(tpos[i, s], tk[layer, i, j, s], tv[layer, i, j, s])
                          for s in range(count[i])]
                 cand.sort(key=lambda c: c[0])
-                sinks = [c for c in cand if c[0] < n_sink]
-                rest = [c for c in cand if c[0] >= n_sink]
-                chosen = sorted(sinks + rest[max(0, len(rest) - (n - len(sinks))):],
-                                key=lambda c: c[0])
+                chosen = sorted(choose(cand, n), key=lambda c: c[0])
                 for s, (p_, k_, v_) in enumerate(chosen):
                     pos[i, r, o + s], k[i, r, o + s], v[i, r, o + s] = p_, k_, v_
     store = dataclasses.replace(st, k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos))
@@ -55,6 +67,7 @@ def _numpy_merge(cache, n_sink=4):
 # every allocator's table: uniform, per layer, per head (data), per input layer, head groups
 PREFILL_PRESSES = {
     "knorm": lambda: kvjax.KnormPress(compression_ratio=0.5),
+    "snapkv": lambda: kvjax.SnapKVPress(compression_ratio=0.5, window_size=4),
     "pyramidkv": lambda: kvjax.PyramidKVPress(compression_ratio=0.5, window_size=4),
     "adakv": lambda: kvjax.AdaKVPress(press=kvjax.SnapKVPress(compression_ratio=0.5,
                                                               window_size=4)),
@@ -63,13 +76,18 @@ PREFILL_PRESSES = {
 }
 
 
-@pytest.mark.parametrize("name", list(PREFILL_PRESSES))
-def test_matches_stepwise_numpy_reference(model, name):
+DECODING = {"streaming_llm": (kvjax.StreamingLLMPress, _streaming_choice),
+            "keydiff": (kvjax.KeyDiffPress, _keydiff_choice)}
+
+
+@pytest.mark.parametrize("name, scorer", [(n, "streaming_llm") for n in PREFILL_PRESSES]
+                         + [("snapkv", "keydiff")])
+def test_matches_stepwise_numpy_reference(model, name, scorer):
     prompts = [list(range(3, 40)), list(range(5, 30))]
     interval, n_new = 8, 30
     press = PREFILL_PRESSES[name]()
-    dp = DecodingPress(press=kvjax.StreamingLLMPress(compression_ratio=0.5),
-                       compression_interval=interval)
+    make, choose = DECODING[scorer]
+    dp = DecodingPress(press=make(compression_ratio=0.5), compression_interval=interval)
     got = kvjax.generate(model, prompts, max_new_tokens=n_new, press=press, decoding_press=dp)
     # reference: same prefill, then a Python loop with numpy merges at the same points
     fn, params = model.kvjax_split()
@@ -77,14 +95,14 @@ def test_matches_stepwise_numpy_reference(model, name):
     logits, cache = loops.prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
                                   tail_capacity=interval, press=press)
     out = []
+    step = jax.jit(lambda p, tok, c: fn.decode(p, tok, jnp.array([1, 1]), c))
     for _ in range(n_new):
         tok = np.asarray(logits).argmax(-1)
         out.append(tok)
-        step_logits, cache = fn.decode(params, jnp.asarray(tok[:, None]), jnp.array([1, 1]),
-                                       cache)
+        step_logits, cache = step(params, jnp.asarray(tok[:, None]), cache)
         logits = step_logits[:, 0]
         if int(cache.tail.count.max()) >= interval:
-            cache = _numpy_merge(cache)
+            cache = _numpy_merge(cache, choose)
     assert got.tokens.tolist() == np.stack(out, 1).tolist()
     np.testing.assert_array_equal(np.asarray(got.cache.store.length),
                                   np.asarray(cache.store.length))  # segments keep their size

@@ -33,6 +33,8 @@ def _pairs(r):
                           kvjax.StreamingLLMPress(compression_ratio=r)),
         "tova": (kvpress.TOVAPress(compression_ratio=r), kvjax.TOVAPress(compression_ratio=r)),
         "knorm": (kvpress.KnormPress(compression_ratio=r), kvjax.KnormPress(compression_ratio=r)),
+        "keydiff": (kvpress.KeyDiffPress(compression_ratio=r),
+                    kvjax.KeyDiffPress(compression_ratio=r)),
         "observed_attention": (kvpress.ObservedAttentionPress(compression_ratio=r),
                                kvjax.ObservedAttentionPress(compression_ratio=r)),
         "pyramidkv": (kvpress.PyramidKVPress(compression_ratio=r, **w),
