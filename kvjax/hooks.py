@@ -116,7 +116,8 @@ class RingDecode(DecodeHook):
         n_kv, m = view.k.shape[1], view.capacity
         g = n // n_kv
         extra = gather_rows(store.extra, slot_index(store, layer, m)[0])  # [B, K, M, G*W]
-        rows = extra.reshape(b, n_kv, m, g, self.window_size).transpose(0, 1, 3, 4, 2)
+        rows = valid_rows(extra.reshape(b, n_kv, m, g, self.window_size).transpose(0, 1, 3, 4, 2),
+                          view.length)  # slots past a segment hold other segments' state
         scale = default_scale(h) if scale is None else scale
 
         def body(carry, xs):
@@ -175,8 +176,11 @@ def ring_step(q, k, v, pos, active, view: LayerView, rows, *, window: int, kerne
     new_rows = jnp.concatenate([old_rows, p[:, :, :, None]], axis=3)  # [B, K, G, W, M+1]
     recent = valid & (slot[None, None, :] >= count[..., None] - window)
     score = jnp.where(recent[:, :, None], 0.0, new_rows.mean(axis=3))
-    score = pool1d(score, kernel_size, pooling).mean(axis=2)
-    score = jnp.where(recent, jnp.inf, jnp.where(valid, score, -jnp.inf))
+    score = pool1d(score, kernel_size, pooling).mean(axis=2)  # attention: within [0, 1]
+    # recent slots above every score, newer above older (a segment shorter than the window
+    # keeps its most recent entries)
+    recent_rank = 2.0 + slot[None, None, :] / (c + 1.0)
+    score = jnp.where(recent, recent_rank, jnp.where(valid, score, -jnp.inf))
     idx, length = select.kept_indices(select.topk_mask(score, view.length, c), c)  # [B, K, M]
     kept = dataclasses.replace(view, k=select.gather_slots(ck, idx),
                                v=select.gather_slots(cv, idx),

@@ -67,7 +67,10 @@ def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl
             hook=None):
     """Run the prompt and compress it with `press` -> (last logits [B, V], KVCache).
 
-    `hook` is the decode hook the cache will carry (`kvjax.hooks.check_hooks`)."""
+    `hook` is the decode hook the cache will carry (`kvjax.hooks.check_hooks`); None: the
+    press's own (UNComp's ring decode), if any."""
+    if hook is None and press is not None:
+        hook = press.decode_hook
     between = None if press is None else press.between_layers
     logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec_for(press, hook),
                                 attn_impl=attn_impl, between=between)

@@ -163,6 +163,7 @@ class Decoder(nnx.Module):
         starts = ()
         if between is not None:
             between.check(n_layers, self.config.sliding_window)
+            between.check_obs(obs_spec)
             obs_spec = obs_spec.merge(between.obs_spec)
             starts = between.starts(tokens.shape[1])
         h = self.embed_tokens(tokens)

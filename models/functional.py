@@ -27,10 +27,9 @@ class NNXFunctional:
 def split_model(model, max_seq_len: int | None = None) -> tuple[NNXFunctional, Any]:
     """Return (NNXFunctional, params) for any NNX module with kvjax-style `prefill`/`decode`.
 
-    The module's `prefill(tokens, lengths, *, tail_capacity, obs_spec, attn_impl)` returns
-    (last logits [B, V], kvjax.KVCache, per-layer observations) and its
-    `decode(tokens, n_new, cache, *, attn_impl)` returns (logits [B, T, V], KVCache); see
-    `kvjax.prefill_layer` / `kvjax.decode_layer`. `max_seq_len` defaults to
+    The module's `prefill(tokens, lengths, *, obs_spec, attn_impl, between=None)` returns
+    (last logits [B, V], kvjax.Prompt) and its `decode(tokens, n_new, cache, *, attn_impl)`
+    returns (logits [B, T, V], KVCache); see `kvjax.prefill_layer` / `kvjax.decode_layer`. `max_seq_len` defaults to
     `model.config.max_seq_len`.
     """
     if max_seq_len is None:

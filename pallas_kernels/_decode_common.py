@@ -18,7 +18,7 @@ def check_decode_args(q, prefix_k, prefix_v, prefix_len, prefix_pos, tail_k, tai
     if prefix_k.ndim != 4 or prefix_k.shape[0] != b:
         raise ValueError(f"prefix_k.shape={prefix_k.shape} must be [B={b}, R, C, Dk]")
     _, rows, c, dk = prefix_k.shape
-    n_kv = prefix_len.shape[1] if prefix_len.ndim == 2 else rows
+    n_kv = tail_k.shape[1] if tail_k.ndim == 4 else rows
     s = tail_k.shape[2]
     if n % n_kv:
         raise ValueError(f"N={n} query heads must be a multiple of K={n_kv} kv heads")

@@ -106,6 +106,10 @@ class ThinKPress(Press):
         if self.press is not None and self.press.channel_pruner is not None:
             raise ValueError(f"ThinKPress cannot wrap {type(self.press).__name__}: it already "
                              "prunes channels")
+        if self.press is not None and self.press.decode_hook is not None:
+            raise ValueError(f"ThinKPress cannot wrap {type(self.press).__name__} with "
+                             f"{type(self.press.decode_hook).__name__}: decode-time "
+                             "re-selection needs full-width keys")
         if self.press is not None and self.press.between_layers is not None:
             raise ValueError(f"ThinKPress cannot wrap {type(self.press).__name__} with "
                              "hidden-state pruning: the recent window must reach every layer")

@@ -46,8 +46,8 @@ def allocate(total, n_valid, weights, xp=jnp):
     b = xp.zeros_like(n_valid)
     for _ in range(k + 1):
         wf = xp.where(b < n_valid, w[None, :], 0.0)
-        room = (total - b.sum(-1))[:, None]
-        share = xp.floor(room * wf / xp.maximum(wf.sum(-1, keepdims=True), 1e-9))
+        room = (total - b.sum(-1))[:, None].astype(xp.float32)  # f32 on host and in jit alike
+        share = xp.floor(room * wf / xp.maximum(wf.sum(-1, keepdims=True), xp.float32(1e-9)))
         b = xp.minimum(b + share.astype(b.dtype), n_valid)
     order = xp.argsort(-w, stable=True) if xp is jnp else np.argsort(-w, kind="stable")
     for _ in range(2):

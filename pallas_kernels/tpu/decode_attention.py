@@ -94,7 +94,7 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
             m_ref, l_ref, accp_ref, acct_ref,  # scratch: [G, 1], [G, 1], [G, Hv], [G, H] f32
             *, scale, n_kv, per_row, n_prefix_blocks, bp, bt, sliding_window, pooled):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row = h // per_row  # the prefix row (of R) holding this kv head's segments
+    row = jax.lax.div(h, per_row)  # the prefix row (of R) holding this head's segments
     length, count, q_pos = len_ref[b * n_kv + h], cnt_ref[b], qpos_ref[b]
     # The prefix is slots [offset, offset + length) of its arrays (offset 0 unless pooled);
     # its blocks are the array's own blocks, starting with the one holding `offset`.
@@ -168,7 +168,7 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scal
         off = off_ref[r]
         last = _last_block(jax.lax.rem(off, bp) + len_ref[r], bp)  # later steps repeat it
         blk = jax.lax.div(off, bp) + jnp.minimum(j, last)
-        return bi, hi // per_row, jnp.minimum(blk, pl.cdiv(c, bp) - 1), 0
+        return bi, jax.lax.div(hi, per_row), jnp.minimum(blk, pl.cdiv(c, bp) - 1), 0
 
     def tail_map(bi, hi, j, len_ref, off_ref, cnt_ref, qpos_ref):
         return bi, hi, jnp.clip(j - n_pb, 0, _last_block(cnt_ref[bi], bt)), 0

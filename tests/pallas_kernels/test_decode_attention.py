@@ -1,5 +1,9 @@
 """Decode attention kernels vs their spec, `kvjax.attention.cached_attention_reference` (T=1).
 
+This file calls the kernels with one prefix row per kv head (R = K) and no `prefix_offset`:
+each head's entries start at slot 0 of its own row, the layout of a `LayerView`. Reading the
+cache's store in place (R | K rows, segments at offsets) is test_pool_decode.py.
+
 JAX's pattern: `TestDecodeTPU` / `TestDecodeGPU` run compiled on their backend and skip
 elsewhere; their `...Interpret` subclasses rerun every check in interpret mode on CPU (TPU
 interpreter / Mosaic GPU interpreter), which is CI's coverage of the kernels.
@@ -12,6 +16,7 @@ Tolerances (max abs error against the f32-accumulating reference run on the same
 """
 
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +24,7 @@ import numpy as np
 import pytest
 
 from kvjax.attention import cached_attention_reference
-from kvjax.cache import LayerCache, Prefix, Tail
+from kvjax.cache import LayerTail, LayerView
 from pallas_kernels import _interpret, gpu, tpu
 
 B, K = 2, 2
@@ -59,26 +64,27 @@ def make_case(g, h, c, s, dtype, dk=None, hv=None, seed=0):
     if hv != h:
         value_channels = jnp.sort(jax.random.permutation(ks[7], h)[:hv])
         value_channels = jnp.broadcast_to(value_channels, (B, K, hv)).astype(jnp.int32)
-    layer = LayerCache(Prefix(pk, pv, pos.astype(jnp.int32), lengths, channels, value_channels),
-                       Tail(tk, tv, tail_pos, counts))
-    return q, q_pos, layer
+    prefix = LayerView(pk, pv, pos.astype(jnp.int32), lengths, channels, value_channels)
+    return q, q_pos, (prefix, LayerTail(tk, tv, tail_pos, counts))
 
 
 def reference(q, q_pos, layer, **kw):
-    return cached_attention_reference(q[:, None], q_pos[:, None], layer, **kw)[:, 0]
+    prefix, tail = layer
+    return cached_attention_reference(q[:, None], q_pos[:, None], prefix, tail, **kw)[:, 0]
 
 
 def kernel_args(q, q_pos, layer):
-    p, t = layer.prefix, layer.tail
-    return (q, p.k, p.v, p.length, p.pos, t.k, t.v, t.pos, t.count, q_pos), dict(
-        channels=p.channels, value_channels=p.value_channels)
+    """The kernel's R = K call: prefix k, v [B, K, C, D], pos [B, K, C], no offsets."""
+    p, t = layer
+    return (q, p.k, p.v, p.length, p.pos, t.k, t.v, t.pos, t.count, q_pos), {
+        "channels": p.channels, "value_channels": p.value_channels}
 
 
 class DecodeChecks:
     """Checks shared by every backend; subclasses set `run` and tolerances."""
 
     INTERPRET = False
-    ATOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+    ATOL: ClassVar[dict] = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
     HAND_ATOL = 1e-6
 
     def run(self, *args, **kwargs):
@@ -99,9 +105,9 @@ class DecodeChecks:
     def test_empty_cache_gives_zeros(self):
         """A sequence with no valid prefix slot in any head and an empty tail -> zeros."""
         q, q_pos, layer = make_case(4, 64, 37, 5, jnp.float32)
-        p, t = layer.prefix, layer.tail
-        layer = LayerCache(Prefix(p.k, p.v, p.pos, p.length.at[1].set(0)),
-                           Tail(t.k, t.v, t.pos, t.count.at[1].set(0)))
+        p, t = layer
+        layer = (LayerView(p.k, p.v, p.pos, p.length.at[1].set(0)),
+                 LayerTail(t.k, t.v, t.pos, t.count.at[1].set(0)))
         args, kw = kernel_args(q, q_pos, layer)
         out = np.asarray(self.run(*args, **kw))
         assert np.all(out[1] == 0) and np.all(np.isfinite(out))
@@ -132,7 +138,30 @@ class DecodeChecks:
         q, q_pos, layer = make_case(1, 64, 37, 5, jnp.float32)
         args, kw = kernel_args(q, q_pos, layer)
         with pytest.raises(ValueError, match="prefix_len"):
+            self.run(*args[:3], args[3][..., None], *args[4:], **kw)
+        with pytest.raises(ValueError, match="prefix_pos"):  # positions follow the R rows
+            self.run(*args[:4], args[4][:, :1], *args[5:], **kw)
+        with pytest.raises(ValueError, match="prefix_offset"):
+            self.run(*args, prefix_offset=jnp.zeros((B, K + 1), jnp.int32), **kw)
+        with pytest.raises(ValueError, match="max_prefix_len"):
+            self.run(*args, max_prefix_len=args[1].shape[2] + 1, **kw)
+
+    def test_rejects_too_few_prefix_lengths(self):
+        q, q_pos, layer = make_case(1, 64, 37, 5, jnp.float32)
+        args, kw = kernel_args(q, q_pos, layer)
+        with pytest.raises(ValueError, match="prefix_len"):
             self.run(*args[:3], args[3][:, :1], *args[4:], **kw)
+
+    def test_rejects_rows_not_dividing_heads(self):
+        """K = 4 kv heads cannot be spread over R = 3 prefix rows."""
+        q, q_pos, layer = make_case(1, 64, 37, 5, jnp.float32)
+        args, kw = kernel_args(q, q_pos, layer)
+        rows3 = lambda x: jnp.concatenate([x, x[:, :1]], axis=1)  # [B, 3, ...]
+        heads4 = lambda x: jnp.concatenate([x, x], axis=1)  # [B, 4, ...]
+        with pytest.raises(ValueError, match="must divide"):
+            self.run(jnp.concatenate([q, q], 1), rows3(args[1]), rows3(args[2]),
+                     heads4(args[3]), rows3(args[4]), heads4(args[5]), heads4(args[6]),
+                     *args[7:], **kw)
 
 
 class TestDecodeTPU(DecodeChecks):
@@ -157,7 +186,7 @@ class TestDecodeTPUInterpret(TestDecodeTPU):
 class TestDecodeGPU(DecodeChecks):
     """Mosaic GPU kernel, compiled (skips without a GPU)."""
 
-    ATOL = {jnp.float32: 2e-2, jnp.bfloat16: 2e-2}
+    ATOL: ClassVar[dict] = {jnp.float32: 2e-2, jnp.bfloat16: 2e-2}
     HAND_ATOL = 5e-3
 
     @pytest.fixture(autouse=True)

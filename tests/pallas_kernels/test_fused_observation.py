@@ -20,8 +20,33 @@ IMPLS = [pytest.param("pallas_tpu"),
 TOL = {"pallas_tpu": 1e-5, "pallas_gpu": 2e-2}  # the GPU kernel feeds WGMMA bf16 inputs
 
 
+def numpy_column_sums(q, k, lengths, window):
+    """Dense float64 column sums [B, N, T] of causal (windowed) softmax over valid rows."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    out = np.zeros((b, n, t))
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    for bi in range(b):
+        ln = int(lengths[bi])
+        ok = (j <= i) & (j < ln) & (i < ln)
+        if window is not None:
+            ok &= i - j < window
+        for hd in range(n):
+            s = q[bi, :, hd] @ k[bi, :, hd // g].T / np.sqrt(h)
+            s = np.where(ok, s, -np.inf)
+            p = np.exp(s - s.max(1, keepdims=True, initial=-1e30))
+            p = np.where(ok, p, 0.0)
+            p = p / np.maximum(p.sum(1, keepdims=True), 1e-30)
+            out[bi, hd] = p.sum(0)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 20], ids=["full", "sliding20"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_prefill_layer_column_sums_from_kernel(impl):
+def test_prefill_layer_column_sums_from_kernel(impl, window):
+    """Same column sums and outputs as the jnp reference, also under a sliding window
+    shorter than the prompt (Mistral: the sums must honour the window)."""
     ks = jax.random.split(jax.random.key(0), 3)
     b, t, n, n_kv, h = 2, 48, 4, 2, 16
     q = jax.random.normal(ks[0], (b, t, n, h))
@@ -31,16 +56,22 @@ def test_prefill_layer_column_sums_from_kernel(impl):
     spec = ObsSpec(column_sums=True)
     def count(s, what):
         return str(jax.make_jaxpr(lambda *a: kvjax.prefill_layer(
-            *a, lengths, tail_capacity=4, obs_spec=s, attn_impl=impl))(q, k, v)).count(what)
+            *a, lengths, obs_spec=s, attn_impl=impl, sliding_window=window))(q, k, v)
+        ).count(what)
 
     kernel = "pallas_call" if impl == "pallas_tpu" else "mpmd_map"
     assert count(spec, kernel) == count(ObsSpec(), kernel) + 1  # the kernel's score pass
     assert count(spec, "scan") == count(ObsSpec(), "scan")  # no chunked jnp column sums
-    out, _, obs = kvjax.prefill_layer(q, k, v, lengths, tail_capacity=4, obs_spec=spec,
-                                      attn_impl=impl)
-    ref_out, _, ref = kvjax.prefill_layer(q, k, v, lengths, tail_capacity=4, obs_spec=spec,
-                                          attn_impl="reference")
+    out, prompt = kvjax.prefill_layer(q, k, v, lengths, obs_spec=spec, attn_impl=impl,
+                                      sliding_window=window)
+    ref_out, ref_prompt = kvjax.prefill_layer(q, k, v, lengths, obs_spec=spec,
+                                              attn_impl="reference", sliding_window=window)
+    obs, ref = prompt.obs, ref_prompt.obs
+    np.testing.assert_array_equal(np.asarray(prompt.k), np.asarray(k.transpose(0, 2, 1, 3)))
+    want = numpy_column_sums(q, k, lengths, window)
     for row, n_valid in enumerate(np.asarray(lengths)):
+        np.testing.assert_allclose(np.asarray(ref.column_sums)[row, :, :n_valid],
+                                   want[row, :, :n_valid], atol=1e-4, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(obs.column_sums)[row, :, :n_valid],
                                    np.asarray(ref.column_sums)[row, :, :n_valid],
                                    atol=TOL[impl] * 10, rtol=TOL[impl])
@@ -58,8 +89,10 @@ def test_observed_attention_keeps_the_same_tokens_with_the_kernel():
     caches = {impl: loops.prefill(fn, params, jnp.asarray(toks), jnp.asarray(lens),
                                   tail_capacity=4, press=press, attn_impl=impl)[1]
               for impl in ("reference", "pallas_tpu")}
-    for a, b in zip(caches["reference"].layers, caches["pallas_tpu"].layers):
-        np.testing.assert_array_equal(np.asarray(a.prefix.length), np.asarray(b.prefix.length))
-        for row, n in enumerate(np.asarray(a.prefix.length)[:, 0]):
-            np.testing.assert_array_equal(np.asarray(a.prefix.pos)[row, :, :n],
-                                          np.asarray(b.prefix.pos)[row, :, :n])
+    ref, ker = caches["reference"], caches["pallas_tpu"]
+    np.testing.assert_array_equal(np.asarray(ref.store.length), np.asarray(ker.store.length))
+    np.testing.assert_array_equal(np.asarray(ref.store.length)[:, 0, 0], [20, 12])  # ceil(n/2)
+    for layer in range(ref.n_layers):
+        for a, b in zip(kvjax.kept_positions(ref, layer), kvjax.kept_positions(ker, layer)):
+            for pa, pb in zip(a, b):  # per sequence, per kv head
+                np.testing.assert_array_equal(pa, pb)
