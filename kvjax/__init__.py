@@ -6,6 +6,7 @@ from kvjax.cache import (KVCache, KVStore, LayerTail, LayerView, Tail, kept_posi
 from kvjax.compress import compress
 from kvjax.compress import obs_spec_for as compress_obs_spec
 from kvjax.hooks import DecodeHook, RingDecode
+from kvjax.kvzip import RepeatPrompt
 from kvjax.layer import begin_decode, decode_layer, decode_positions, prefill_layer
 from kvjax.prompt import LayerPrompt, Prompt, PromptGroup, single_group
 from kvjax.loops import GenerateOutput, generate, generate_stream
@@ -13,7 +14,7 @@ from kvjax.memory import MemoryReport, memory_report
 from kvjax.observation import Observation, ObsSpec
 from kvjax.pipeline import Pipeline, PipelineResult
 from kvjax.presses import (AdaKVPress, ComposedPress, DecodingPress, ExpectedAttentionPress,
-                           KeyDiffPress, KnormPress, NACLPress, ObservedAttentionPress, Press, PyramidKVPress,
+                           KeyDiffPress, KnormPress, KVzipPress, NACLPress, ObservedAttentionPress, Press, PyramidKVPress,
                            RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress, ThinKPress,
                            TOVAPress, UNCompPress, ZigZagKVPress, make_press)
 from kvjax.sampling import Greedy, Temperature, TopK, TopP
@@ -21,7 +22,7 @@ from kvjax.sampling import Greedy, Temperature, TopK, TopP
 __all__ = [
     # presses
     "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KeyDiffPress",
-    "KnormPress",
+    "KnormPress", "KVzipPress", "RepeatPrompt",
     "NACLPress", "ObservedAttentionPress", "Press", "PyramidKVPress", "RandomPress",
     "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "UNCompPress",
     "ZigZagKVPress", "make_press",

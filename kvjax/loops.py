@@ -54,11 +54,17 @@ class GenerateOutput:
     cache: KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "attn_impl", "obs_spec", "between"))
-def prefill_prompt(fn, params, tokens, lengths, *, obs_spec, attn_impl="auto", between=None):
-    """Run the prompt without compressing -> (last logits [B, V], Prompt)."""
-    return fn.prefill(params, tokens, lengths, obs_spec=obs_spec, attn_impl=attn_impl,
-                      between=between)
+@functools.partial(jax.jit, static_argnames=("fn", "attn_impl", "obs_spec", "between",
+                                             "observer"))
+def prefill_prompt(fn, params, tokens, lengths, *, obs_spec, attn_impl="auto", between=None,
+                   observer=None):
+    """Run the prompt without compressing -> (last logits [B, V], Prompt); `observer` (a
+    press's `prompt_observer`, e.g. KVzip's repeat pass) then adds its observations."""
+    logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec,
+                                attn_impl=attn_impl, between=between)
+    if observer is not None:
+        prompt = observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
+    return logits, prompt
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl",
@@ -74,6 +80,8 @@ def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl
     between = None if press is None else press.between_layers
     logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec_for(press, hook),
                                 attn_impl=attn_impl, between=between)
+    if press is not None and press.prompt_observer is not None:
+        prompt = press.prompt_observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
     return logits, compress(press, prompt, tail_capacity=tail_capacity, hook=hook)
 
 

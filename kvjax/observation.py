@@ -66,6 +66,8 @@ class Observation:
       q_mean: [B, N, H] mean of pre-RoPE queries over positions [skip, length), or None.
       q_cov: [B, N, H, H] their covariance (divided by the count), or None.
       rope_inv_freq: [H/2] the layer's rotary inverse frequencies, or None.
+      token_scores: [B, K, T] f32 scores a prompt observer computed after the prefill (KVzip's
+        repeat pass, `kvjax.kvzip`), or None.
       rope_interleaved: the rotary pairs are (2i, 2i+1) (GPT-J) rather than (i, i + H/2)
         (Llama's rotate-half); static.
     """
@@ -76,6 +78,7 @@ class Observation:
     q_mean: jax.Array | None = None
     q_cov: jax.Array | None = None
     rope_inv_freq: jax.Array | None = None
+    token_scores: jax.Array | None = None
     rope_interleaved: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
 

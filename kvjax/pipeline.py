@@ -126,6 +126,7 @@ class Pipeline:
 
     def _prefill(self, ctx_ids, q_ids, max_new_tokens, press, rng,
                  decoding_press=None) -> gen.DecodeState:
+        press = None if press is None else press.with_tokenizer(self.tokenizer)
         state, _ = gen.start(self.fn, self.params, [ctx_ids], max_new_tokens=max_new_tokens,
                              press=press, attn_impl=self.attn_impl, rng=rng,
                              tail_extra=len(q_ids), decoding_press=decoding_press)

@@ -50,10 +50,11 @@ class Answer:
     error: str = ""
 
 
-def prefill_observe(fn, params, tokens, lengths, *, obs_spec, attn_impl, between=None):
+def prefill_observe(fn, params, tokens, lengths, *, obs_spec, attn_impl, between=None,
+                    observer=None):
     """Prefill without compressing -> (last logits [B, V], kvjax.prompt.Prompt)."""
     return loops.prefill_prompt(fn, params, tokens, lengths, obs_spec=obs_spec,
-                                attn_impl=attn_impl, between=between)
+                                attn_impl=attn_impl, between=between, observer=observer)
 
 
 @functools.partial(jax.jit, static_argnames=("press", "tail_capacity", "hook"))
@@ -63,16 +64,20 @@ def compress_copy(press, prompt, *, tail_capacity, hook=None):
     return compress(press, prompt, tail_capacity=tail_capacity, hook=hook)
 
 
-def _between(press):
-    return None if press is None else press.between_layers
+def prefill_parts(press) -> dict:
+    """What a press needs from the shared prefill: between-layers hook and prompt observer."""
+    if press is None:
+        return dict(between=None, observer=None)
+    return dict(between=press.between_layers, observer=press.prompt_observer)
 
 
 def group_by_spec(presses: Sequence) -> list[list[int]]:
-    """Indices of `presses` grouped by equal prefills (observation spec and between-layers
-    hook), in first-seen order."""
+    """Indices of `presses` grouped by equal prefills (observation spec, between-layers hook,
+    prompt observer), in first-seen order."""
     groups: dict = {}
     for i, press in enumerate(presses):
-        groups.setdefault((obs_spec_for(press), _between(press)), []).append(i)
+        key = (obs_spec_for(press), *prefill_parts(press).values())
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 
@@ -92,6 +97,7 @@ def answer_sample(pipeline, sample: Sample, presses: Sequence, *,
       question_aware: compress the context with the question in it.
     """
     fn, params = pipeline.fn, pipeline.params
+    presses = [None if p is None else p.with_tokenizer(pipeline.tokenizer) for p in presses]
     ctx_ids, q_ids = pipeline.encode(sample.context, sample.question,
                                      answer_prefix=sample.answer_prefix,
                                      question_aware=question_aware)
@@ -107,7 +113,7 @@ def answer_sample(pipeline, sample: Sample, presses: Sequence, *,
         first = presses[group[0]]
         logits, prompt = prefill_observe(
             fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
-            obs_spec=obs_spec_for(first), attn_impl=pipeline.attn_impl, between=_between(first))
+            obs_spec=obs_spec_for(first), attn_impl=pipeline.attn_impl, **prefill_parts(first))
         jax.block_until_ready(logits)
         shared_s = time.perf_counter() - t0
         for i in group:

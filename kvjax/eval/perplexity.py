@@ -16,7 +16,7 @@ import numpy as np
 
 from kvjax import loops
 from kvjax.compress import obs_spec_for
-from kvjax.eval.engine import compress_copy, group_by_spec, prefill_observe
+from kvjax.eval.engine import compress_copy, group_by_spec, prefill_observe, prefill_parts
 from kvjax.eval.haystack import corpus_paragraphs
 from kvjax.eval.tasks import sample_rng
 from kvjax.memory import memory_report
@@ -98,7 +98,7 @@ def perplexities(fn, params, ids: Sequence[int], n_context: int, n_score: int,
         first = presses[group[0]]
         logits, prompt = prefill_observe(
             fn, params, jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=obs_spec_for(first),
-            attn_impl=attn_impl, between=None if first is None else first.between_layers)
+            attn_impl=attn_impl, **prefill_parts(first))
         for i in group:
             compressed = compress_copy(presses[i], prompt, tail_capacity=tail)
             report = memory_report(compressed)

@@ -103,12 +103,17 @@ def answer_rows(tokenizer, answer_fn: AnswerFn, seed: int) -> RowsFn:
     return rows
 
 
+def _bound(press, tokenizer):
+    return None if press is None else press.with_tokenizer(tokenizer)
+
+
 def perplexity_rows(pipeline, tokenizer, seed: int, n_score: int = 256) -> RowsFn:
     """Rows of the perplexity task: `length` context tokens compressed, n_score scored."""
     def rows(task: str, length: int, index: int, cells: Sequence[Cell]) -> list[dict]:
         ids = corpus_ids(tokenizer, length + n_score, seed, index)
         results = perplexities(pipeline.fn, pipeline.params, ids, length, n_score,
-                               [build_press(c) for c in cells], attn_impl=pipeline.attn_impl)
+                               [_bound(build_press(c), tokenizer) for c in cells],
+                               attn_impl=pipeline.attn_impl)
         return [{"index": index, "score": None, "nll": r.mean_nll, "n_scored": n_score,
                  "kv_bytes_needed": r.kv_bytes_needed, "bytes_held": r.bytes_held,
                  "context_kv_bytes": r.kv_bytes_needed,

@@ -73,6 +73,18 @@ class Press(abc.ABC):
         """A between-layers prefill hook (hidden-state pruning), or None."""
         return None
 
+    @property
+    def prompt_observer(self):
+        """Runs after the prefill, inside the same jit, and adds observations the model's own
+        prefill cannot give (KVzip's repeat pass), or None. Called as
+        `observer(fn, params, tokens, prompt, attn_impl) -> prompt`."""
+        return None
+
+    def with_tokenizer(self, tokenizer) -> "Press":
+        """This press with what it needs from the tokenizer bound (KVzip's repeat prompt);
+        `kvjax.Pipeline` and `kvjax eval` call it. Most presses need nothing."""
+        return self
+
     def capacity(self, prompt: StaticSize, n_kv: int) -> StaticSize:
         """Static bounds of what the press keeps from a prompt whose bounds are `prompt`."""
         size = prompt

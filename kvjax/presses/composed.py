@@ -27,7 +27,7 @@ class ComposedPress(Press):
             if p.channel_pruner is not None and i != len(self.presses) - 1:
                 raise ValueError(f"{type(p).__name__} prunes channels: it must come last in a "
                                  "ComposedPress (token stages select full-width keys)")
-        for hook in ("decode_hook", "between_layers"):
+        for hook in ("decode_hook", "between_layers", "prompt_observer"):
             owners = [type(p).__name__ for p in self.presses if getattr(p, hook) is not None]
             if len(owners) > 1:
                 raise ValueError(f"{' and '.join(owners)} both bring a {hook}: compose at most "
@@ -61,3 +61,12 @@ class ComposedPress(Press):
     def between_layers(self):
         return next((p.between_layers for p in self.presses if p.between_layers is not None),
                     None)
+
+    @property
+    def prompt_observer(self):
+        return next((p.prompt_observer for p in self.presses
+                     if p.prompt_observer is not None), None)
+
+    def with_tokenizer(self, tokenizer):
+        return dataclasses.replace(self, presses=tuple(p.with_tokenizer(tokenizer)
+                                                       for p in self.presses))

@@ -4,6 +4,7 @@ from kvjax.presses.adakv import AdaKVPress
 from kvjax.presses.composed import ComposedPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
 from kvjax.presses.keydiff import KeyDiffPress
+from kvjax.presses.kvzip import KVzipPress
 from kvjax.presses.knorm import KnormPress
 from kvjax.presses.nacl import NACLPress
 from kvjax.presses.observed_attention import ObservedAttentionPress
@@ -53,6 +54,8 @@ PRESSES = {
     "tova": (TOVAPress, {}, "attention of the last prompt token, averaged over heads"),
     "knorm": (KnormPress, {}, "smallest key norms"),
     "keydiff": (KeyDiffPress, {}, "keys least similar to the mean key (arXiv 2504.15364)"),
+    "kvzip": (KVzipPress, dict(chunk_size=48), "context reconstruction: attention from a "
+              "repeat of the context (arXiv 2505.23416; needs a tokenizer)"),
     "expected_attention": (ExpectedAttentionPress, dict(n_future_positions=64),
                            "closed-form expected attention of future queries"),
     "random": (RandomPress, dict(seed=0), "uniformly random tokens (baseline)"),

@@ -140,6 +140,15 @@ class ThinKPress(Press):
         return None if self.press is None else self.press.decode_hook
 
     @property
+    def prompt_observer(self):
+        return None if self.press is None else self.press.prompt_observer
+
+    def with_tokenizer(self, tokenizer):
+        if self.press is None:
+            return self
+        return dataclasses.replace(self, press=self.press.with_tokenizer(tokenizer))
+
+    @property
     def channel_pruner(self):
         no_op = (self.key_channel_compression_ratio == 0
                  and self.value_channel_compression_ratio == 0)

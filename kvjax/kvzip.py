@@ -1,0 +1,226 @@
+"""KVzip's repeat pass (Kim et al. 2025, arXiv 2505.23416): after the prefill, the model is
+prompted to repeat the context, chunk by chunk, attending to the full context cache; a context
+token's score is the largest attention it receives from the repeat tokens.
+
+This module runs the pass inside the jitted prefill, as kvpress 0.5.5 defines it
+(docs/kvzip_reference.md): per chunk `i` the repeat input is the instruction (the first chunk
+"Repeat the previous context exactly.", later chunks "Repeat the part of the previous context
+exactly, starting with" + the previous chunk's last 8 ids), the chat template's suffix, then
+the chunk; it runs at positions T.. over the uncompressed cache through the model's own decode
+(a `DecodeHook` that owns attention: `RepeatScoring`), so the model needs nothing new. A
+layer's score for a context slot is max over its query heads and the repeat queries of the
+softmax over the subset {first `n_sink` keys, the chunk, the repeat tokens} (causal among the
+repeat tokens); scores are kept as running maxima in the store's per-slot state and handed to
+the press as `Observation.token_scores`. Axis letters as in `kvjax.attention`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.attention import default_scale, group_heads
+from kvjax.cache import LayerTail, gather_rows, slot_index
+from kvjax.hooks import DecodeHook
+from kvjax.store_attention import store_attention
+
+FIRST = "\n\nRepeat the previous context exactly."
+PART = "\n\nRepeat the part of the previous context exactly, starting with"
+PREV_IDS = 8  # ids of the previous chunk that open the next chunk's instruction
+_Q_BLOCK = 512  # repeat queries scored at once
+
+
+def _encode(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(int(i) for i in tokenizer.encode(text, add_bos=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatPrompt:
+    """Token ids of the repeat instructions for one tokenizer (hashable: part of the press).
+
+    Attributes:
+      first: the first chunk's instruction; part: later chunks' instruction (followed by the
+        previous chunk's last 8 ids); suffix: what closes the user turn and opens the
+        assistant's ("\\n" for a tokenizer without a chat template); prefix_length: P, the
+        chat template's tokens before the context (never repeated, never scored: kvpress's
+        choice, docs/kvzip_reference.md section 1.6).
+    """
+
+    first: tuple[int, ...]
+    part: tuple[int, ...]
+    suffix: tuple[int, ...]
+    prefix_length: int = 0
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "RepeatPrompt":
+        """kvpress's prompts through `tokenizer` (its chat template when it has one, plain
+        text otherwise). Needs `encode(text, add_bos=False)`, `chat_template` and
+        `apply_chat_template(messages, add_generation_prompt=True)`."""
+        first, part = _encode(tokenizer, FIRST), _encode(tokenizer, PART)
+        if getattr(tokenizer, "chat_template", None) is None:
+            return cls(first=first, part=part, suffix=_encode(tokenizer, "\n"))
+        dummy = "dummy context"
+        sep = "\n" + "#" * len(dummy)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": dummy + sep}],
+                                             add_generation_prompt=True, enable_thinking=False)
+        if text.count(sep) != 1:
+            raise ValueError("the chat template altered KVzip's context separator")
+        context, suffix = text.split(sep)
+        prefix = context.split(dummy)[0]
+        return cls(first=first, part=part, suffix=_encode(tokenizer, suffix),
+                   prefix_length=len(_encode(tokenizer, prefix)))
+
+    def header(self, chunk: int) -> int:
+        """Static number of repeat-input tokens before chunk `chunk`'s own tokens."""
+        head = self.first if chunk == 0 else self.part + (0,) * PREV_IDS
+        return len(head) + len(self.suffix)
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatScoring(DecodeHook):
+    """The repeat pass of chunk `chunk`: attention for the forward, KVzip scores on the side.
+
+    The cache it runs over holds the uncompressed prompt (slot t of a segment = position t)
+    and per-slot running-max scores in `store.extra` [B, R, P, 1].
+    """
+
+    chunk: int
+    chunk_size: int
+    prefix_length: int
+    header: int
+    n_sink: int = 4
+
+    owns_attention = True
+
+    def tail_slots(self, out_len, reserved):
+        return 0
+
+    def decode_layer(self, q, k, v, positions, n_new, cache, layer, *, sliding_window=None,
+                     scale=None):
+        """q [B, Q, N, H] repeat queries at positions [B, Q] (starting at the prompt length)
+        -> (out [B, Q, N, H] over context + repeat tokens, cache with the chunk's scores)."""
+        store = cache.store
+        own = LayerTail(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), pos=positions,
+                        count=n_new.astype(jnp.int32))
+        out = store_attention(q, positions, store, layer, own, scale=scale,
+                              sliding_window=sliding_window)
+        start = self.prefix_length + self.chunk * self.chunk_size
+        idx, ok = slot_index(store, layer, self.chunk_size, start=start)
+        # the chunk's valid slots: before the prompt's end (positions[:, 0] = its length)
+        ok = ok & (start + jnp.arange(self.chunk_size) < positions[:, :1, None][:, 0])
+        scores = self._scores(q, n_new, own, store, layer, idx, ok, scale)  # [B, K, C]
+        b = idx.shape[0]
+        flat = jnp.where(ok, idx, store.rows * store.slots).reshape(b, -1)
+        extra = store.extra.reshape(b, -1)
+        extra = jax.vmap(lambda e, i, s: e.at[i].max(s, mode="drop"))(
+            extra, flat, scores.reshape(b, -1).astype(extra.dtype))
+        store = dataclasses.replace(store, extra=extra.reshape(store.extra.shape))
+        return out, dataclasses.replace(cache, store=store)
+
+    def _scores(self, q, n_new, own, store, layer, idx, ok, scale):
+        """max over query heads of a kv head and repeat queries of the subset softmax."""
+        b, t, n, h = q.shape
+        scale = default_scale(h) if scale is None else scale
+        n_kv = store.n_kv_heads
+        sink = min(self.n_sink, self.prefix_length + self.chunk * self.chunk_size)
+        sidx, sok = slot_index(store, layer, max(sink, 1))
+        keys = [gather_rows(store.k, idx)]  # chunk keys [B, K, C, H]
+        masks = [ok]
+        if sink:
+            keys.insert(0, gather_rows(store.k, sidx))
+            masks.insert(0, sok)
+        ctx_k = jnp.concatenate(keys, axis=2)
+        ctx_ok = jnp.concatenate(masks, axis=2)  # [B, K, S]
+        qg = group_heads(q, n_kv)  # [B, Q, K, G, H]
+        q_ok = jnp.arange(t)[None, :] < n_new[:, None]  # [B, Q]
+        best = jnp.zeros((b, n_kv, idx.shape[2]), jnp.float32)
+        for lo in range(0, t, _Q_BLOCK):  # bounded memory: [B, K, G, Qb, S + Q]
+            qb = qg[:, lo:lo + _Q_BLOCK]
+            rows = jnp.arange(lo, lo + qb.shape[1])
+            lc = jnp.einsum("bqkgh,bksh->bkgqs", qb, ctx_k.astype(qb.dtype),
+                            preferred_element_type=jnp.float32) * scale
+            lr = jnp.einsum("bqkgh,bksh->bkgqs", qb, own.k.astype(qb.dtype),
+                            preferred_element_type=jnp.float32) * scale
+            causal = (jnp.arange(t)[None, :] <= rows[:, None])[None] & q_ok[:, None, :]
+            lc = jnp.where(ctx_ok[:, :, None, None, :], lc, -jnp.inf)
+            lr = jnp.where(causal[:, None, None], lr, -jnp.inf)
+            lse = jax.nn.logsumexp(jnp.concatenate([lc, lr], -1), axis=-1, keepdims=True)
+            p = jnp.exp(lc[..., ctx_k.shape[2] - idx.shape[2]:] - lse)  # the chunk's columns
+            p = jnp.where(q_ok[:, lo:lo + qb.shape[1]][:, None, None, :, None], p, 0.0)
+            best = jnp.maximum(best, p.max(axis=(2, 3)))
+        return jnp.where(ok, best, 0.0)
+
+
+def n_chunks(prompt_slots: int, prefix_length: int, chunk_size: int) -> int:
+    """Static number of repeat chunks for a prompt padded to `prompt_slots` tokens."""
+    return max(1, -(-(prompt_slots - prefix_length) // chunk_size))
+
+
+def repeat_ids(tokens: jax.Array, lengths: jax.Array, repeat: RepeatPrompt, chunk: int,
+               chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """Repeat input of chunk `chunk` for every row -> (ids [B, Q] int32, n_new [B]).
+
+    ids = instruction (+ the previous chunk's last 8 ids) + suffix + the chunk's tokens
+    (right-padded); a row whose context ends before the chunk gets n_new = 0.
+    """
+    b = tokens.shape[0]
+    start = repeat.prefix_length + chunk * chunk_size
+    if chunk == 0:
+        head = jnp.broadcast_to(jnp.asarray(repeat.first, jnp.int32), (b, len(repeat.first)))
+    else:
+        prev = jax.lax.dynamic_slice_in_dim(tokens, start - PREV_IDS, PREV_IDS, axis=1)
+        head = jnp.concatenate([jnp.broadcast_to(jnp.asarray(repeat.part, jnp.int32),
+                                                 (b, len(repeat.part))), prev], axis=1)
+    suffix = jnp.broadcast_to(jnp.asarray(repeat.suffix, jnp.int32), (b, len(repeat.suffix)))
+    body = jnp.pad(tokens, ((0, 0), (0, chunk_size)))[:, start:start + chunk_size]
+    n_body = jnp.clip(lengths - start, 0, chunk_size)
+    ids = jnp.concatenate([head, suffix, body], axis=1).astype(jnp.int32)
+    n_new = jnp.where(n_body > 0, head.shape[1] + suffix.shape[1] + n_body, 0)
+    return ids, n_new.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatPass:
+    """A prompt observer (static): runs the repeat pass and attaches `token_scores`.
+
+    Attributes:
+      repeat: the instruction ids; chunk_size: context tokens per pass; n_sink: keys always in
+        the softmax subset.
+    """
+
+    repeat: RepeatPrompt
+    chunk_size: int = 2048
+    n_sink: int = 4
+
+    def __call__(self, fn, params, tokens, prompt, attn_impl):
+        """-> the Prompt with every layer's `obs.token_scores` [B, K, T] set."""
+        from kvjax.compress import compress  # compress -> presses -> here: import on use
+        if len(prompt.groups) != 1:
+            raise ValueError("KVzip's repeat pass needs every layer to see the whole prompt "
+                             "(no hidden-state pruning)")
+        cache = compress(None, prompt, tail_capacity=0)
+        store = cache.store
+        store = dataclasses.replace(store, extra=jnp.zeros(store.k.shape[:3] + (1,),
+                                                           jnp.float32))
+        group = prompt.groups[0]
+        t = group.positions.shape[1]
+        for i in range(n_chunks(t, self.repeat.prefix_length, self.chunk_size)):
+            ids, n_new = repeat_ids(tokens, group.lengths, self.repeat, i, self.chunk_size)
+            hook = RepeatScoring(chunk=i, chunk_size=self.chunk_size,
+                                 prefix_length=self.repeat.prefix_length,
+                                 header=self.repeat.header(i), n_sink=self.n_sink)
+            c = dataclasses.replace(cache, store=store, hook=hook)
+            _, c = fn.decode(params, ids, n_new, c, attn_impl=attn_impl)
+            store = c.store
+        idx, _ = jax.vmap(lambda l: slot_index(store, l, t))(jnp.arange(store.n_layers))
+        scores = jax.vmap(lambda i: gather_rows(store.extra, i)[..., 0])(idx)  # [L, B, K, T]
+        obs = dataclasses.replace(group.layers.obs, token_scores=scores)
+        layers = dataclasses.replace(group.layers, obs=obs)
+        return dataclasses.replace(prompt, groups=(dataclasses.replace(group, layers=layers),))
+
+
+def check_context(n_context: int, repeat: RepeatPrompt) -> None:
+    """Raise ValueError when a context has nothing to repeat after the template prefix."""
+    if n_context <= repeat.prefix_length:
+        raise ValueError(f"context of {n_context} tokens has nothing after the chat template's "
+                         f"{repeat.prefix_length}-token prefix for KVzip to repeat")
