@@ -61,3 +61,38 @@ def test_kept_tokens_match_kvpress_on_smollm2(setup, name):
     if name == "streaming_llm":
         assert overlap == 1.0
     assert overlap >= 0.99
+
+
+def test_kvzip_matches_kvpress_on_smollm2(setup, tmp_path):
+    """KVzip through SmolLM2's chat template (24-token prefix, 6-token suffix): scores to 1e-4
+    and the kept (layer, head, token) entries; near-tied scores may fall on either side of the
+    cut when torch and XLA round differently, so >= 99% in common is required and printed."""
+    from kvpress_kvzip_ref import kvzip_reference
+    hf, model, _ = setup
+    _, tok = models.load("smollm2", progress=False, dtype=jnp.float32)
+    # kvpress's KVzip reloads the tokenizer from name_or_path: give it the same tokenizer
+    # (transformers' own GGUF conversion splits the chat template's special tokens)
+    tok.save_pretrained(tmp_path)
+    hf.config.name_or_path = str(tmp_path)
+    pipe = kvjax.Pipeline(model, tok)
+    ctx, _ = pipe.encode(needle_sample(tok, T + 50, seed=4).context)
+    ids = np.asarray([ctx[:T]])
+    ref = kvzip_reference(hf, ids, 0.75)
+    press = kvjax.KVzipPress(compression_ratio=0.75).with_tokenizer(tok)
+    assert press.repeat.prefix_length == ref["prefix_length"] == 24
+    assert list(press.repeat.suffix) == ref["suffix_ids"]
+    fn, params = model.kvjax_split()
+    tokens, lengths = loops.pad_prompts([list(ids[0])])
+    _, prompt = loops.prefill_prompt(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                     obs_spec=press.obs_spec, observer=press.prompt_observer)
+    scores = np.asarray(prompt.groups[0].layers.obs.token_scores)[:, :, :, :T]
+    np.testing.assert_allclose(scores, ref["scores"], atol=1e-4)
+    _, cache = loops.prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                             tail_capacity=8, press=press)
+    same = total = 0
+    for layer, rl in enumerate(ref["kept"]):
+        for h, kept in enumerate(kvjax.kept_positions(cache, layer)[0]):
+            same += len(set(kept.tolist()) & set(rl[0][h]))
+            total += len(rl[0][h])
+    print(f"kvzip: {same / total:.4%} of kvpress's kept entries kept by kvjax")
+    assert same / total >= 0.99
