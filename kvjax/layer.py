@@ -26,7 +26,8 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
                   sliding_window: int | None = None, obs_spec: ObsSpec = ObsSpec(),
                   attn_impl: str = "auto", scale: float | None = None,
                   q_prerope: jax.Array | None = None, rope_inv_freq=None,
-                  rope_interleaved: bool = False) -> tuple[jax.Array, LayerPrompt]:
+                  rope_interleaved: bool = False,
+                  hidden: jax.Array | None = None) -> tuple[jax.Array, LayerPrompt]:
     """Causal attention over a right-padded prompt; the layer's keys, values, observation.
 
     Args:
@@ -40,6 +41,8 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
         frequencies; only presses that model future queries (ExpectedAttention) need them.
       rope_interleaved: True for GPT-J-style rotary pairs (2i, 2i+1), False for Llama's
         rotate-half pairs (i, i + H/2).
+      hidden: [B, T, D] the attention's input (after the layer's norm); only presses that
+        score hidden states (KVzap) need it.
 
     Returns:
       out [B, T, N, H] and LayerPrompt(k, v [B, K, T, H], Observation).
@@ -59,7 +62,7 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
                                          sliding_window=sliding_window)
     obs = observe(q, k, lengths, obs_spec, scale=scale, q_prerope=q_prerope,
                   rope_inv_freq=rope_inv_freq, rope_interleaved=rope_interleaved,
-                  column_sums=column_sums, sliding_window=sliding_window)
+                  column_sums=column_sums, sliding_window=sliding_window, hidden=hidden)
     return out, LayerPrompt(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), obs=obs)
 
 

@@ -24,6 +24,7 @@ class ObsSpec:
         all query rows (H2O / ObservedAttention), in query chunks, never T x T at once.
       proxy_ratio: NACL proxy rows: widen the window to ceil(proxy_ratio * T) rows, T the
         padded prompt length (a static bound on every sequence's own proxy count).
+      hidden: keep every token's attention input (the layer's normed hidden state; KVzap).
     """
 
     window: int = 0
@@ -31,6 +32,7 @@ class ObsSpec:
     query_stats: bool = False
     query_stats_skip: int = 0
     proxy_ratio: float = 0.0
+    hidden: bool = False
 
     def __post_init__(self):
         if self.window < 0:
@@ -45,7 +47,8 @@ class ObsSpec:
                        column_sums=self.column_sums or other.column_sums,
                        query_stats=self.query_stats or other.query_stats,
                        query_stats_skip=max(self.query_stats_skip, other.query_stats_skip),
-                       proxy_ratio=max(self.proxy_ratio, other.proxy_ratio))
+                       proxy_ratio=max(self.proxy_ratio, other.proxy_ratio),
+                       hidden=self.hidden or other.hidden)
 
     def window_for(self, t: int) -> int:
         """Rows of `q_window` observed for a padded prompt of `t` positions (static)."""
@@ -68,6 +71,7 @@ class Observation:
       rope_inv_freq: [H/2] the layer's rotary inverse frequencies, or None.
       token_scores: [B, K, T] f32 scores a prompt observer computed after the prefill (KVzip's
         repeat pass, `kvjax.kvzip`), or None.
+      hidden: [B, T, D] the layer's attention input for every prompt token, or None.
       rope_interleaved: the rotary pairs are (2i, 2i+1) (GPT-J) rather than (i, i + H/2)
         (Llama's rotate-half); static.
     """
@@ -79,6 +83,7 @@ class Observation:
     q_cov: jax.Array | None = None
     rope_inv_freq: jax.Array | None = None
     token_scores: jax.Array | None = None
+    hidden: jax.Array | None = None
     rope_interleaved: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
 
@@ -141,7 +146,7 @@ def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
             scale: float | None = None, q_prerope: jax.Array | None = None,
             rope_inv_freq=None, rope_interleaved: bool = False,
             column_sums: jax.Array | None = None,
-            sliding_window: int | None = None) -> Observation:
+            sliding_window: int | None = None, hidden: jax.Array | None = None) -> Observation:
     """Build the Observation that `spec` asks for from one layer's prefill q and k.
 
     `column_sums` [B, N, T], when given, are the attention column sums already computed by a
@@ -161,7 +166,11 @@ def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
             raise ValueError("this press needs pre-RoPE queries and the RoPE frequencies: pass "
                              "q_prerope= and rope_inv_freq= to kvjax.prefill_layer")
         q_mean, q_cov = query_statistics(q_prerope, lengths, spec.query_stats_skip)
+    if spec.hidden and hidden is None:
+        raise ValueError("this press needs the layer's attention input: pass hidden= to "
+                         "kvjax.prefill_layer")
     inv_freq = None if rope_inv_freq is None else jnp.asarray(rope_inv_freq, jnp.float32)
     return Observation(q_window=q_window, window_valid=window_valid, column_sums=column_sums,
                        q_mean=q_mean, q_cov=q_cov, rope_inv_freq=inv_freq,
-                       rope_interleaved=rope_interleaved)
+                       rope_interleaved=rope_interleaved,
+                       hidden=hidden if spec.hidden else None)

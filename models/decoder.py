@@ -66,7 +66,8 @@ class Attention(nnx.Module):
         q, k, v, q_pre = self._qkv(x, positions)
         o, prompt = kvjax.prefill_layer(
             q, k, v, lengths, sliding_window=self.sliding_window, obs_spec=obs_spec,
-            attn_impl=attn_impl, q_prerope=q_pre, rope_inv_freq=self.rope.inverse_frequencies())
+            attn_impl=attn_impl, q_prerope=q_pre, rope_inv_freq=self.rope.inverse_frequencies(),
+            hidden=x)
         return self._out(o), prompt
 
     def decode(self, x, positions, n_new, cache, layer, *, attn_impl):
