@@ -8,7 +8,8 @@ import ast
 import sys
 import time
 
-DEMO_PRESS = "snapkv"
+DEMO_PRESSES = ("kvzip", "snapkv")  # the best question-agnostic press here, and SnapKV
+DEMO_RATIO = 0.75
 
 
 def parse_press_args(items: list[str] | None) -> dict:
@@ -42,9 +43,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
 
 
-def _add_press_args(p: argparse.ArgumentParser, default=None) -> None:
+def _add_press_args(p: argparse.ArgumentParser, default=None, ratio: float = 0.5) -> None:
     p.add_argument("--press", default=default, help="press name (see `kvjax presses`) or full")
-    p.add_argument("--compression-ratio", type=float, default=0.5)
+    p.add_argument("--compression-ratio", type=float, default=ratio)
     p.add_argument("--press-arg", action="append", metavar="NAME=VALUE",
                    help="press hyperparameter, repeatable (e.g. window_size=32)")
     p.add_argument("--seed", type=int, default=None, help="seed for random presses")
@@ -90,9 +91,13 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from kvjax.demo import run_demo
-    press = build_press(args)
+    from kvjax.presses import make_press
+    if args.press is None:  # the default comparison
+        presses = [make_press(name, args.compression_ratio) for name in DEMO_PRESSES]
+    else:
+        presses = [p for p in [build_press(args)] if p is not None]
     model, tokenizer = _load(args)
-    rows = run_demo(model, tokenizer, press=press, n_tokens=args.context_tokens,
+    rows = run_demo(model, tokenizer, presses=presses, n_tokens=args.context_tokens,
                     question_aware=args.question_aware)
     return 0 if rows[0]["correct"] else 1
 
@@ -118,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--sample-seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
-    d = sub.add_parser("demo", help="needle in a ~2k-token haystack: full vs compressed cache")
+    d = sub.add_parser("demo", help="needle in a ~2k-token haystack: the full cache, KVzip and "
+                       "SnapKV at 0.75 (or --press)")
     _add_model_args(d)
-    _add_press_args(d, default=DEMO_PRESS)
+    _add_press_args(d, ratio=DEMO_RATIO)
     d.add_argument("--context-tokens", type=int, default=2000)
     d.set_defaults(func=cmd_demo)
     p = sub.add_parser("presses", help="list the registered presses")

@@ -46,7 +46,7 @@ def test_generate_and_demo_on_smollm2(capsys):
     assert "tok/s" in out and "KV cache:" in out
     assert cli.main(["demo", "--context-tokens", "600"]) == 0  # full cache finds the needle
     out = capsys.readouterr().out
-    assert "full cache" in out and "SnapKVPress(0.5)" in out
+    assert "full cache" in out and "KVzipPress(0.75)" in out and "SnapKVPress(0.75)" in out
 
 
 def test_seed_reaches_random_presses():
