@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import default_scale, group_heads
-from kvjax.cache import LayerTail, gather_rows, slot_index
+from kvjax.cache import gather_rows, layer_view, slot_index
 from kvjax.hooks import DecodeHook
-from kvjax.store_attention import store_attention
 
 FIRST = "\n\nRepeat the previous context exactly."
 PART = "\n\nRepeat the part of the previous context exactly, starting with"
 PREV_IDS = 8  # ids of the previous chunk that open the next chunk's instruction
-_Q_BLOCK = 512  # repeat queries scored at once
+_Q_BLOCK = 256  # repeat queries attended and scored at once
 
 
 def _encode(tokenizer, text: str) -> tuple[int, ...]:
@@ -70,10 +69,6 @@ class RepeatPrompt:
         return cls(first=first, part=part, suffix=_encode(tokenizer, suffix),
                    prefix_length=len(_encode(tokenizer, prefix)))
 
-    def header(self, chunk: int) -> int:
-        """Static number of repeat-input tokens before chunk `chunk`'s own tokens."""
-        head = self.first if chunk == 0 else self.part + (0,) * PREV_IDS
-        return len(head) + len(self.suffix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +82,6 @@ class RepeatScoring(DecodeHook):
     chunk: int
     chunk_size: int
     prefix_length: int
-    header: int
     n_sink: int = 4
 
     owns_attention = True
@@ -100,15 +94,13 @@ class RepeatScoring(DecodeHook):
         """q [B, Q, N, H] repeat queries at positions [B, Q] (starting at the prompt length)
         -> (out [B, Q, N, H] over context + repeat tokens, cache with the chunk's scores)."""
         store = cache.store
-        own = LayerTail(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), pos=positions,
-                        count=n_new.astype(jnp.int32))
-        out = store_attention(q, positions, store, layer, own, scale=scale,
-                              sliding_window=sliding_window)
+        view = layer_view(store, layer)  # the whole uncompressed prompt: slot t = position t
         start = self.prefix_length + self.chunk * self.chunk_size
-        idx, ok = slot_index(store, layer, self.chunk_size, start=start)
-        # the chunk's valid slots: before the prompt's end (positions[:, 0] = its length)
-        ok = ok & (start + jnp.arange(self.chunk_size) < positions[:, :1, None][:, 0])
-        scores = self._scores(q, n_new, own, store, layer, idx, ok, scale)  # [B, K, C]
+        stop = min(start + self.chunk_size, view.capacity)
+        out, scores = repeat_attention(
+            q, k, v, positions, n_new, view, start=start, stop=stop,
+            n_sink=min(self.n_sink, start), scale=scale, sliding_window=sliding_window)
+        idx, ok = slot_index(store, layer, stop - start, start=start)
         b = idx.shape[0]
         flat = jnp.where(ok, idx, store.rows * store.slots).reshape(b, -1)
         extra = store.extra.reshape(b, -1)
@@ -117,38 +109,60 @@ class RepeatScoring(DecodeHook):
         store = dataclasses.replace(store, extra=extra.reshape(store.extra.shape))
         return out, dataclasses.replace(cache, store=store)
 
-    def _scores(self, q, n_new, own, store, layer, idx, ok, scale):
-        """max over query heads of a kv head and repeat queries of the subset softmax."""
-        b, t, n, h = q.shape
-        scale = default_scale(h) if scale is None else scale
-        n_kv = store.n_kv_heads
-        sink = min(self.n_sink, self.prefix_length + self.chunk * self.chunk_size)
-        sidx, sok = slot_index(store, layer, max(sink, 1))
-        keys = [gather_rows(store.k, idx)]  # chunk keys [B, K, C, H]
-        masks = [ok]
-        if sink:
-            keys.insert(0, gather_rows(store.k, sidx))
-            masks.insert(0, sok)
-        ctx_k = jnp.concatenate(keys, axis=2)
-        ctx_ok = jnp.concatenate(masks, axis=2)  # [B, K, S]
-        qg = group_heads(q, n_kv)  # [B, Q, K, G, H]
-        q_ok = jnp.arange(t)[None, :] < n_new[:, None]  # [B, Q]
-        best = jnp.zeros((b, n_kv, idx.shape[2]), jnp.float32)
-        for lo in range(0, t, _Q_BLOCK):  # bounded memory: [B, K, G, Qb, S + Q]
-            qb = qg[:, lo:lo + _Q_BLOCK]
-            rows = jnp.arange(lo, lo + qb.shape[1])
-            lc = jnp.einsum("bqkgh,bksh->bkgqs", qb, ctx_k.astype(qb.dtype),
-                            preferred_element_type=jnp.float32) * scale
-            lr = jnp.einsum("bqkgh,bksh->bkgqs", qb, own.k.astype(qb.dtype),
-                            preferred_element_type=jnp.float32) * scale
-            causal = (jnp.arange(t)[None, :] <= rows[:, None])[None] & q_ok[:, None, :]
-            lc = jnp.where(ctx_ok[:, :, None, None, :], lc, -jnp.inf)
-            lr = jnp.where(causal[:, None, None], lr, -jnp.inf)
-            lse = jax.nn.logsumexp(jnp.concatenate([lc, lr], -1), axis=-1, keepdims=True)
-            p = jnp.exp(lc[..., ctx_k.shape[2] - idx.shape[2]:] - lse)  # the chunk's columns
-            p = jnp.where(q_ok[:, lo:lo + qb.shape[1]][:, None, None, :, None], p, 0.0)
-            best = jnp.maximum(best, p.max(axis=(2, 3)))
-        return jnp.where(ok, best, 0.0)
+
+def repeat_attention(q, k, v, positions, n_new, view, *, start: int, stop: int, n_sink: int,
+                     scale=None, sliding_window=None):
+    """The repeat tokens' attention and their KVzip scores, from one set of logits.
+
+    Args:
+      q: [B, Q, N, H] post-RoPE repeat queries; k, v: [B, Q, K, H] their keys and values;
+      positions: [B, Q]; n_new: [B] real repeat tokens; view: the layer's uncompressed prompt
+      (k [B, K, T, H], pos, length); [start, stop): the chunk (static); n_sink: the first
+      keys also in the score's softmax subset (static).
+
+    Returns:
+      out [B, Q, N, H] (softmax over every context key and the earlier repeat tokens, as the
+      model's own forward) and scores [B, K, stop - start] f32: max over the kv group's query
+      heads and the real repeat queries of the softmax over the subset {keys < n_sink, the
+      chunk, the repeat tokens} (docs/kvzip_reference.md section 1.4).
+    """
+    b, t, n, h = q.shape
+    n_kv, c = view.k.shape[1], view.capacity
+    scale = default_scale(h) if scale is None else scale
+    qg = group_heads(q, n_kv)  # [B, Q, K, G, H]
+    kr, vr = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, Q, H]
+    slot = jnp.arange(c)
+    ctx_ok = slot[None, None, :] < view.length[..., None]  # [B, K, T]
+    subset = (slot < n_sink) | ((slot >= start) & (slot < stop))  # [T] static pattern
+    q_ok = jnp.arange(t)[None, :] < n_new[:, None]  # [B, Q]
+    outs, best = [], jnp.zeros((b, n_kv, stop - start), jnp.float32)
+    for lo in range(0, t, _Q_BLOCK):  # causal query blocks: keys of later repeat tokens skipped
+        hi = min(t, lo + _Q_BLOCK)
+        qb = qg[:, lo:hi]
+        lc = jnp.einsum("bqkgh,bksh->bkgqs", qb, view.k.astype(qb.dtype),
+                        preferred_element_type=jnp.float32) * scale  # [B, K, G, Qb, T]
+        lr = jnp.einsum("bqkgh,bksh->bkgqs", qb, kr[:, :, :hi].astype(qb.dtype),
+                        preferred_element_type=jnp.float32) * scale  # [B, K, G, Qb, hi]
+        mc = ctx_ok[:, :, None, None, :]
+        if sliding_window is not None:
+            mc = mc & (positions[:, None, None, lo:hi, None] - view.pos[:, :, None, None, :]
+                       < sliding_window)
+        mr = (jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None])[None] & q_ok[:, None, :hi]
+        mr = mr[:, None, None]  # [B, 1, 1, Qb, hi]
+        lc, lr = jnp.where(mc, lc, -jnp.inf), jnp.where(mr, lr, -jnp.inf)
+        m = jnp.maximum(lc.max(-1, keepdims=True), lr.max(-1, keepdims=True))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        ec, er = jnp.exp(lc - m), jnp.exp(lr - m)
+        denom = ec.sum(-1, keepdims=True) + er.sum(-1, keepdims=True)
+        o = (jnp.einsum("bkgqs,bksh->bqkgh", ec, view.v.astype(jnp.float32))
+             + jnp.einsum("bkgqs,bksh->bqkgh", er, vr[:, :, :hi].astype(jnp.float32)))
+        outs.append(o / jnp.maximum(denom, 1e-30).transpose(0, 3, 1, 2, 4))
+        sub = jnp.sum(jnp.where(subset, ec, 0.0), -1, keepdims=True) + er.sum(-1, keepdims=True)
+        p = ec[..., start:stop] / jnp.maximum(sub, 1e-30)  # the chunk's columns
+        p = jnp.where(q_ok[:, None, None, lo:hi, None], p, 0.0)
+        best = jnp.maximum(best, p.max(axis=(2, 3)))
+    out = jnp.concatenate(outs, axis=1).reshape(b, t, n, h).astype(q.dtype)
+    return out, jnp.where(ctx_ok[:, :, start:stop], best, 0.0)
 
 
 def n_chunks(prompt_slots: int, prefix_length: int, chunk_size: int) -> int:
@@ -208,7 +222,7 @@ class RepeatPass:
             ids, n_new = repeat_ids(tokens, group.lengths, self.repeat, i, self.chunk_size)
             hook = RepeatScoring(chunk=i, chunk_size=self.chunk_size,
                                  prefix_length=self.repeat.prefix_length,
-                                 header=self.repeat.header(i), n_sink=self.n_sink)
+                                 n_sink=self.n_sink)
             c = dataclasses.replace(cache, store=store, hook=hook)
             _, c = fn.decode(params, ids, n_new, c, attn_impl=attn_impl)
             store = c.store
