@@ -14,7 +14,7 @@ from kvjax.memory import MemoryReport, memory_report
 from kvjax.observation import Observation, ObsSpec
 from kvjax.pipeline import Pipeline, PipelineResult
 from kvjax.presses import (AdaKVPress, ComposedPress, DecodingPress, ExpectedAttentionPress,
-                           KeyDiffPress, KnormPress, KVzipPress, NACLPress, ObservedAttentionPress, Press, PyramidKVPress,
+                           KeyDiffPress, KnormPress, KVzapPress, KVzipPress, NACLPress, ObservedAttentionPress, Press, PyramidKVPress,
                            RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress, ThinKPress,
                            TOVAPress, UNCompPress, ZigZagKVPress, make_press)
 from kvjax.sampling import Greedy, Temperature, TopK, TopP
@@ -22,7 +22,7 @@ from kvjax.sampling import Greedy, Temperature, TopK, TopP
 __all__ = [
     # presses
     "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KeyDiffPress",
-    "KnormPress", "KVzipPress", "RepeatPrompt",
+    "KnormPress", "KVzapPress", "KVzipPress", "RepeatPrompt",
     "NACLPress", "ObservedAttentionPress", "Press", "PyramidKVPress", "RandomPress",
     "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "UNCompPress",
     "ZigZagKVPress", "make_press",

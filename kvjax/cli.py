@@ -136,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_subcommands(sub) -> None:
+    from kvjax.kvzap.cli import add_train_scorer_parser
     from kvjax.presses.zigzag_profile import add_zigzag_parser
     from kvjax.uncomp.cli import add_uncomp_parser
     add_zigzag_parser(sub)
     add_uncomp_parser(sub)
+    add_train_scorer_parser(sub)
     try:
         from kvjax.eval.cli import add_eval_parser
     except ImportError:

@@ -67,6 +67,12 @@ def prefill_prompt(fn, params, tokens, lengths, *, obs_spec, attn_impl="auto", b
     return logits, prompt
 
 
+@functools.partial(jax.jit, static_argnames=("fn", "observer", "attn_impl"))
+def observe_prompt(fn, params, tokens, prompt, *, observer, attn_impl="auto"):
+    """Run a press's prompt observer (e.g. KVzip's repeat pass) on a prefill's Prompt."""
+    return observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
+
+
 @functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl",
                                              "hook"))
 def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto",

@@ -34,7 +34,8 @@ class Answer:
         question and answer); context_kv_bytes: valid key/value bytes of the compressed
         context alone (what a press controls; comparable with kvpress's cache).
       n_context / n_question: prompt tokens compressed / appended after compression.
-      prefill_s: wall seconds of the (shared) prefill plus this press's compression;
+      prefill_s: wall seconds of the (shared) prefill; compress_s: this press's own work
+        after it (its prompt observer, e.g. KVzip's repeat pass, and the compression);
       decode_s: question append + decode; error: why no answer was produced ("" if one was).
     """
 
@@ -47,6 +48,7 @@ class Answer:
     n_question: int
     prefill_s: float
     decode_s: float
+    compress_s: float = 0.0
     error: str = ""
 
 
@@ -111,19 +113,27 @@ def answer_sample(pipeline, sample: Sample, presses: Sequence, *,
     for group in group_by_spec(presses):
         t0 = time.perf_counter()
         first = presses[group[0]]
+        parts = prefill_parts(first)
         logits, prompt = prefill_observe(
-            fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
-            obs_spec=obs_spec_for(first), attn_impl=pipeline.attn_impl, **prefill_parts(first))
+            fn, params, jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=obs_spec_for(first),
+            attn_impl=pipeline.attn_impl, between=parts["between"])
         jax.block_until_ready(logits)
-        shared_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if parts["observer"] is not None:  # e.g. KVzip's repeat pass: part of compression
+            prompt = loops.observe_prompt(fn, params, jnp.asarray(tokens), prompt,
+                                          observer=parts["observer"],
+                                          attn_impl=pipeline.attn_impl)
+            jax.block_until_ready(prompt)
+        times = (t1 - t0, time.perf_counter() - t1)
         for i in group:
             answers[i] = _decode_one(pipeline, presses[i], logits, prompt, q_ids, out_len,
-                                     sample.max_new_tokens, shared_s, len(ctx_ids))
+                                     sample.max_new_tokens, times, len(ctx_ids))
     return answers
 
 
 def _decode_one(pipeline, press, logits, prompt, q_ids, out_len, max_new_tokens,
-                shared_s, n_context) -> Answer:
+                times, n_context) -> Answer:
+    """times: (the shared prefill's seconds, the press's prompt observer's seconds)."""
     t0 = time.perf_counter()
     cache = compress_copy(press, prompt, tail_capacity=out_len,
                           hook=None if press is None else press.decode_hook)
@@ -140,5 +150,6 @@ def _decode_one(pipeline, press, logits, prompt, q_ids, out_len, max_new_tokens,
     report = memory_report(state.cache)
     return Answer(text=pipeline.tokenizer.decode(tokens), tokens=tuple(tokens),
                   kv_bytes_needed=int(report.kv_bytes_needed), bytes_held=int(report.bytes_held),
-                  context_kv_bytes=context_kv_bytes, n_context=n_context, n_question=len(q_ids), prefill_s=shared_s + t1 - t0,
+                  context_kv_bytes=context_kv_bytes, n_context=n_context,
+                  n_question=len(q_ids), prefill_s=times[0], compress_s=times[1] + t1 - t0,
                   decode_s=t2 - t1)

@@ -64,15 +64,22 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _median(values: list) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return None if not values else (values[(len(values) - 1) // 2]
+                                    + values[len(values) // 2]) / 2
+
+
 def cell_result(cell: Cell, meta: dict, records: dict[int, dict]) -> dict:
     """The JSON object of a cell: metadata, means over samples, records sorted by index."""
     rows = [records[i] for i in sorted(records)]
     errors = sorted({r["error"] for r in rows if r.get("error")})
     out = {"cell": dataclasses.asdict(cell), "meta": meta, "n_samples": len(rows),
            "accuracy": None if errors else _mean([r["score"] for r in rows])}
-    for key in ("kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context", "prefill_s",
-                "decode_s"):
+    for key in ("kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context"):
         out[key] = _mean([r.get(key) for r in rows])
+    for key in ("prefill_s", "compress_s", "decode_s"):  # medians: the first call compiles
+        out[key] = _median([r.get(key) for r in rows])
     nll = _mean([r.get("nll") for r in rows])
     if nll is not None:
         out["perplexity"] = math.exp(nll)
@@ -129,14 +136,16 @@ def summary_tables(results: Iterable[dict]) -> str:
         parts.append(f"### {task}, {length} tokens, {library}, {mode} ({n} samples)\n")
         head = " / ".join(f"{x:g}" for x in ratios) or "0"
         what = "perplexity" if task == "perplexity" else "accuracy %"
-        parts.append(f"| press | {what} at ratio {head} | compressed context KV MiB |")
-        parts.append("|---|---|---|")
+        parts.append(f"| press | {what} at ratio {head} | compressed context KV MiB | "
+                     "compression / prefill |")
+        parts.append("|---|---|---|---|")
         for p in presses:
             cols = [0.0] if p == FULL else ratios
             cells = [by.get((p, x)) for x in cols]
             acc = " / ".join(_acc_text(c) for c in cells)
             mib = " / ".join(fmt_mib(c.get("context_kv_bytes")) if c else "-" for c in cells)
-            parts.append(f"| {p} | {acc} | {mib} |")
+            cost = " / ".join(_cost_text(c) for c in cells)
+            parts.append(f"| {p} | {acc} | {mib} | {cost} |")
         parts.append("")
     return "\n".join(parts)
 
@@ -172,6 +181,13 @@ def _lib_acc(result: dict | None) -> str:
     if result.get("error"):
         return "n/a" if result["error"].startswith("not comparable") else "crash"
     return fmt_pct(result["accuracy"])
+
+
+def _cost_text(result: dict | None) -> str:
+    """Median compression seconds over median prefill seconds (the press's own work)."""
+    if not result or not result.get("prefill_s") or result.get("compress_s") is None:
+        return "-"
+    return f"{result['compress_s'] / result['prefill_s']:.2f}"
 
 
 def _acc_text(result: dict | None) -> str:

@@ -69,7 +69,7 @@ def record(sample: Sample, answer: Answer) -> dict:
            "recall": recall(answer.text, sample.answers)}
     row.update({k: getattr(answer, k) for k in (
         "kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context", "n_question",
-        "prefill_s", "decode_s")})
+        "prefill_s", "compress_s", "decode_s")})
     if answer.error:
         row["error"] = answer.error
     return row

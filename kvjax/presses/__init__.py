@@ -6,6 +6,7 @@ from kvjax.presses.composed import ComposedPress
 from kvjax.presses.decoding import DecodingPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
 from kvjax.presses.keydiff import KeyDiffPress
+from kvjax.presses.kvzap import KVzapPress
 from kvjax.presses.kvzip import KVzipPress
 from kvjax.presses.knorm import KnormPress
 from kvjax.presses.nacl import NACLPress
@@ -22,7 +23,7 @@ from kvjax.presses.zigzag import ZigZagKVPress
 
 __all__ = [
     "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KeyDiffPress",
-    "KnormPress", "KVzipPress",
+    "KnormPress", "KVzapPress", "KVzipPress",
     "LayerContext", "NACLPress", "ObservedAttentionPress", "PRESSES", "Press", "PyramidKVPress",
     "RandomPress", "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress",
     "UNCompPress", "ZigZagKVPress", "make_press", "press_names",

@@ -1,9 +1,11 @@
 """Every press by name, with example arguments: drives the CLI and the generic tests."""
 
+from kvjax.kvzap.weights import UntrainedWeights
 from kvjax.presses.adakv import AdaKVPress
 from kvjax.presses.composed import ComposedPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
 from kvjax.presses.keydiff import KeyDiffPress
+from kvjax.presses.kvzap import KVzapPress
 from kvjax.presses.kvzip import KVzipPress
 from kvjax.presses.knorm import KnormPress
 from kvjax.presses.nacl import NACLPress
@@ -36,6 +38,12 @@ def _think(compression_ratio=0.0, key_channel_compression_ratio=0.4,
                       window_size=window_size, press=press)
 
 
+def _kvzap(compression_ratio=0.0, weights="smollm2"):
+    """KVzap with the shipped SmolLM2 weights unless `weights=` names others (a directory
+    written by `kvjax train-scorer`, a .npz file, KVzapWeights)."""
+    return KVzapPress(compression_ratio=compression_ratio, weights=weights)
+
+
 def _snap_knorm(compression_ratio=0.0, **kwargs):
     half = 1 - (1 - compression_ratio) ** 0.5
     return ComposedPress(presses=(SnapKVPress(compression_ratio=half, **kwargs),
@@ -56,6 +64,11 @@ PRESSES = {
     "keydiff": (KeyDiffPress, {}, "keys least similar to the mean key (arXiv 2504.15364)"),
     "kvzip": (KVzipPress, dict(chunk_size=48), "context reconstruction: attention from a "
               "repeat of the context (arXiv 2505.23416; needs a tokenizer)"),
+    # The example weights fit any model (the registry tests run tiny random models): an
+    # untrained random projection (kvjax.kvzap.UntrainedWeights), which tests the press's
+    # mechanics, not its quality; by name the press defaults to the shipped SmolLM2 weights.
+    "kvzap": (_kvzap, dict(weights=UntrainedWeights(seed=0)), "learned linear/MLP scorer of "
+              "hidden states approximating KVzip (arXiv 2601.07891; weights=smollm2|DIR)"),
     "expected_attention": (ExpectedAttentionPress, dict(n_future_positions=64),
                            "closed-form expected attention of future queries"),
     "random": (RandomPress, dict(seed=0), "uniformly random tokens (baseline)"),

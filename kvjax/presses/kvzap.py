@@ -1,0 +1,55 @@
+"""KVzapPress: a learned approximation of KVzip's scores from hidden states (Jegou et al.,
+KVzap, arXiv 2601.07891), as kvpress 0.5.5's KVzapPress applies it (docs/kvzip_reference.md
+section 3)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from kvjax.kvzap.weights import KVzapWeights, UntrainedWeights, load_weights
+from kvjax.observation import ObsSpec
+from kvjax.presses.base import ScorerPress
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVzapPress(ScorerPress):
+    """KVzap: a small per-layer model (linear D -> K, or a two-layer MLP D -> F -> K with an
+    exact GELU) maps every prompt token's attention input (the layer's hidden state after
+    input_layernorm, `Observation.hidden`) to one score per kv head, trained to predict the
+    log of the token's KVzip score; uniform top-ceil((1 - r) n) per kv head like every
+    ScorerPress (kvpress keeps int(n (1 - r))), no sinks and no window. The selection equals
+    kvpress's KVzapPress given the same weights.
+
+    Scoring costs L * T * D * K multiply-adds for the linear scorer (SmolLM2: 30 x 576 x 3 per
+    token), a small fraction of the prefill, instead of KVzip's two extra prefills.
+
+    Attributes:
+      weights: "smollm2" (the shipped linear weights for SmolLM2-135M-Instruct), a directory
+        written by `kvjax train-scorer --out DIR`, a `.npz` file (`KVzapWeights.save_npz`), a
+        `kvjax.kvzap.KVzapWeights`, or a `kvjax.kvzap.UntrainedWeights` (a random projection,
+        for tests only). Weights made for another model are a ValueError at trace time naming
+        both (n_layers, d_model, n_kv_heads).
+    """
+
+    weights: KVzapWeights | UntrainedWeights | str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weights is None:
+            raise ValueError("KVzapPress needs weights=: 'smollm2' (shipped), a directory "
+                             "written by `kvjax train-scorer --out DIR`, a .npz file or a "
+                             "kvjax.kvzap.KVzapWeights")
+        object.__setattr__(self, "weights", load_weights(self.weights))
+
+    @property
+    def obs_spec(self):
+        return ObsSpec(hidden=True)
+
+    def score(self, prefix, obs, ctx):
+        if obs.hidden is None:
+            raise ValueError("KVzapPress needs every layer's attention input: prefill with "
+                             "the press's obs_spec (ObsSpec(hidden=True)) and pass hidden= "
+                             "to kvjax.prefill_layer")
+        weights = self.weights.resolve(ctx.n_layers, obs.hidden.shape[-1], prefix.k.shape[1])
+        s = weights.apply(obs.hidden, ctx.layer_idx).transpose(0, 2, 1)  # [B, K, T]
+        return jnp.take_along_axis(s, prefix.pos, axis=2)
