@@ -14,12 +14,11 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.observation import ObsSpec
 from kvjax.presses import select
+from kvjax.presses.allocating import ScoredAllocation
 from kvjax.presses.base import Press, ScorerPress
-from kvjax.presses.parts import LayerwiseAllocator, Stage, StaticSize
+from kvjax.presses.parts import LayerwiseAllocator, StaticSize
 from kvjax.presses.pruning import HiddenPruning
-from kvjax.presses.snapkv import POOLINGS, SnapKVPress, check_window
 from kvjax.uncomp.calibration import UNCompCalibration, load_calibration
 
 
@@ -112,7 +111,7 @@ class HeadGroups(LayerwiseAllocator):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class UNCompPress(Press):
+class UNCompPress(ScoredAllocation, Press):
     """UNComp head-group budgets over SnapKV scores (arXiv 2410.03090).
 
     Per layer the kv heads of group g (0 = lowest entropy) get budgets proportional to
@@ -154,35 +153,15 @@ class UNCompPress(Press):
             raise ValueError(f"{self.groups=} must be >= 1 and {self.group_budget_ratio=} >= 1")
         if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"{self.window_size=} must be >= 1, {self.kernel_size=} odd")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.pooling=} is not one of {POOLINGS}")
         if self.calibration is not None and not isinstance(self.calibration, UNCompCalibration):
             object.__setattr__(self, "calibration", load_calibration(self.calibration))
         if self.calibration is not None and self.calibration.n_groups != self.groups:
             raise ValueError(f"calibration has {self.calibration.n_groups} head groups, "
                              f"press has {self.groups=}")
-        if self.scorer is not None and not isinstance(self.scorer, ScorerPress):
-            raise ValueError(f"scorer={self.scorer!r} is not a ScorerPress")
+        self.check_scorer()
         if self.prefill_keep is not None:
             HiddenPruning(keep=self.prefill_keep, window=self.window_size).check_obs(
                 self.token_scorer().obs_spec)
-        if self.calibration is None and self.groups < 1:
-            raise ValueError(f"{self.groups=} must be >= 1")
-
-    def token_scorer(self) -> ScorerPress:
-        if self.scorer is not None:
-            return self.scorer
-        return SnapKVPress(compression_ratio=self.compression_ratio,
-                           window_size=self.window_size, kernel_size=self.kernel_size,
-                           pooling=self.pooling)
-
-    @property
-    def obs_spec(self):
-        return ObsSpec(window=self.window_size).merge(self.token_scorer().obs_spec)
-
-    def check_prompt(self, min_prompt_len):
-        check_window(self, min_prompt_len)
-        self.token_scorer().check_prompt(min_prompt_len)
 
     @property
     def decode_hook(self):
@@ -206,9 +185,3 @@ class UNCompPress(Press):
     def head_weights(self, layer_idx: int, n_kv: int) -> np.ndarray:
         """[K] budget weight of every kv head of the layer (static)."""
         return self.allocator().head_weights(layer_idx, n_kv)
-
-    def stages(self):
-        if self.compression_ratio == 0:
-            return ()
-        scorer = self.token_scorer()
-        return (Stage(scorer=scorer, allocator=self.allocator(), selector=scorer.selector()),)

@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.observation import ObsSpec
 from kvjax.presses import select
+from kvjax.presses.allocating import ScoredAllocation
 from kvjax.presses.base import Press, ScorerPress
-from kvjax.presses.parts import Allocator, Stage, StaticSize
-from kvjax.presses.snapkv import POOLINGS, SnapKVPress, check_window
+from kvjax.presses.parts import Allocator, StaticSize
 from kvjax.presses.window import window_attention
 
 
@@ -140,7 +139,7 @@ class ZigZag(Allocator):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ZigZagKVPress(Press):
+class ZigZagKVPress(ScoredAllocation, Press):
     """ZigZagKV (Zhong et al., COLING 2025, arXiv 2412.09036).
 
     Layers whose attention is diffuse need more of the budget: LMBA_l (the fewest tokens
@@ -167,37 +166,12 @@ class ZigZagKVPress(Press):
             raise ValueError(f"{self.attention_mass=} must be in (0, 1]")
         if not 0.0 <= self.budget_floor_ratio <= 1.0:
             raise ValueError(f"{self.budget_floor_ratio=} must be in [0, 1]")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.pooling=} is not one of {POOLINGS}")
         if self.profile is not None and (not isinstance(self.profile, tuple)
                                          or min(self.profile) <= 0):
             raise ValueError(f"profile={self.profile!r} must be a tuple of positive shares")
-        if self.scorer is not None and not isinstance(self.scorer, ScorerPress):
-            raise ValueError(f"scorer={self.scorer!r} is not a ScorerPress")
-
-    def token_scorer(self) -> ScorerPress:
-        """The scorer that picks tokens inside each layer."""
-        if self.scorer is not None:
-            return self.scorer
-        return SnapKVPress(compression_ratio=self.compression_ratio,
-                           window_size=self.window_size, kernel_size=self.kernel_size,
-                           pooling=self.pooling)
-
-    @property
-    def obs_spec(self):
-        return ObsSpec(window=self.window_size).merge(self.token_scorer().obs_spec)
-
-    def check_prompt(self, min_prompt_len):
-        check_window(self, min_prompt_len)
-        self.token_scorer().check_prompt(min_prompt_len)
+        self.check_scorer()
 
     def allocator(self) -> ZigZag:
         return ZigZag(compression_ratio=self.compression_ratio, window_size=self.window_size,
                       attention_mass=self.attention_mass,
                       budget_floor_ratio=self.budget_floor_ratio, profile=self.profile)
-
-    def stages(self):
-        if self.compression_ratio == 0:
-            return ()
-        scorer = self.token_scorer()
-        return (Stage(scorer=scorer, allocator=self.allocator(), selector=scorer.selector()),)
