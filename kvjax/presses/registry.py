@@ -6,6 +6,7 @@ from kvjax.presses.composed import ComposedPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
 from kvjax.presses.keydiff import KeyDiffPress
 from kvjax.presses.kvzap import KVzapPress
+from kvjax.kvzip import RepeatPrompt
 from kvjax.presses.kvzip import KVzipPress
 from kvjax.presses.knorm import KnormPress
 from kvjax.presses.nacl import NACLPress
@@ -62,8 +63,10 @@ PRESSES = {
     "tova": (TOVAPress, {}, "attention of the last prompt token, averaged over heads"),
     "knorm": (KnormPress, {}, "smallest key norms"),
     "keydiff": (KeyDiffPress, {}, "keys least similar to the mean key (arXiv 2504.15364)"),
-    "kvzip": (KVzipPress, dict(chunk_size=48), "context reconstruction: attention from a "
-              "repeat of the context (arXiv 2505.23416; needs a tokenizer)"),
+    "kvzip": (KVzipPress, dict(chunk_size=48, repeat=RepeatPrompt(first=(7, 8, 9), part=(7, 8),
+                                                                   suffix=(10,))),
+              "context reconstruction: attention from a repeat of the context "
+              "(arXiv 2505.23416; the tokenizer gives the repeat prompt)"),
     # The example weights fit any model (the registry tests run tiny random models): an
     # untrained random projection (kvjax.kvzap.UntrainedWeights), which tests the press's
     # mechanics, not its quality; by name the press defaults to the shipped SmolLM2 weights.
