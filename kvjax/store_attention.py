@@ -27,31 +27,22 @@ def _softmax_parts(logits: jax.Array, valid: jax.Array):
     return m, jnp.sum(e, axis=-1), e
 
 
-def _merge(m1, l1, a1, m2, l2, a2):
-    """Merge two online-softmax partials (m, l [...], acc [..., D])."""
-    m = jnp.maximum(m1, m2)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w1 = jnp.where(jnp.isfinite(m1), jnp.exp(m1 - m_safe), 0.0)
-    w2 = jnp.where(jnp.isfinite(m2), jnp.exp(m2 - m_safe), 0.0)
-    return m, l1 * w1 + l2 * w2, a1 * w1[..., None] + a2 * w2[..., None]
-
-
-def segment_partial(qg: jax.Array, q_pos: jax.Array, store: KVStore, layer, *, scale: float,
-                    sliding_window: int | None, block: int = BLOCK):
-    """Online-softmax partial of queries over layer `layer`'s segments, block by block.
+def segment_partial(qg: jax.Array, q_pos: jax.Array, store: KVStore, layer, carry, *,
+                    scale: float, sliding_window: int | None, block: int = BLOCK):
+    """Fold layer `layer`'s segments into an online-softmax state, block by block.
 
     Args:
       qg: [B, T, K, G, Dk] queries on the kept key channels; q_pos: [B, T].
+      carry: (m, l [B, K, G, T], acc_prefix [B, K, G, T, Dv], acc_other [..., D]): the state
+        so far (e.g. the tail's); acc_other is only rescaled.
 
     Returns:
-      m, l [B, K, G, T] f32 (max logit, sum of exp) and acc [B, K, G, T, Dv] f32.
+      the updated carry.
     """
-    b, t, n_kv, g, _ = qg.shape
-    block = min(block, store.slots)
-    dv = store.v.shape[-1]
     n_blocks = -(-jnp.max(store.length[:, layer]) // block)
 
     def body(i, carry):
+        m_prev, l_prev, acc, other = carry
         idx, ok = slot_index(store, layer, block, start=i * block)  # [B, K, blk]
         kb, vb = gather_rows(store.k, idx), gather_rows(store.v, idx)
         valid = ok[:, :, None, None, :]
@@ -62,12 +53,19 @@ def segment_partial(qg: jax.Array, q_pos: jax.Array, store: KVStore, layer, *, s
         logits = jnp.einsum("btkgd,bksd->bkgts", qg, kb.astype(qg.dtype),
                             preferred_element_type=jnp.float32) * scale
         m, l, e = _softmax_parts(logits, valid)
-        acc = jnp.einsum("bkgts,bksd->bkgtd", e, vb.astype(jnp.float32))
-        return _merge(*carry, m, l, acc)
+        m_new = jnp.maximum(m_prev, m)
+        w_old, w_new = _weight(m_prev, m_new), _weight(m, m_new)
+        pv = jnp.einsum("bkgts,bksd->bkgtd", e, vb.astype(jnp.float32))
+        return (m_new, l_prev * w_old + l * w_new, acc * w_old[..., None] + pv * w_new[..., None],
+                other * w_old[..., None])
 
-    init = (jnp.full((b, n_kv, g, t), -jnp.inf), jnp.zeros((b, n_kv, g, t)),
-            jnp.zeros((b, n_kv, g, t, dv)))
-    return jax.lax.fori_loop(0, n_blocks, body, init)
+    return jax.lax.fori_loop(0, n_blocks, body, carry)
+
+
+def _weight(m, m_new):
+    """exp(m - m_new), 0 where m is -inf (nothing seen yet)."""
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    return jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
 
 
 def store_attention(q: jax.Array, q_pos: jax.Array, store: KVStore, layer, tail: LayerTail, *,
@@ -88,15 +86,17 @@ def store_attention(q: jax.Array, q_pos: jax.Array, store: KVStore, layer, tail:
     qg = group_heads(q, store.n_kv_heads)
     channels = None if store.channels is None else store.channels[:, layer]
     q_pref = qg if channels is None else gather_query_channels(qg, channels)
-    m1, l1, a1 = segment_partial(q_pref, q_pos, store, layer, scale=scale,
-                                 sliding_window=sliding_window, block=block)
-    if store.value_channels is not None:
-        a1 = scatter_channels(a1.transpose(0, 3, 1, 2, 4), store.value_channels[:, layer],
-                              h).transpose(0, 2, 3, 1, 4)
+    # the tail first, then the prefix blocks folded into the same online softmax
     lt = jnp.einsum("btkgh,bksh->bkgts", qg, tail.k.astype(qg.dtype),
                     preferred_element_type=jnp.float32) * scale
-    m2, l2, e2 = _softmax_parts(lt, tail_mask(q_pos, tail, sliding_window))
-    a2 = jnp.einsum("bkgts,bksd->bkgtd", e2, tail.v.astype(jnp.float32))
-    _, l, acc = _merge(m1, l1, a1, m2, l2, a2)
-    out = acc / jnp.maximum(l, 1e-30)[..., None]  # rows with no valid slot: zeros
+    m, l, e = _softmax_parts(lt, tail_mask(q_pos, tail, sliding_window))
+    acc_tail = jnp.einsum("bkgts,bksd->bkgtd", e, tail.v.astype(jnp.float32))
+    acc_prefix = jnp.zeros(m.shape + (store.v.shape[-1],), jnp.float32)
+    _, l, acc_prefix, acc_tail = segment_partial(
+        q_pref, q_pos, store, layer, (m, l, acc_prefix, acc_tail), scale=scale,
+        sliding_window=sliding_window, block=block)
+    if store.value_channels is not None:
+        acc_prefix = scatter_channels(acc_prefix.transpose(0, 3, 1, 2, 4),
+                                      store.value_channels[:, layer], h).transpose(0, 2, 3, 1, 4)
+    out = (acc_prefix + acc_tail) / jnp.maximum(l, 1e-30)[..., None]  # no valid slot: zeros
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)

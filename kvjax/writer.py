@@ -1,9 +1,11 @@
 """The one function that writes a selection into the store (docs/architecture.md).
 
 Whatever the press, compression ends with dense per-layer views of the kept entries, stacked
-over layers (`Selection`); `write_store` packs them into the slot rows: the segments of a row
-are laid end to end in (layer, kv head) order, so a row holds exactly the kept entries plus
-the rounding of P to the kernels' alignment.
+over layers (`Selection`, M slots per view); `write_store` lays them into the slot rows. When
+every view's width M fits (L * K * M <= P: the full cache, uniform presses) the segments sit at
+fixed strides of M slots, a transpose with no scatter; otherwise (per-layer, per-head and
+per-input budgets) they are packed end to end in (layer, kv head) order, so a row holds exactly
+the kept entries plus the rounding of P to the kernels' alignment.
 """
 
 import dataclasses
@@ -63,6 +65,8 @@ def write_store(sel: Selection, *, slots: int, rows: int = 1, max_segment: int) 
       KVStore with k [B, R, slots, Dk], v, pos, offset/length [B, L, K] and the channels.
     """
     n_layers, b, n_kv, m = sel.pos.shape
+    if rows == 1 and n_layers * n_kv * m <= slots:
+        return _strided(sel, slots=slots, max_segment=max_segment)
     length = sel.length.transpose(1, 0, 2).astype(jnp.int32)  # [B, L, K]
     offset = segment_offsets(length, rows)
     j = jnp.arange(m)
@@ -83,4 +87,23 @@ def write_store(sel: Selection, *, slots: int, rows: int = 1, max_segment: int) 
                    offset=offset, length=length, channels=tr(sel.channels),
                    value_channels=tr(sel.value_channels),
                    extra=None if sel.extra is None else pack(sel.extra),
+                   max_segment=max_segment)
+
+
+def _strided(sel: Selection, *, slots: int, max_segment: int) -> KVStore:
+    """One row; (layer l, head k)'s segment starts at slot (l K + k) M (views side by side)."""
+    n_layers, b, n_kv, m = sel.pos.shape
+    used = n_layers * n_kv * m
+
+    def lay(x):  # [L, B, K, M, ...] -> [B, 1, slots, ...]
+        x = jnp.moveaxis(x, 1, 0).reshape((b, 1, used) + x.shape[4:])
+        return jnp.pad(x, [(0, 0), (0, 0), (0, slots - used)] + [(0, 0)] * (x.ndim - 3))
+
+    offset = (jnp.arange(n_layers * n_kv, dtype=jnp.int32) * m).reshape(n_layers, n_kv)
+    tr = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+    return KVStore(k=lay(sel.k), v=lay(sel.v), pos=lay(sel.pos.astype(jnp.int32)),
+                   offset=jnp.broadcast_to(offset, (b, n_layers, n_kv)),
+                   length=sel.length.transpose(1, 0, 2).astype(jnp.int32),
+                   channels=tr(sel.channels), value_channels=tr(sel.value_channels),
+                   extra=None if sel.extra is None else lay(sel.extra),
                    max_segment=max_segment)
