@@ -17,7 +17,6 @@ S tail slots, H head dim, Dk / Dv kept key / value channels, E per-slot hook sta
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -255,11 +254,6 @@ def kv_nbytes_needed(cache: KVCache) -> int:
     tail_slots = int(jnp.sum(jnp.minimum(tail.count, tail.capacity))) * cache.n_layers * tail.k.shape[2]
     tail_bytes = tail_slots * tail.k.shape[-1] * (tail.k.dtype.itemsize + tail.v.dtype.itemsize)
     return prefix_nbytes(cache.store, int(jnp.sum(cache.store.length))) + tail_bytes
-
-
-def ceil_budget(n: int, compression_ratio: float) -> int:
-    """Slots kept out of `n` at `compression_ratio`: ceil((1 - r) * n), at least 1."""
-    return max(1, math.ceil(round((1.0 - compression_ratio) * n, 9)))
 
 
 def kept_positions(cache: KVCache, layer: int) -> list[list[np.ndarray]]:
