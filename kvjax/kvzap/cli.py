@@ -14,8 +14,8 @@ import shlex
 from kvjax.kvzap.train import TrainConfig
 
 _D = TrainConfig()
-# What the shipped SmolLM2 file (kvjax/kvzap/smollm2_135m_linear.npz) was made with: the
-# defaults below, i.e. `kvjax train-scorer --model smollm2 --out DIR` (its info records it).
+# What the shipped SmolLM2 file (kvjax/kvzap/smollm2_135m_linear.npz = DIR/kvzap.npz) was
+# made with: the defaults below (its info records the command).
 SHIPPED_COMMAND = "kvjax train-scorer --model smollm2 --out DIR"
 
 

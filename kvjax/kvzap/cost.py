@@ -21,14 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _median_time(f, *args, repeats: int):
-    jax.block_until_ready(f(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _interleaved_medians(calls: dict, repeats: int) -> dict:
+    """Median seconds per call, the calls run round-robin (compiled first) so that a busy
+    machine slows them alike."""
+    for f, args in calls.values():
         jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (f, args) in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def measure(model, weights, n_tokens: int = 2048, repeats: int = 5, ratio: float = 0.5) -> dict:
@@ -49,19 +53,19 @@ def measure(model, weights, n_tokens: int = 2048, repeats: int = 5, ratio: float
     knorm = kvjax.KnormPress(compression_ratio=ratio)
     full = lambda press: (lambda p, t, l: loops.prefill(fn, p, t, l, tail_capacity=8,
                                                         press=press)[1].store.k)
-    out = {"tokens": n_tokens, "device": jax.devices()[0].device_kind,
-           "prefill": _median_time(prefill, params, tokens, lengths, repeats=repeats),
-           "scorer": _median_time(scorer, hidden, repeats=repeats),
-           "prefill+kvzap": _median_time(full(kvzap), params, tokens, lengths,
-                                         repeats=repeats),
-           "prefill+knorm": _median_time(full(knorm), params, tokens, lengths,
-                                         repeats=repeats)}
+    out = {"tokens": n_tokens, "device": jax.devices()[0].device_kind}
+    out.update(_interleaved_medians({
+        "prefill": (prefill, (params, tokens, lengths)),
+        "scorer": (scorer, (hidden,)),
+        "prefill+kvzap": (jax.jit(full(kvzap)), (params, tokens, lengths)),
+        "prefill+knorm": (jax.jit(full(knorm)), (params, tokens, lengths))}, repeats))
     out["scorer/prefill"] = out["scorer"] / out["prefill"]
     out["(prefill+kvzap)/prefill"] = out["prefill+kvzap"] / out["prefill"]
     out["(prefill+kvzap)/(prefill+knorm)"] = out["prefill+kvzap"] / out["prefill+knorm"]
     d, k = weights.signature[1:]
     out["scorer_flops"] = 2 * n_layers * n_tokens * d * k if weights.kind == "linear" else \
         2 * n_layers * n_tokens * weights.hidden_dim * (d + k)
+    out["hidden_bytes"] = int(hidden.size * 4)  # Observation.hidden held until compression
     return out
 
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.kvzap.weights import KINDS, KVzapWeights, apply_params
+from kvjax.kvzap.weights import KINDS, KVzapWeights
 from kvjax.kvzip import RepeatPass, RepeatPrompt
 from kvjax.observation import ObsSpec
 
@@ -56,7 +56,7 @@ class TrainConfig:
 
     kind: str = "linear"
     hidden_dim: int | None = None
-    n_train: int = 16
+    n_train: int = 32
     n_heldout: int = 2
     context_tokens: int = 512
     tokens_per_context: int = 256

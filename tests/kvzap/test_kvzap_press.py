@@ -1,0 +1,146 @@
+"""KVzapPress against kvpress 0.5.5's KVzapPress on the same tiny random transformers Llama
+(same model weights, same KVzap weights, same prompt): the scorer's outputs agree and the kept
+positions per layer and kv head are identical, linear and MLP; the scorer applied to kvpress's
+attention inputs equals kvpress's scores; weights round-trip through kvpress's state dict,
+the .npz file and the orbax directory; clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+import models
+from kvjax import loops
+from kvjax.kvzap import KVzapWeights, UntrainedWeights, load_weights, save_dir, shipped_weights
+from kvjax.presses import LayerContext
+from kvpress_kvzip_ref import attention_inputs, kvzap_press, scorer_reference, tiny_llama
+
+kvpress = pytest.importorskip("kvpress")
+
+T = 100
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    hf, path = tiny_llama(tmp_path_factory.mktemp("kvzap"))
+    model, _ = models.load(path, progress=False, dtype=jnp.float32)
+    ids = np.random.RandomState(0).randint(0, 128, (1, T))
+    return hf, model, ids
+
+
+def _kept(model, ids, press):
+    fn, params = model.kvjax_split()
+    tokens, lengths = loops.pad_prompts([list(ids[0])])
+    _, cache = loops.prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                             tail_capacity=8, press=press)
+    return [[[kvjax.kept_positions(cache, layer)[0][h].tolist() for h in range(2)]]
+            for layer in range(cache.n_layers)]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_kept_positions_match_kvpress(setup, kind, ratio):
+    hf, model, ids = setup
+    kp_press, layers = kvzap_press(hf, ratio, kind, hidden_dim=32, seed=1)
+    ref = scorer_reference(hf, ids, kp_press)
+    weights = KVzapWeights.from_kvpress_layers(kind, layers)
+    assert weights.signature == (3, 96, 2)
+    assert _kept(model, ids, kvjax.KVzapPress(compression_ratio=ratio, weights=weights)) == \
+        ref["kept"]
+    # the scorer itself on kvpress's attention inputs gives kvpress's scores
+    x = attention_inputs(hf, ids)  # [L, 1, T, D]
+    ours = np.stack([np.asarray(weights.apply(jnp.asarray(x[l]), jnp.int32(l))).transpose(0, 2, 1)
+                     for l in range(3)])
+    np.testing.assert_allclose(ours, ref["scores"], atol=1e-5)
+
+
+def test_scores_inside_compression_equal_the_scorer_on_our_hidden_states(setup):
+    """What the press ranks in `kvjax.compress` is the scorer on the prefill's own hidden
+    states, gathered at the view's positions (traced layer index)."""
+    _, model, ids = setup
+    weights = KVzapWeights.init("mlp", 3, 96, 2, hidden_dim=16, seed=3)
+    press = kvjax.KVzapPress(compression_ratio=0.5, weights=weights)
+    tokens, lengths = loops.pad_prompts([list(ids[0]), list(ids[0][:70])])
+    _, prompt = model.prefill(jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=press.obs_spec)
+    group = prompt.groups[0]
+    views, obs = group.views(), group.layers.obs
+    for l in range(3):
+        view = jax.tree.map(lambda a, l=l: a[l], views)
+        o = jax.tree.map(lambda a, l=l: a[l], obs)
+        ctx = LayerContext(prompt_len=lengths, layer_idx=jnp.int32(l), n_layers=3)
+        got = np.asarray(jax.jit(press.score)(view, o, ctx))
+        want = np.asarray(weights.apply(o.hidden, l)).transpose(0, 2, 1)
+        np.testing.assert_allclose(got[:, :, :70], want[:, :, :70], atol=1e-6)
+
+
+def test_weights_round_trip(tmp_path, setup):
+    hf, _, _ = setup
+    _, layers = kvzap_press(hf, 0.5, "mlp", hidden_dim=8, seed=2)
+    w = KVzapWeights.from_kvpress_layers("mlp", layers)
+    import torch
+    from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
+    m = KVzapModel(KVzapConfig(input_dim=96, output_dim=2, n_modules=3, hidden_dim=8))
+    m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in w.state_dict().items()})
+    assert KVzapWeights.from_state_dict(m.state_dict()) == w
+    assert load_weights(w.save_npz(tmp_path / "w.npz")) == w
+    assert load_weights(save_dir(w, tmp_path / "run")) == w
+    assert hash(w) == hash(load_weights(tmp_path / "run"))
+    assert w != KVzapWeights.init("mlp", 3, 96, 2, hidden_dim=8)
+
+
+def test_press_is_hashable_and_static(setup):
+    a = kvjax.KVzapPress(compression_ratio=0.5, weights="smollm2")
+    b = kvjax.make_press("kvzap", 0.5, weights="smollm2")
+    assert a == b and hash(a) == hash(b)
+    assert a.weights is not shipped_weights() and a.weights == shipped_weights()
+
+
+def test_weights_for_another_model_is_a_clear_error(setup):
+    _, model, ids = setup
+    press = kvjax.KVzapPress(compression_ratio=0.5, weights="smollm2")
+    with pytest.raises(ValueError, match=r"\(n_layers, d_model, n_kv_heads\) = \(30, 576, 3\).*"
+                                         r"this model has \(3, 96, 2\)"):
+        _kept(model, ids, press)
+    wrong = KVzapWeights.init("linear", 3, 64, 2)
+    with pytest.raises(ValueError, match=r"\(3, 64, 2\).*\(3, 96, 2\)"):
+        _kept(model, ids, kvjax.KVzapPress(compression_ratio=0.5, weights=wrong))
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "0.5"])
+def test_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="compression_ratio"):
+        kvjax.KVzapPress(compression_ratio=ratio, weights="smollm2")
+
+
+def test_bad_weights(tmp_path):
+    with pytest.raises(ValueError, match="needs weights="):
+        kvjax.KVzapPress(compression_ratio=0.5)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        kvjax.KVzapPress(compression_ratio=0.5, weights=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not a KVzap weights directory"):
+        kvjax.KVzapPress(compression_ratio=0.5, weights=tmp_path)
+    with pytest.raises(ValueError, match="expected KVzapWeights"):
+        kvjax.KVzapPress(compression_ratio=0.5, weights=3)
+    with pytest.raises(ValueError, match="kind='conv'"):
+        UntrainedWeights(kind="conv")
+    with pytest.raises(ValueError, match="hidden_dim"):
+        KVzapWeights.init("mlp", 2, 8, 1)
+    with pytest.raises(ValueError, match="inconsistent linear"):
+        KVzapWeights("linear", (np.zeros((2, 3, 8)), np.zeros((2, 4))))
+
+
+def test_shipped_weights():
+    w = shipped_weights("smollm2")
+    assert w.kind == "linear" and w.signature == (30, 576, 3)
+    meta = w.metadata
+    assert meta["model"] and meta["command"].startswith("kvjax train-scorer")
+    assert len(meta["heldout_spearman"]) == 30
+    with pytest.raises(ValueError, match="no shipped KVzap weights named 'llama'"):
+        shipped_weights("llama")
+
+
+def test_refused_as_decoding_press():
+    with pytest.raises(ValueError, match="query-free scorer"):
+        kvjax.DecodingPress(press=kvjax.KVzapPress(compression_ratio=0.5,
+                                                   weights=UntrainedWeights()))
