@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 # Made by `kvjax train-scorer --model smollm2 --out DIR` (defaults: linear, 32 + 2 contexts of
 # 512 tokens of the kvjax.eval corpus, seed 0; about 5 minutes on 2 CPU cores), then
 # `cp DIR/kvzap.npz kvjax/kvzap/smollm2_135m_linear.npz`; its info records the recipe and the
-# held-out rank correlation (tests/kvzap/test_kvzap_smollm2.py reproduces the latter).
+# held-out rank correlation (tests/kvjax/test_kvzap_smollm2.py reproduces the latter).
 SHIPPED = {"smollm2": "smollm2_135m_linear.npz"}
 META_FILE = "kvzap.json"  # in a directory written by `save_dir` (train-scorer --out)
 NPZ_FILE = "kvzap.npz"

@@ -57,7 +57,7 @@ class ForeignDecoder(nnx.Module):
         for i, blk in enumerate(self.blocks):
             x = blk.ln(h)
             q, k, v, q_pre = blk.qkv_heads(x, pos)
-            o, extra = per_layer(i, q, k, v, q_pre)
+            o, extra = per_layer(i, q, k, v, q_pre, x)
             outs.append(extra)
             h = h + blk.out(o.reshape(*o.shape[:2], -1)) + blk.fc2(jax.nn.gelu(blk.fc1(x)))
         return self.ln_f(h) @ self.emb.embedding[...].T, outs
@@ -68,10 +68,11 @@ class ForeignDecoder(nnx.Module):
             raise ValueError("this decoder does not support between-layers hooks")
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
-        def attend(i, q, k, v, q_pre):
+        def attend(i, q, k, v, q_pre, x):
             return kvjax.prefill_layer(q, k, v, lengths, obs_spec=obs_spec,
                                        attn_impl=attn_impl, q_prerope=q_pre,
-                                       rope_inv_freq=INV_FREQ, rope_interleaved=True)
+                                       rope_inv_freq=INV_FREQ, rope_interleaved=True,
+                                       hidden=x)
 
         logits, layers = self._run(tokens, pos, attend)
         if not all_logits:
@@ -82,7 +83,7 @@ class ForeignDecoder(nnx.Module):
         pos, cache = kvjax.begin_decode(cache, tokens.shape[1], n_new)
         box = [cache]  # a Python loop over layers (no scan) threads the cache by hand
 
-        def attend(i, q, k, v, q_pre):
+        def attend(i, q, k, v, q_pre, x):
             o, box[0] = kvjax.decode_layer(q, k, v, pos, n_new, box[0], i, attn_impl=attn_impl)
             return o, None
 
@@ -97,7 +98,7 @@ def plain_reference(model, tokens):
     """The same decoder with a dense causal softmax, no kvjax involved."""
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
-    def attend(i, q, k, v, q_pre):
+    def attend(i, q, k, v, q_pre, x):
         g = N // K
         k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
         s = jnp.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(H)
