@@ -96,7 +96,8 @@ class RepeatScoring(DecodeHook):
         store = cache.store
         view = layer_view(store, layer)  # the whole uncompressed prompt: slot t = position t
         start = self.prefix_length + self.chunk * self.chunk_size
-        stop = min(start + self.chunk_size, view.capacity)
+        stop = start + chunk_width(view.capacity, self.prefix_length, self.chunk,
+                                   self.chunk_size)
         out, scores = repeat_attention(
             q, k, v, positions, n_new, view, start=start, stop=stop,
             n_sink=min(self.n_sink, start), scale=scale, sliding_window=sliding_window)
@@ -165,6 +166,12 @@ def repeat_attention(q, k, v, positions, n_new, view, *, start: int, stop: int, 
     return out, jnp.where(ctx_ok[:, :, start:stop], best, 0.0)
 
 
+def chunk_width(prompt_slots: int, prefix_length: int, chunk: int, chunk_size: int) -> int:
+    """Static number of context slots chunk `chunk` covers: `chunk_size`, less at the end of
+    the padded prompt (a short context is not padded up to a whole chunk)."""
+    return min(chunk_size, prompt_slots - prefix_length - chunk * chunk_size)
+
+
 def n_chunks(prompt_slots: int, prefix_length: int, chunk_size: int) -> int:
     """Static number of repeat chunks for a prompt padded to `prompt_slots` tokens."""
     return max(1, -(-(prompt_slots - prefix_length) // chunk_size))
@@ -186,8 +193,9 @@ def repeat_ids(tokens: jax.Array, lengths: jax.Array, repeat: RepeatPrompt, chun
         head = jnp.concatenate([jnp.broadcast_to(jnp.asarray(repeat.part, jnp.int32),
                                                  (b, len(repeat.part))), prev], axis=1)
     suffix = jnp.broadcast_to(jnp.asarray(repeat.suffix, jnp.int32), (b, len(repeat.suffix)))
-    body = jnp.pad(tokens, ((0, 0), (0, chunk_size)))[:, start:start + chunk_size]
-    n_body = jnp.clip(lengths - start, 0, chunk_size)
+    width = chunk_width(tokens.shape[1], repeat.prefix_length, chunk, chunk_size)
+    body = tokens[:, start:start + width]
+    n_body = jnp.clip(lengths - start, 0, width)
     ids = jnp.concatenate([head, suffix, body], axis=1).astype(jnp.int32)
     n_new = jnp.where(n_body > 0, head.shape[1] + suffix.shape[1] + n_body, 0)
     return ids, n_new.astype(jnp.int32)

@@ -53,8 +53,9 @@ class HiddenPruning:
 
     def check_obs(self, obs_spec: ObsSpec) -> None:
         """Raise ValueError when a press observes what pruning may have removed: more than
-        the last `window` queries, proxy rows or column sums."""
-        if obs_spec.window > self.window or obs_spec.proxy_ratio or obs_spec.column_sums:
+        the last `window` queries, proxy rows, column sums or every token's hidden state."""
+        if (obs_spec.window > self.window or obs_spec.proxy_ratio or obs_spec.column_sums
+                or obs_spec.hidden):
             raise ValueError(f"with hidden-state pruning a press may observe at most the last "
                              f"prune_window={self.window} queries; got {obs_spec}")
 
