@@ -4,6 +4,7 @@ from kvjax.attention import cached_attention_reference, prefill_attention_refere
 from kvjax.cache import (KVCache, KVStore, LayerTail, LayerView, Tail, kept_positions,
                          kv_nbytes_needed)
 from kvjax.compress import compress
+from kvjax.context import CompressedContext
 from kvjax.compress import obs_spec_for as compress_obs_spec
 from kvjax.hooks import DecodeHook, RingDecode
 from kvjax.kvzip import RepeatPrompt
@@ -14,8 +15,8 @@ from kvjax.memory import MemoryReport, memory_report
 from kvjax.observation import Observation, ObsSpec
 from kvjax.pipeline import Pipeline, PipelineResult
 from kvjax.presses import (AdaKVPress, ComposedPress, DecodingPress, ExpectedAttentionPress,
-                           KeyDiffPress, KnormPress, KVzapPress, KVzipPress, NACLPress, ObservedAttentionPress, Press, PyramidKVPress,
-                           RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress, ThinKPress,
+                           KeyDiffPress, KnormPress, KVzapPress, KVzipPress, NACLPress,
+                           ObservedAttentionPress, Press, PyramidKVPress, RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress, ThinKPress,
                            TOVAPress, UNCompPress, ZigZagKVPress, make_press)
 from kvjax.sampling import Greedy, Temperature, TopK, TopP
 
@@ -27,7 +28,7 @@ __all__ = [
     "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "UNCompPress",
     "ZigZagKVPress", "make_press",
     # loops, pipeline, sampling
-    "GenerateOutput", "Greedy", "Pipeline", "PipelineResult", "Temperature", "TopK", "TopP",
+    "CompressedContext", "GenerateOutput", "Greedy", "Pipeline", "PipelineResult", "Temperature", "TopK", "TopP",
     "generate", "generate_stream",
     # cache, decode hooks, integration API, memory
     "DecodeHook", "KVCache", "KVStore", "LayerPrompt", "LayerTail", "LayerView", "MemoryReport",

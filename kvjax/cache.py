@@ -183,8 +183,13 @@ def slot_index(store: KVStore, layer, width: int, start=0) -> tuple[jax.Array, j
 
 
 def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x [B, R, P, ...] gathered at flat slot indices idx [B, K, M] -> [B, K, M, ...]."""
+    """x [B, R, P, ...] gathered at flat slot indices idx [B, K, M] -> [B, K, M, ...].
+
+    A store shared by a batch (x with batch 1, idx with batch B: `kvjax.context.share`) is
+    read by every sequence without being copied."""
     b, r, p = x.shape[:3]
+    if b == 1 and idx.shape[0] > 1:
+        return x.reshape((r * p,) + x.shape[3:])[idx]
     flat = x.reshape((b, r * p) + x.shape[3:])
     ix = idx.reshape(b, -1)
     ix = ix.reshape(ix.shape + (1,) * (x.ndim - 3))

@@ -45,7 +45,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_press_args(p: argparse.ArgumentParser, default=None, ratio: float = 0.5) -> None:
     p.add_argument("--press", default=default, help="press name (see `kvjax presses`) or full")
-    p.add_argument("--compression-ratio", type=float, default=ratio)
+    p.add_argument("--compression-ratio", "--ratio", dest="compression_ratio", type=float,
+                   default=ratio)
     p.add_argument("--press-arg", action="append", metavar="NAME=VALUE",
                    help="press hyperparameter, repeatable (e.g. window_size=32)")
     p.add_argument("--seed", type=int, default=None, help="seed for random presses")
@@ -136,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_subcommands(sub) -> None:
+    from kvjax.context_cli import add_context_parsers
     from kvjax.kvzap.cli import add_train_scorer_parser
     from kvjax.presses.zigzag_profile import add_zigzag_parser
     from kvjax.uncomp.cli import add_uncomp_parser
+    add_context_parsers(sub, _add_model_args, _add_press_args)
     add_zigzag_parser(sub)
     add_uncomp_parser(sub)
     add_train_scorer_parser(sub)

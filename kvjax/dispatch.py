@@ -60,7 +60,8 @@ def decode_attention(q: jax.Array, q_pos: jax.Array, cache: KVCache, layer, *, a
     """
     store, tail = cache.store, cache.tail.layer(layer)
     kernels = _kernels(attn_impl)
-    use_kernel = kernels is not None and q.shape[1] == 1 and (
+    shared = store.k.shape[0] != q.shape[0]  # a store shared by the batch: the jnp path
+    use_kernel = kernels is not None and q.shape[1] == 1 and not shared and (
         attn_impl != "pallas_gpu" or _gpu_shapes_ok(
             q.shape[2], store.n_kv_heads, q.shape[3], store.k.shape[3], store.v.shape[3]))
     if not use_kernel:

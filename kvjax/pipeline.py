@@ -5,6 +5,11 @@ The chat template is applied to the context with a separator, split there, and t
 part is prefilled (and compressed) alone; the question and the template's generation prompt
 are appended afterwards (question-agnostic, as kvpress benchmarks). With `question_aware=True`
 the question is part of the compressed prompt.
+
+Compress once, answer many: `pipe.compress(context, press=...)` returns a `CompressedContext`
+(kvjax/context.py), `pipe.ask(compressed, question)` answers from it, and
+`pipe.run(context, questions=[...], press=...)` compresses once and answers every question in
+one batched decode over the shared store.
 """
 
 import dataclasses
@@ -17,6 +22,8 @@ import numpy as np
 
 from kvjax import loops as gen
 from kvjax.cache import KVCache
+from kvjax.context import CompressedContext, for_batch, model_fingerprint, with_tail
+from kvjax.hooks import DecodeHook, check_hooks
 from kvjax.sampling import Greedy
 
 _SEPARATOR_CHAR = "#"
@@ -48,6 +55,7 @@ class Pipeline:
         self.fn, self.params = model.kvjax_split()
         self.tokenizer = tokenizer
         self.attn_impl = gen.resolve_attn_impl(attn_impl)
+        self.model_id = model_fingerprint(model)
 
     def encode(self, context: str, question: str = "", *, answer_prefix: str = "",
                question_aware: bool = False) -> tuple[list[int], list[int]]:
@@ -71,7 +79,7 @@ class Pipeline:
 
     def run(self, context: str, question: str = "", *, max_new_tokens: int = 64, press=None,
             answer_prefix: str = "", question_aware: bool = False, sampler=Greedy(),
-            rng=None, decoding_press=None) -> PipelineResult:
+            rng=None, decoding_press=None, questions=None):
         """Answer one question about one context; returns text, cache and timings.
 
         Args:
@@ -79,7 +87,16 @@ class Pipeline:
           max_new_tokens: answer budget; press: applied after the context prefill;
           answer_prefix: text the answer starts with (appended after the generation prompt);
           sampler, rng: sampling; decoding_press: optional `DecodingPress`.
+          questions: several questions instead of `question`: the context is compressed once
+            and they are answered in one batched decode (`ask_many`); returns a list.
         """
+        if questions is not None:
+            if question or question_aware:
+                raise ValueError("questions= answers from one question-agnostic compression; "
+                                 "do not also pass question or question_aware")
+            return self.ask_many(self.compress(context, press=press), questions,
+                                 max_new_tokens=max_new_tokens, answer_prefix=answer_prefix,
+                                 sampler=sampler, rng=rng)
         ctx_ids, q_ids = self.encode(context, question, answer_prefix=answer_prefix,
                                      question_aware=question_aware)
         t0 = time.perf_counter()
@@ -133,13 +150,97 @@ class Pipeline:
         return self.append_tokens(state, q_ids)
 
     def append_tokens(self, state: gen.DecodeState, ids) -> gen.DecodeState:
-        """Feed token ids (e.g. the question) into a one-sequence state's cache (no-op if empty)."""
-        if not ids:
+        """Feed token ids (e.g. the question) into the state's cache: a list of ints for one
+        sequence, or one list per sequence of a batch (no-op if all are empty)."""
+        rows = [ids] if not ids or isinstance(ids[0], (int, np.integer)) else list(ids)
+        if not any(rows):
             return state
-        width = gen.bucket_length(len(ids), minimum=16)
-        padded = np.zeros((1, width), np.int32)
-        padded[0, :len(ids)] = ids
+        width = gen.bucket_length(max(map(len, rows)), minimum=16)
+        padded = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            padded[i, :len(r)] = r
         logits, cache = gen.extend(self.fn, self.params, jnp.asarray(padded),
-                                   jnp.array([len(ids)], jnp.int32), state.cache,
+                                   jnp.array([len(r) for r in rows], jnp.int32), state.cache,
                                    attn_impl=self.attn_impl)
         return dataclasses.replace(state, logits=logits, cache=cache)
+
+    # -- compress once, answer many (kvjax/context.py) -----------------------------------
+
+    def compress(self, context: str, *, press=None) -> CompressedContext:
+        """Prefill and compress `context` once, question-agnostic, for later `ask` calls."""
+        ctx_ids, _ = self.encode(context, "")
+        press = None if press is None else press.with_tokenizer(self.tokenizer)
+        hook = check_hooks(press, None)
+        tokens, lengths = gen.pad_prompts([ctx_ids])
+        gen.check_budget(self.fn, len(ctx_ids), 0)
+        if press is not None:
+            press.check_prompt(len(ctx_ids))
+        logits, cache = gen.prefill(self.fn, self.params, jnp.asarray(tokens),
+                                    jnp.asarray(lengths), tail_capacity=0, press=press,
+                                    attn_impl=self.attn_impl, hook=hook)
+        return CompressedContext(cache=cache, logits=logits, context_ids=tuple(ctx_ids),
+                                 press=None if press is None else repr(press),
+                                 model_id=self.model_id)
+
+    def ask(self, compressed: CompressedContext, question: str, *, max_new_tokens: int = 64,
+            answer_prefix: str = "", sampler=Greedy(), rng=None,
+            decoding_press=None) -> PipelineResult:
+        """Answer `question` from a compressed context (which is left untouched): the same
+        tokens as `run(context, question, press=...)` would give."""
+        return self._answer(compressed, [question], max_new_tokens, answer_prefix, sampler, rng,
+                            decoding_press)[0]
+
+    def ask_many(self, compressed: CompressedContext, questions, *, max_new_tokens: int = 64,
+                 answer_prefix: str = "", sampler=Greedy(), rng=None) -> list[PipelineResult]:
+        """Answer several questions in one batched decode; their sequences share the
+        compressed store (one copy of it in memory; see `kvjax.context.share`), except under
+        a press whose decode hook rewrites the store (UNComp's ring decode): one copy each."""
+        if not questions:
+            raise ValueError("questions is empty")
+        return self._answer(compressed, list(questions), max_new_tokens, answer_prefix,
+                            sampler, rng, None)
+
+    def _answer(self, compressed, questions, max_new_tokens, answer_prefix, sampler, rng,
+                decoding_press) -> list[PipelineResult]:
+        if compressed.model_id != self.model_id:
+            raise ValueError(f"this context was compressed by model {compressed.model_id}, "
+                             f"not this pipeline's ({self.model_id})")
+        q_ids = [self.encode("", q, answer_prefix=answer_prefix)[1] for q in questions]
+        n_q = max(map(len, q_ids))
+        gen.check_budget(self.fn, compressed.n_context + n_q, max_new_tokens)
+        cache = _with_hook(compressed.cache, decoding_press)
+        out_len = gen.bucket_length(max_new_tokens + n_q)
+        tail = (cache.hook or DecodeHook()).tail_slots(out_len, n_q)
+        cache = with_tail(jax.tree.map(jnp.copy, cache), tail + cache.tail.capacity)
+        cache = for_batch(cache, len(questions))
+        t0 = time.perf_counter()
+        logits = jnp.broadcast_to(compressed.logits, (len(questions),)
+                                  + compressed.logits.shape[1:])
+        state = self.append_tokens(gen.init_state(logits, cache, len(questions), out_len, rng),
+                                   q_ids if len(questions) > 1 else q_ids[0])
+        jax.block_until_ready(state.logits)
+        t1 = time.perf_counter()
+        state = gen.decode(self.fn, self.params, state, jnp.int32(max_new_tokens),
+                           gen.eos_array(self.tokenizer.eos_ids), sampler=sampler,
+                           attn_impl=self.attn_impl)
+        toks, lens = np.asarray(state.tokens), np.asarray(state.lengths)
+        t2 = time.perf_counter()
+        return [PipelineResult(text=self.tokenizer.decode(toks[i, :lens[i]].tolist()),
+                               tokens=toks[i, :lens[i]].tolist(), cache=state.cache,
+                               n_context=compressed.n_context, n_question=len(q_ids[i]),
+                               prefill_s=t1 - t0, decode_s=t2 - t1)
+                for i in range(len(questions))]
+
+
+def _with_hook(cache: KVCache, decoding_press) -> KVCache:
+    """The cache carrying `decoding_press` as its decode hook (refused next to a press's own
+    hook, or over thin keys)."""
+    if decoding_press is None:
+        return cache
+    if cache.hook is not None:
+        raise ValueError(f"the compressed context carries {type(cache.hook).__name__}; it "
+                         f"cannot be combined with {type(decoding_press).__name__}")
+    if cache.store.channels is not None or cache.store.value_channels is not None:
+        raise ValueError(f"{type(decoding_press).__name__} cannot rewrite the thin keys of a "
+                         "ThinK-compressed context")
+    return dataclasses.replace(cache, hook=decoding_press)

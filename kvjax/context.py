@@ -1,0 +1,210 @@
+"""A compressed context that outlives its prefill: asked many questions, now or later.
+
+`Pipeline.compress(context, press=...)` returns a `CompressedContext`: the compressed cache
+(store + the tail the press left, e.g. ThinK's recent window), the logits after the context,
+the context's token ids, the press and a fingerprint of the model. `Pipeline.ask` answers
+from it without touching the context again; `save` / `load` keep it on disk with orbax (the
+arrays) and a JSON file (the rest), and `load` refuses another model.
+"""
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache import KVCache, KVStore, Tail
+from kvjax.hooks import RingDecode
+
+FORMAT = "kvjax-compressed-context"
+VERSION = 1
+_META = "context.json"
+_ARRAYS = "arrays"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedContext:
+    """A compressed context for one sequence.
+
+    Attributes:
+      cache: KVCache with batch 1 (its tail holds what compression left there, usually 0).
+      logits: [1, V] the next-token logits after the context.
+      context_ids: the context's token ids (what was compressed).
+      press: a description of the press (`repr`), None for the full cache.
+      model_id: the fingerprint of the model that made it (`model_fingerprint`).
+    """
+
+    cache: KVCache
+    logits: jax.Array
+    context_ids: tuple[int, ...]
+    press: str | None
+    model_id: str
+
+    @property
+    def n_context(self) -> int:
+        return len(self.context_ids)
+
+    def save(self, path: str | Path, info: dict | None = None) -> Path:
+        """Write the context to a new directory `path` (orbax arrays + context.json); `info`
+        (JSON) is stored alongside, e.g. the model source the CLI reloads."""
+        import orbax.checkpoint as ocp
+        path = Path(path).absolute()
+        if path.exists() and any(path.iterdir()):
+            raise FileExistsError(f"{str(path)!r} exists and is not empty")
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = _arrays(self)
+        empty = {k: [list(v.shape), str(v.dtype)] for k, v in arrays.items() if v.size == 0}
+        with ocp.StandardCheckpointer() as ckptr:  # orbax refuses zero-size arrays
+            ckptr.save(path / _ARRAYS, {k: v for k, v in arrays.items() if k not in empty})
+        meta = dict(format=FORMAT, version=VERSION, model_id=self.model_id, press=self.press,
+                    empty=empty,
+                    context_ids=list(self.context_ids), hook=_hook_to_json(self.cache.hook),
+                    max_segment=self.cache.store.max_segment, info=info or {})
+        (path / _META).write_text(json.dumps(meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, *, model_id: str | None = None
+             ) -> "CompressedContext":
+        """Read a context written by `save`; `model` (or its `model_id`) must be the one that
+        made it. Raises ValueError for a foreign model, FileNotFoundError / ValueError for a
+        missing or truncated checkpoint."""
+        import orbax.checkpoint as ocp
+        path = Path(path).absolute()
+        meta = _read_meta(path)
+        want = model_id if model is None else model_fingerprint(model)
+        if want is not None and want != meta["model_id"]:
+            raise ValueError(f"{str(path)!r} was compressed by model {meta['model_id']}, not "
+                             f"this one ({want}): load it with the model that made it")
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                arrays = ckptr.restore(path / _ARRAYS)
+        except Exception as e:  # orbax raises its own types for missing or partial files
+            raise ValueError(f"cannot read the arrays of {str(path)!r} (truncated or not a "
+                             f"kvjax compressed context): {e}") from e
+        for name, (shape, dtype) in meta.get("empty", {}).items():
+            arrays[name] = np.zeros(shape, dtype)
+        return _from_arrays(arrays, meta)
+
+
+def read_info(path: str | Path) -> dict:
+    """The `info` a context was saved with (without reading its arrays)."""
+    return _read_meta(Path(path).absolute()).get("info", {})
+
+
+def model_fingerprint(model) -> str:
+    """A short id of a model: its config and a sample of its weights (same model = same id)."""
+    cfg = getattr(model, "config", None)
+    cfg_text = json.dumps(dataclasses.asdict(cfg), default=str) if dataclasses.is_dataclass(
+        cfg) else repr(cfg)
+    h = hashlib.sha256(cfg_text.encode())
+    _, params = model.kvjax_split()
+    for leaf in jax.tree.leaves(params)[:4]:
+        h.update(np.asarray(leaf).ravel()[:64].astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _arrays(ctx: CompressedContext) -> dict:
+    st, tl = ctx.cache.store, ctx.cache.tail
+    out = dict(k=st.k, v=st.v, pos=st.pos, offset=st.offset, length=st.length,
+               tail_k=tl.k, tail_v=tl.v, tail_pos=tl.pos, tail_count=tl.count,
+               next_pos=ctx.cache.next_pos, logits=ctx.logits)
+    for name in ("channels", "value_channels", "extra"):
+        if getattr(st, name) is not None:
+            out[name] = getattr(st, name)
+    return out
+
+
+def _from_arrays(a: dict, meta: dict) -> CompressedContext:
+    need = {"k", "v", "pos", "offset", "length", "tail_k", "tail_v", "tail_pos", "tail_count",
+            "next_pos", "logits"}
+    if not need <= set(a):
+        raise ValueError(f"compressed context lacks arrays {sorted(need - set(a))}")
+    j = {k: jnp.asarray(v) for k, v in a.items()}
+    store = KVStore(k=j["k"], v=j["v"], pos=j["pos"], offset=j["offset"], length=j["length"],
+                    channels=j.get("channels"), value_channels=j.get("value_channels"),
+                    extra=j.get("extra"), max_segment=int(meta["max_segment"]))
+    tail = Tail(k=j["tail_k"], v=j["tail_v"], pos=j["tail_pos"], count=j["tail_count"])
+    cache = KVCache(store=store, tail=tail, next_pos=j["next_pos"],
+                    hook=_hook_from_json(meta["hook"]))
+    return CompressedContext(cache=cache, logits=j["logits"],
+                             context_ids=tuple(meta["context_ids"]), press=meta["press"],
+                             model_id=meta["model_id"])
+
+
+def _read_meta(path: Path) -> dict:
+    if not (path / _META).is_file():
+        raise FileNotFoundError(f"{str(path / _META)!r} not found: not a kvjax compressed "
+                                "context (written by CompressedContext.save)")
+    meta = json.loads((path / _META).read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{str(path)!r} is {meta.get('format')!r} version "
+                         f"{meta.get('version')!r}, not {FORMAT!r} version {VERSION}")
+    return meta
+
+
+def _hook_to_json(hook) -> dict | None:
+    """The decode hook a compressed cache carries (a press's own: UNComp's ring decode)."""
+    if hook is None:
+        return None
+    if isinstance(hook, RingDecode):
+        return {"type": "RingDecode", **dataclasses.asdict(hook)}
+    raise ValueError(f"cannot save a cache carrying {type(hook).__name__}")
+
+
+def _hook_from_json(d: dict | None):
+    if d is None:
+        return None
+    d = dict(d)
+    if d.pop("type") != "RingDecode":
+        raise ValueError(f"unknown decode hook {d!r}")
+    return RingDecode(**d)
+
+
+def with_tail(cache: KVCache, capacity: int) -> KVCache:
+    """The cache with its tail grown to `capacity` slots (same contents and count)."""
+    t = cache.tail
+    extra = capacity - t.capacity
+    if extra < 0:
+        raise ValueError(f"tail of {t.capacity} slots cannot shrink to {capacity=}")
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
+    tail = Tail(k=pad(t.k, 3), v=pad(t.v, 3), pos=pad(t.pos, 1), count=t.count)
+    return dataclasses.replace(cache, tail=tail)
+
+
+def for_batch(cache: KVCache, n: int) -> KVCache:
+    """The batch-1 cache for n sequences: the store shared (`share`) unless a decode hook
+    rewrites it per sequence (UNComp's ring decode), then copied n times."""
+    if n == 1:
+        return cache
+    if cache.hook is None:
+        return share(cache, n)
+    return _broadcast(cache, n, lambda x: jnp.repeat(x, n, axis=0), copy_store=True)
+
+
+def share(cache: KVCache, n: int) -> KVCache:
+    """The cache for n sequences that share its store (batch 1, not copied): tail, positions
+    and table broadcast to batch n. Decode attention reads a shared store through the jnp path
+    (`kvjax.store_attention`), which gathers only the blocks it reads."""
+    if cache.hook is not None:
+        raise ValueError(f"a store that {type(cache.hook).__name__} rewrites per sequence "
+                         "cannot be shared: use `for_batch`, which copies it")
+    return _broadcast(cache, n, lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]),
+                      copy_store=False)
+
+
+def _broadcast(cache: KVCache, n: int, rep, *, copy_store: bool) -> KVCache:
+    """Batch 1 -> n with `rep` on every per-sequence array (batch axis 0; the tail's k/v have
+    it at axis 1); the store's slot arrays too when `copy_store`."""
+    st, t = cache.store, cache.tail
+    r = lambda x: None if x is None else rep(x)
+    slots = dict(k=r(st.k), v=r(st.v), pos=r(st.pos), extra=r(st.extra)) if copy_store else {}
+    store = dataclasses.replace(st, offset=r(st.offset), length=r(st.length),
+                                channels=r(st.channels), value_channels=r(st.value_channels),
+                                **slots)
+    lead = lambda x: jnp.moveaxis(rep(jnp.moveaxis(x, 1, 0)), 0, 1)
+    tail = Tail(k=lead(t.k), v=lead(t.v), pos=r(t.pos), count=r(t.count))
+    return dataclasses.replace(cache, store=store, tail=tail, next_pos=r(cache.next_pos))
