@@ -2,7 +2,7 @@
 (Chen et al., ACL 2024, arXiv 2408.03675).
 
 Scorer: the attention the last P prompt queries (the proxy tokens) pay to every token, summed
-over proxy rows and over the query heads of each kv group (`proxy.proxy_scores_reference`).
+over proxy rows and averaged over the query heads of each kv group (`group_scores`).
 Selector (per layer and kv head): sinks and the most recent tokens are kept; from the other
 candidates the `proxy` best by score, then `random` more sampled without replacement with
 probability softmax(score) over the candidates left (Gumbel-top-k).
@@ -20,14 +20,32 @@ from kvjax.presses.base import ScorerPress
 from kvjax.presses.parts import (LayerwiseAllocator, Selector, Stage, StaticSize, Uniform,
                                  static_budget_max)
 from kvjax.presses.proxy import DEFAULT_CHUNK, proxy_scores_reference
+from kvjax.presses.window import pool1d
 
 _OFFICIAL = ("token_protect_ratio", "proxy_keep_ratio", "random_keep_ratio")
+GQA_MODES = ("mean", "sum", "first")
 
 
 def proxy_count(prompt_len, ratio: float, xp=jnp):
     """P = max(1, round(ratio * T)) proxy rows (f32, round half to even) for lengths T."""
     t = xp.asarray(prompt_len)
     return xp.maximum(xp.round(xp.float32(ratio) * t.astype(xp.float32)), 1).astype(xp.int32)
+
+
+def group_scores(s: jax.Array, n_kv: int, mode: str) -> jax.Array:
+    """Per-kv-head scores [B, K, C] from per-query-head proxy scores s [B, N, C].
+
+    "mean": the mean over the G = N // K query heads of each kv group (one head's scale, so
+    the random share's softmax has the official per-head temperature); "sum": their sum (the
+    same ranking, a G times sharper softmax); "first": kv head j takes query head j (the
+    official code's flash-attention path indexes its per-query-head scores with the kv-head
+    index, so every kv head reads a head of group 0).
+    """
+    b, n, c = s.shape
+    if mode == "first":
+        return s[:, :n_kv]
+    g = s.reshape(b, n_kv, n // n_kv, c)
+    return g.mean(axis=2) if mode == "mean" else g.sum(axis=2)
 
 
 def layer_key(seed: int, layer_idx: int) -> jax.Array:
@@ -86,8 +104,8 @@ class NACLPress(ScorerPress):
     """NACL (Chen et al., ACL 2024, arXiv 2408.03675): proxy-token + random eviction.
 
     Each token is scored by the softmax attention the last P = max(1, round(ratio * T))
-    prompt queries pay to it (summed over proxy rows and the query heads of its kv group;
-    causal, or non-causal as the official code). Per kv head: sinks and recent tokens are
+    prompt queries pay to it (summed over proxy rows, combined over the query heads of its kv group
+    by `gqa`; causal, or non-causal as the official code). Per kv head: sinks and recent tokens are
     kept, the best-scored candidates, and random extra ones sampled without replacement
     with p = softmax(score). Randomness: layer l, kv head h, token t draws from
     fold_in(fold_in(fold_in(key(seed), l), h), t).
@@ -105,9 +123,19 @@ class NACLPress(ScorerPress):
     budgets reach n, is kept whole (so `capacity` may exceed the kvpress count). Counts use
     f32 arithmetic, identically in jit and on the host.
 
-    GQA: the official code indexes its per-query-head scores with the kv-head index (it
-    uses the first K query heads); here the G heads of a group are summed, so the softmax
-    that `random` samples from is over G * P summed probabilities (sharper than one head's).
+    GQA (`gqa`): the paper is written for multi-head attention. Default "mean": the G query
+    heads of a kv group are averaged, so the ranking is the group's and the random share's
+    softmax has one head's temperature (the official code samples from one head's summed
+    probabilities). "sum" ranks the same with a G times sharper softmax; "first" is the
+    official flash-attention path (kv head j reads query head j: all kv heads use heads of
+    group 0).
+
+    Options that are not NACL's defaults (docs/nacl.md has the ablations):
+      proxy_tokens: > 0: the proxies are exactly the last `proxy_tokens` prompt tokens (the
+        question's tokens when the question ends the prompt: the paper's proxy choice), instead
+        of round(proxy_tokens_ratio * T) (the official code's).
+      kernel_size: > 1: avg-pool the proxy scores along tokens (SnapKV's smoothing, not in
+        NACL), so the neighbours of a peak (the other digits of a number) are kept with it.
 
     Attributes (besides compression_ratio and the budget fields above):
       proxy_tokens_ratio: P = max(1, round(ratio * T)) proxy rows (round half to even).
@@ -127,13 +155,16 @@ class NACLPress(ScorerPress):
     proxy_keep_ratio: float | None = None
     random_keep_ratio: float | None = None
     chunk_size: int = DEFAULT_CHUNK
+    gqa: str = "mean"
+    proxy_tokens: int = 0
+    kernel_size: int = 1
 
     @classmethod
     def official(cls, seed: int = 0, **overrides) -> "NACLPress":
         """The official code's defaults (InfiniteBench, Llama-3.1-8B): about 80% evicted."""
         kw = dict(proxy_tokens_ratio=0.01, n_sink=256, token_protect_ratio=0.01,
                   proxy_keep_ratio=0.12, random_keep_ratio=0.07, min_eviction_length=2048,
-                  causal=False, seed=seed)
+                  causal=False, gqa="first", seed=seed)
         return cls(**{**kw, **overrides})
 
     def __post_init__(self):
@@ -150,6 +181,14 @@ class NACLPress(ScorerPress):
             raise ValueError(f"{self.seed=} must be an int")
         if self.chunk_size < 1:
             raise ValueError(f"{self.chunk_size=} must be >= 1")
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"gqa={self.gqa!r} is not one of {GQA_MODES}")
+        if (not isinstance(self.proxy_tokens, int) or isinstance(self.proxy_tokens, bool)
+                or self.proxy_tokens < 0):
+            raise ValueError(f"proxy_tokens={self.proxy_tokens!r} must be an int >= 0")
+        if (not isinstance(self.kernel_size, int) or isinstance(self.kernel_size, bool)
+                or self.kernel_size < 1 or self.kernel_size % 2 == 0):
+            raise ValueError(f"kernel_size={self.kernel_size!r} must be a positive odd int")
         if self.compression_ratio + self.recent_ratio > 1.0:
             raise ValueError(f"{self.compression_ratio=} + {self.recent_ratio=} sum above 1")
         self._check_official()
@@ -175,7 +214,15 @@ class NACLPress(ScorerPress):
 
     @property
     def obs_spec(self):
+        if self.proxy_tokens:
+            return ObsSpec(window=self.proxy_tokens)
         return ObsSpec(proxy_ratio=self.proxy_tokens_ratio)
+
+    def proxy_rows(self, prompt_len: jax.Array) -> jax.Array:
+        """[B] proxy rows per sequence: `proxy_tokens` (at most T), else round(ratio * T)."""
+        if self.proxy_tokens:
+            return jnp.minimum(prompt_len, self.proxy_tokens).astype(jnp.int32)
+        return proxy_count(prompt_len, self.proxy_tokens_ratio)
 
     def split(self, n, xp=jnp, keep=None):
         """(sinks, recent, proxy, random) kept for rows of n valid slots, int32 each.
@@ -227,24 +274,24 @@ class NACLPress(ScorerPress):
         return (Stage(scorer=self, allocator=self.allocator(), selector=self.selector()),)
 
     def proxy_scores(self, prefix, obs, ctx):
-        """[B, K, C] f32 proxy scores summed over the query heads of each kv group."""
+        """[B, K, C] f32 proxy scores per kv head (`gqa`), avg-pooled when kernel_size > 1."""
         if obs.q_window is None:
             raise ValueError("NACLPress needs the proxy queries: prefill with its obs_spec")
         if prefix.channels is not None:
             raise ValueError("NACLPress needs full-width keys: apply it before channel pruning")
         w = obs.q_window.shape[1]
-        if w < int(proxy_count(prefix.capacity, self.proxy_tokens_ratio, np)):
-            raise ValueError(f"observation window {w} holds fewer rows than the proxy tokens "
-                             f"of {self.proxy_tokens_ratio=}: prefill with this press's obs_spec")
+        need = self.proxy_tokens or int(proxy_count(prefix.capacity, self.proxy_tokens_ratio,
+                                                    np))
+        if w < need:
+            raise ValueError(f"observation window {w} holds fewer rows than the {need} proxy "
+                             f"tokens of {self}: prefill with this press's obs_spec")
         t = ctx.prompt_len
         q_pos = t[:, None] - w + jnp.arange(w)[None, :]  # [B, W]
-        first = t - proxy_count(t, self.proxy_tokens_ratio)
-        rows = obs.window_valid & (q_pos >= first[:, None])
+        rows = obs.window_valid & (q_pos >= (t - self.proxy_rows(t))[:, None])
         s = proxy_scores_reference(obs.q_window, q_pos, rows, prefix.k, prefix.pos,
                                    prefix.length, causal=self.causal, chunk=self.chunk_size)
-        b, n, c = s.shape
-        n_kv = prefix.k.shape[1]
-        return s.reshape(b, n_kv, n // n_kv, c).sum(axis=2)
+        s = group_scores(s, prefix.k.shape[1], self.gqa)
+        return pool1d(s, self.kernel_size, "avg")
 
     def score(self, prefix, obs, ctx):
         """Proxy scores with the protected slots at +inf: top-k of it is NACL without random."""

@@ -67,28 +67,66 @@ def _brute_scores(q, k, lengths, n_proxy, causal):
     return out
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_proxy_scores_match_full_softmax(causal):
-    """Through `observe` and the press: ragged lengths, T (37) not a multiple of the chunk."""
-    b, t, n, n_kv, h = 2, 37, 4, 2, 8
+def _group_reference(s, n_kv, mode):
+    """numpy: per-query-head scores [B, N, T] -> per kv head [B, K, T]."""
+    b, n, t = s.shape
+    if mode == "first":  # the official code: kv head j reads query head j
+        return s[:, :n_kv]
+    g = s.reshape(b, n_kv, n // n_kv, t)
+    return g.mean(2) if mode == "mean" else g.sum(2)
+
+
+def _avg_pool_reference(s, kernel):
+    """numpy: 'same' avg pooling along the last axis, zero padded, divided by the kernel."""
+    pad = kernel // 2
+    xp = np.pad(s, [(0, 0)] * (s.ndim - 1) + [(pad, pad)])
+    return np.mean([xp[..., i:i + s.shape[-1]] for i in range(kernel)], axis=0)
+
+
+def _proxy_inputs(press, b=2, t=37, n=6, n_kv=2, h=8):
     kq, kk = jax.random.split(jax.random.key(0))
     q = np.asarray(jax.random.normal(kq, (b, t, n, h)), np.float64)
     k = np.asarray(jax.random.normal(kk, (b, t, n_kv, h)), np.float64)
     lengths = np.array([37, 23])
-    press = NACLPress(compression_ratio=0.5, proxy_tokens_ratio=0.2, causal=causal, chunk_size=8)
     obs = observe(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
                   jnp.asarray(lengths), press.obs_spec)
-    assert obs.q_window.shape[1] == math.ceil(0.2 * 37)
     k32 = jnp.asarray(k, jnp.float32).transpose(0, 2, 1, 3)
     prefix = LayerView(k=k32, v=k32, pos=jnp.broadcast_to(jnp.arange(t), (b, n_kv, t)),
-                    length=jnp.asarray(np.repeat(lengths[:, None], n_kv, 1)))
+                       length=jnp.asarray(np.repeat(lengths[:, None], n_kv, 1)))
     got = press.proxy_scores(prefix, obs, LayerContext(jnp.asarray(lengths)))
+    return q, k, lengths, obs, np.asarray(got)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("gqa", ["mean", "sum", "first"])
+def test_proxy_scores_match_full_softmax(causal, gqa):
+    """Through `observe` and the press: ragged lengths, T (37) not a multiple of the chunk,
+    G = 3 query heads per kv head combined as `gqa` says."""
+    press = NACLPress(compression_ratio=0.5, proxy_tokens_ratio=0.2, causal=causal,
+                      chunk_size=8, gqa=gqa)
+    q, k, lengths, obs, got = _proxy_inputs(press)
+    assert obs.q_window.shape[1] == math.ceil(0.2 * 37)
     n_proxy = [max(1, round(0.2 * x)) for x in lengths]  # 7 and 5
-    want = _brute_scores(q, k, lengths, n_proxy, causal)
-    want = want.reshape(b, n_kv, n // n_kv, t).sum(2)  # GQA: summed over the group
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    # every proxy row sums to 1, so each kv head's total is P * G
-    np.testing.assert_allclose(want.sum(-1), np.outer(n_proxy, [n // n_kv] * n_kv))
+    per_head = _brute_scores(q, k, lengths, n_proxy, causal)  # [B, N, T]
+    want = _group_reference(per_head, 2, gqa)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # every proxy row sums to 1: each kv head's total is P (one head's scale) or P * G
+    scale = 3 if gqa == "sum" else 1
+    np.testing.assert_allclose(want.sum(-1), np.outer(n_proxy, [scale, scale]))
+
+
+def test_proxy_tokens_and_pooling_match_numpy():
+    """proxy_tokens=4: exactly the last 4 prompt rows of each sequence; kernel_size=5:
+    avg-pooled along tokens (zero padding, divided by 5) after the group mean."""
+    press = NACLPress(compression_ratio=0.5, proxy_tokens=4, kernel_size=5, chunk_size=8)
+    assert press.obs_spec == ObsSpec(window=4)
+    q, k, lengths, obs, got = _proxy_inputs(press)
+    want = _group_reference(_brute_scores(q, k, lengths, [4, 4], True), 2, "mean")
+    np.testing.assert_allclose(got, _avg_pool_reference(want, 5), rtol=1e-5, atol=1e-5)
+    # hand case of the pooling: one spike of 5 spreads 1 over its 5-token neighbourhood
+    spike = np.zeros((1, 1, 9))
+    spike[0, 0, 4] = 5.0
+    assert _avg_pool_reference(spike, 5)[0, 0].tolist() == [0, 0, 1, 1, 1, 1, 1, 0, 0]
 
 
 def test_proxy_reference_masks_rows_and_slots():
@@ -243,7 +281,8 @@ def test_official_preset_and_counts(model):
     press = NACLPress.official(seed=5)
     assert (press.proxy_tokens_ratio, press.n_sink, press.token_protect_ratio,
             press.proxy_keep_ratio, press.random_keep_ratio, press.min_eviction_length,
-            press.causal, press.seed) == (0.01, 256, 0.01, 0.12, 0.07, 2048, False, 5)
+            press.causal, press.seed, press.gqa) == (0.01, 256, 0.01, 0.12, 0.07, 2048, False, 5,
+                                                      "first")
     # host arithmetic of the official code: 256 sinks, int(.01n)-256 recent (>= 0), floors
     for n in (2049, 3000, 30000, 131072):
         want = (256, max(0, int(0.01 * n) - 256), int(0.12 * n), int(0.07 * n))
@@ -299,6 +338,11 @@ def test_registry_seed_obs_spec_and_adakv(model, prompts):
     (dict(proxy_tokens_ratio=0.0), "proxy_tokens_ratio"),
     (dict(compression_ratio=1.0), "compression_ratio"),
     (dict(seed=1.5), "seed"),
+    (dict(gqa="max"), "gqa='max'"),
+    (dict(proxy_tokens=-1), "proxy_tokens=-1"),
+    (dict(proxy_tokens=2.5), "proxy_tokens=2.5"),
+    (dict(kernel_size=4), "kernel_size=4"),
+    (dict(kernel_size=0), "kernel_size=0"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

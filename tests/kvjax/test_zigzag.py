@@ -90,6 +90,24 @@ def test_equal_lmba_gives_uniform_budgets_and_snapkv_indices(model):
                 assert ka[r][h].tolist() == kb[r][h].tolist()
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("kernel_size, pooling", [(5, "avg"), (7, "max")])
+def test_uniform_allocator_keeps_snapkv_indices(model, ratio, kernel_size, pooling):
+    """budget_floor_ratio=1 is the uniform allocator (every B_l = B_avg, the dynamic LMBA
+    path still runs): the kept positions of every layer and kv head equal SnapKVPress's,
+    run independently with the same window, kernel and pooling."""
+    sel = dict(window_size=W, kernel_size=kernel_size, pooling=pooling)
+    zz = ZigZagKVPress(compression_ratio=ratio, budget_floor_ratio=1.0, **sel)
+    _, a = _prefill(model, zz)
+    _, b = _prefill(model, kvjax.SnapKVPress(compression_ratio=ratio, **sel))
+    for layer in range(4):
+        ka, kb = kvjax.kept_positions(a, layer), kvjax.kept_positions(b, layer)
+        for r, n in enumerate(len(p) for p in PROMPTS):
+            for h in range(2):
+                assert len(ka[r][h]) == math.ceil(n * (1 - ratio))
+                assert ka[r][h].tolist() == kb[r][h].tolist()
+
+
 def test_store_bytes_follow_budgets_with_one_compilation(model):
     press = ZigZagKVPress(compression_ratio=0.6, window_size=W)
     loops.prefill.clear_cache()
