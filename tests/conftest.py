@@ -66,3 +66,16 @@ def prefill_cache(model, tokens, lengths, *, tail_capacity: int, press=None, hoo
     logits, prompt = model.prefill(jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=spec,
                                    between=between, **prefill_kwargs)
     return logits, kvjax.compress(press, prompt, tail_capacity=tail_capacity, hook=hook)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs after every test module: the whole suite in one process
+    otherwise accumulates thousands of XLA CPU executables (their code mappings and memory),
+    and the CI run crashed inside XLA compilation late in the suite."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
