@@ -67,7 +67,7 @@ def main(argv=None):
           f"{'KV held vs full':>17}{'KV needed vs full':>19}{'store held/needed':>19}")
     for name in args.presses.split(","):
         for r in [float(x) for x in args.ratios.split(",")]:
-            press = make_press(name, r, **_bench_kwargs(name))
+            press = make_press(name, r, **_bench_kwargs(name)).with_tokenizer(tok)
             tp, dec, rep = measure(fn, params, tokens, lengths, press, args.new_tokens,
                                    args.repeat)
             row = dict(press=name, ratio=r, compress_frac=(tp - base_prefill) / base_prefill,
@@ -86,9 +86,11 @@ def main(argv=None):
 
 
 def _bench_kwargs(name: str) -> dict:
-    # kvpress defaults, except the registry's tiny test windows
-    return {k: v for k, v in PRESSES[name][1].items() if k not in ("window_size",
-                                                                    "n_future_positions")}
+    """The registry's example arguments without its tiny-test settings (windows, KVzip's
+    chunk and token-id repeat prompt, KVzap's untrained weights): kvpress defaults, the
+    tokenizer's repeat prompt and the shipped SmolLM2 KVzap weights."""
+    test_only = ("window_size", "n_future_positions", "chunk_size", "repeat", "weights")
+    return {k: v for k, v in PRESSES[name][1].items() if k not in test_only}
 
 
 if __name__ == "__main__":
