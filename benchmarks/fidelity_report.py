@@ -174,7 +174,8 @@ def plot_layers(paths, ratio, out_png, variants):
             if rs and (v in ("snapkv", "pyramidkv") or v.startswith("zz")):
                 ax.plot(x, np.mean([r["kept"] for r in rs], 0), marker=".",
                         label=f"{v} (n={len(rs)})")
-        ax.set_title(f"{length} tokens, r={ratio:g}: kept slots per layer (mean over samples)")
+        commits = ",".join(c.split()[0][:7] for c in meta.get("kvjax_commits", []))
+        ax.set_title(f"{length} tokens (kvjax {commits}), r={ratio:g}: kept entries per layer")
         ax.set_xlabel("layer")
         ax.legend(fontsize=7)
         ax = ax_row[1]
