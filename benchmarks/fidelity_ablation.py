@@ -42,20 +42,21 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-import kvjax  # noqa: E402
-from fidelity_report import load_rows, markdown_table, write_rows  # noqa: E402
-from kvjax import loops  # noqa: E402
-from kvjax.compress import obs_spec_for  # noqa: E402
-from kvjax.eval.engine import compress_copy, prefill_observe  # noqa: E402
-from kvjax.eval.scoring import score  # noqa: E402
-from kvjax.eval.tasks import make_sample  # noqa: E402
-from kvjax.memory import memory_report  # noqa: E402
-from kvjax.observation import ObsSpec  # noqa: E402
-from kvjax.presses.base import LayerContext  # noqa: E402
-from kvjax.presses.nacl import NACLPress  # noqa: E402
-from kvjax.presses.window import window_attention  # noqa: E402
-from kvjax.presses.zigzag import ZigZagKVPress  # noqa: E402
-from kvjax.sampling import Greedy  # noqa: E402
+from fidelity_report import load_rows, markdown_table, write_rows
+
+import kvjax
+from kvjax import loops
+from kvjax.compress import obs_spec_for
+from kvjax.eval.engine import compress_copy, prefill_observe
+from kvjax.eval.scoring import score
+from kvjax.eval.tasks import make_sample
+from kvjax.memory import memory_report
+from kvjax.observation import ObsSpec
+from kvjax.presses.base import LayerContext
+from kvjax.presses.nacl import NACLPress
+from kvjax.presses.window import window_attention
+from kvjax.presses.zigzag import ZigZagKVPress
+from kvjax.sampling import Greedy
 
 TASK = "niah_single"
 OUT_DIR = pathlib.Path("docs/results/fidelity")

@@ -18,8 +18,8 @@ from kvjax.cache import LayerView
 from kvjax.observation import Observation, ObsSpec, observe
 from kvjax.presses import make_press
 from kvjax.presses.base import LayerContext
-from kvjax.presses.parts import StaticSize
 from kvjax.presses.nacl import NACLPress, gumbel_noise, hybrid_select, layer_key, proxy_count
+from kvjax.presses.parts import StaticSize
 from kvjax.presses.proxy import proxy_scores_reference
 
 LENGTHS = (57, 40)
@@ -120,7 +120,7 @@ def test_proxy_tokens_and_pooling_match_numpy():
     avg-pooled along tokens (zero padding, divided by 5) after the group mean."""
     press = NACLPress(compression_ratio=0.5, proxy_tokens=4, kernel_size=5, chunk_size=8)
     assert press.obs_spec == ObsSpec(window=4)
-    q, k, lengths, obs, got = _proxy_inputs(press)
+    q, k, lengths, _, got = _proxy_inputs(press)
     want = _group_reference(_brute_scores(q, k, lengths, [4, 4], True), 2, "mean")
     np.testing.assert_allclose(got, _avg_pool_reference(want, 5), rtol=1e-5, atol=1e-5)
     # hand case of the pooling: one spike of 5 spreads 1 over its 5-token neighbourhood
