@@ -4,6 +4,8 @@ positions per layer and kv head are identical, linear and MLP; the scorer applie
 attention inputs equals kvpress's scores; weights round-trip through kvpress's state dict,
 the .npz file and the orbax directory; clear errors."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +48,9 @@ def test_kept_positions_match_kvpress(setup, kind, ratio):
     ref = scorer_reference(hf, ids, kp_press)
     weights = KVzapWeights.from_kvpress_layers(kind, layers)
     assert weights.signature == (3, 96, 2)
-    assert _kept(model, ids, kvjax.KVzapPress(compression_ratio=ratio, weights=weights)) == \
-        ref["kept"]
+    press = kvjax.KVzapPress(compression_ratio=ratio, weights=weights, allocation="uniform",
+                             n_sink=0)  # kvpress's KVzapPress
+    assert _kept(model, ids, press) == ref["kept"]
     # the scorer itself on kvpress's attention inputs gives kvpress's scores
     x = attention_inputs(hf, ids)  # [L, 1, T, D]
     ours = np.stack([np.asarray(weights.apply(jnp.asarray(x[l]), jnp.int32(l))).transpose(0, 2, 1)
@@ -60,7 +63,7 @@ def test_scores_inside_compression_equal_the_scorer_on_our_hidden_states(setup):
     states, gathered at the view's positions (traced layer index)."""
     _, model, ids = setup
     weights = KVzapWeights.init("mlp", 3, 96, 2, hidden_dim=16, seed=3)
-    press = kvjax.KVzapPress(compression_ratio=0.5, weights=weights)
+    press = kvjax.KVzapPress(compression_ratio=0.5, weights=weights, n_sink=0)
     tokens, lengths = loops.pad_prompts([list(ids[0]), list(ids[0][:70])])
     _, prompt = model.prefill(jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=press.obs_spec)
     group = prompt.groups[0]
@@ -105,6 +108,42 @@ def test_weights_for_another_model_is_a_clear_error(setup):
     wrong = KVzapWeights.init("linear", 3, 64, 2)
     with pytest.raises(ValueError, match=r"\(3, 64, 2\).*\(3, 96, 2\)"):
         _kept(model, ids, kvjax.KVzapPress(compression_ratio=0.5, weights=wrong))
+
+
+@pytest.mark.parametrize("allocation", ["global", "layer"])
+def test_global_and_layer_allocation_equal_a_numpy_top_k(setup, allocation):
+    """The default allocation keeps KVzip's global top-k of the predicted scores (first
+    n_sink positions always): numpy top-k over the scorer applied to the prefill's hidden
+    states, over all layers and kv heads ("global") or per layer ("layer")."""
+    _, model, ids = setup
+    weights = KVzapWeights.init("linear", 3, 96, 2, seed=5)
+    press = kvjax.KVzapPress(compression_ratio=0.6, weights=weights, allocation=allocation,
+                             n_sink=3)
+    tokens, lengths = loops.pad_prompts([list(ids[0])])
+    _, prompt = model.prefill(jnp.asarray(tokens), jnp.asarray(lengths),
+                              obs_spec=press.obs_spec)
+    hidden = np.asarray(prompt.groups[0].layers.obs.hidden)[:, :, :T]  # [L, 1, T, D]
+    w, b = (np.asarray(a, np.float64) for a in weights.arrays)
+    scores = np.einsum("ltd,lkd->lkt", hidden[:, 0], w) + b[:, :, None]  # [L, K, T]
+    scores[:, :, :3] = np.inf
+    flat = scores.reshape(1 if allocation == "global" else 3, -1)
+    keep = math.ceil(0.4 * flat.shape[1])
+    mask = np.zeros_like(flat, bool)
+    for row, m in zip(flat, mask):
+        m[np.argsort(-row, kind="stable")[:keep]] = True
+    mask = mask.reshape(3, 2, T)
+    want = [[[np.flatnonzero(mask[l, h]).tolist() for h in range(2)]] for l in range(3)]
+    got = _kept(model, ids, press)
+    assert got == want
+    sizes = [len(h) for layer in got for h in layer[0]]
+    assert len(set(sizes)) > 1  # budgets really differ between heads / layers
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(allocation="heads"), "allocation"),
+                                           (dict(n_sink=-1), "n_sink")])
+def test_bad_allocation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kvjax.KVzapPress(compression_ratio=0.5, weights="smollm2", **kwargs)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "0.5"])

@@ -49,5 +49,6 @@ def test_shipped_press_in_pipeline(smollm2):
     out = pipe.run(context, "What is this text about?", max_new_tokens=4,
                    press=kvjax.KVzapPress(compression_ratio=0.5, weights="smollm2"))
     n_ctx = out.n_context
-    kept = kvjax.kept_positions(out.cache, 3)[0]
-    assert all(int((p < n_ctx).sum()) == -(-n_ctx // 2) for p in kept)
+    kept = [int((p < n_ctx).sum()) for layer in range(30)
+            for p in kvjax.kept_positions(out.cache, layer)[0]]
+    assert sum(kept) == -(-(30 * 3 * n_ctx) // 2) and len(set(kept)) > 1  # one global top-k

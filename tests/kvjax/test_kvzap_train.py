@@ -68,7 +68,8 @@ def test_same_seed_same_weights(tiny, trained):
 
 def test_trained_weights_drive_the_press(tiny, trained):
     model, _, _ = tiny
-    press = kvjax.KVzapPress(compression_ratio=0.5, weights=trained["mlp"].weights)
+    press = kvjax.KVzapPress(compression_ratio=0.5, weights=trained["mlp"].weights,
+                             allocation="uniform")
     ids = [list(np.random.RandomState(0).randint(0, 128, 60))]
     out = kvjax.generate(model, ids, max_new_tokens=3, press=press)
     kept = kvjax.kept_positions(out.cache, 0)[0]  # the prompt's kept entries + 3 new tokens
