@@ -157,6 +157,8 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None) -> KVCache
     pruner = None if press is None else press.channel_pruner
     recent = None if pruner is None else _prune_channels(pruner, groups, prompt.next_pos,
                                                          n_layers)
+    if pruner is not None:
+        size = pruner.pruned_size(size, n_kv, press.kept_recent)
     extras = _hook_extra(hook, groups, prompt.next_pos, n_layers)
     store = write_store(_stack(groups, extras), slots=aligned_slots(size.total),
                         max_segment=max(1, min(max(size.segments), max(g.width for g in groups))))

@@ -80,6 +80,13 @@ class Press(abc.ABC):
         `observer(fn, params, tokens, prompt, attn_impl) -> prompt`."""
         return None
 
+    @property
+    def kept_recent(self) -> int:
+        """How many of the last prompt tokens every segment keeps whenever its budget allows
+        (SnapKV's window: +inf scores); ThinK sizes the store without them, since they move
+        to the tail. 0 when the press promises nothing."""
+        return 0
+
     def with_tokenizer(self, tokenizer) -> "Press":
         """This press with what it needs from the tokenizer bound (KVzip's repeat prompt);
         `kvjax.Pipeline` and `kvjax eval` call it. Most presses need nothing."""

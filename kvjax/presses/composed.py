@@ -54,6 +54,17 @@ class ComposedPress(Press):
         return self.presses[-1].channel_pruner
 
     @property
+    def kept_recent(self) -> int:
+        """Each token stage selects from the previous one's entries: the window survives only
+        as far as every selecting press keeps it (no selecting press: every token is kept)."""
+        return min((p.kept_recent for p in self.presses if p.stages()), default=1 << 30)
+
+    def capacity(self, prompt, n_kv):
+        size = super().capacity(prompt, n_kv)
+        pruner = self.channel_pruner
+        return size if pruner is None else pruner.pruned_size(size, n_kv, self.kept_recent)
+
+    @property
     def decode_hook(self):
         return next((p.decode_hook for p in self.presses if p.decode_hook is not None), None)
 

@@ -47,6 +47,10 @@ class SnapKVPress(ScorerPress):
     def check_prompt(self, min_prompt_len):
         check_window(self, min_prompt_len)
 
+    @property
+    def kept_recent(self) -> int:
+        return self.window_size
+
     def score(self, prefix, obs, ctx):
         return snapkv_scores(prefix, obs, ctx.prompt_len, self.window_size, self.kernel_size,
                              self.pooling)

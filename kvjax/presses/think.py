@@ -10,6 +10,7 @@ from kvjax.cache import LayerView
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
 from kvjax.presses.base import Press
+from kvjax.presses.parts import StaticSize
 from kvjax.presses.window import window_attention
 
 
@@ -133,7 +134,22 @@ class ThinKPress(Press):
         return () if self.press is None else self.press.stages()
 
     def capacity(self, prompt, n_kv):
-        return prompt if self.press is None else self.press.capacity(prompt, n_kv)
+        size = prompt if self.press is None else self.press.capacity(prompt, n_kv)
+        return self.pruned_size(size, n_kv, self.kept_recent)
+
+    @property
+    def kept_recent(self) -> int:
+        return self.window_size if self.press is None else self.press.kept_recent
+
+    def pruned_size(self, size: StaticSize, n_kv: int, kept_recent: int) -> StaticSize:
+        """Bounds of the store after `prune_layer`, given that the token stages keep the last
+        `kept_recent` prompt tokens of every segment: those of them inside the recent window
+        move to the tail, so a segment of budget b keeps max(b - moved, 0) in the store."""
+        moved = min(self.window_size, kept_recent)
+        if moved == 0:
+            return size
+        segments = tuple(max(s - moved, 0) for s in size.segments)
+        return StaticSize(segments, min(size.total, n_kv * sum(segments)))
 
     @property
     def decode_hook(self):

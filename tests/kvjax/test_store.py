@@ -217,3 +217,20 @@ def test_column_sums_honour_the_sliding_window():
 def test_bad_combinations_are_refused_when_built(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("inner", ["snapkv", "pyramidkv"])
+def test_think_store_holds_no_room_for_the_window_it_moves(model, inner):
+    """ThinK moves the recent window (which SnapKV always keeps) to the tail, so the store is
+    sized without it: held / needed stays at the alignment, and the kept positions (store +
+    tail) are exactly those of the token press run alone."""
+    prompt = [list(np.random.RandomState(1).randint(0, 101, 64))]
+    token = make_press(inner, 0.5, window_size=8)
+    think = kvjax.ThinKPress(key_channel_compression_ratio=0.5, window_size=8, press=token)
+    alone, thin = _prefill(model, prompt, token), _prefill(model, prompt, think)
+    rep = kvjax.memory_report(thin)
+    assert rep.prefix_overhead <= 1.0 + 8 / max(1, rep.store_slots), rep
+    for layer in range(thin.n_layers):
+        for h in range(thin.store.n_kv_heads):
+            want = kvjax.kept_positions(alone, layer)[0][h]
+            np.testing.assert_array_equal(kvjax.kept_positions(thin, layer)[0][h], want)
