@@ -9,7 +9,7 @@ One decode step of a Llama-3-8B-shaped layer (32 q heads, 8 kv heads, head dim 1
     cache holding the same valid slots (the uncompressed baseline's layout).
 
 Bytes counted are the valid prefix + tail keys/values (+ positions, queries and outputs), the
-minimum any implementation must read; bandwidth = bytes / median time, shown against the
+minimum any implementation must read; bandwidth = bytes / median time per step (steps chained on device), shown against the
 device's peak (a table of known parts, or --peak-gbps). Results are printed and saved as JSON.
 
     python benchmarks/kernels_decode.py --out results/kernels_decode.json
@@ -84,14 +84,22 @@ def min_bytes(batch: int, length: int, dtype) -> int:
     return slots * 2 * HEAD_DIM * item + slots * 4 + 2 * batch * N_HEADS * HEAD_DIM * item
 
 
-def median_seconds(fn, *args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
+def median_seconds(fn, *args, iters: int, repeats: int = 5) -> float:
+    """Seconds per decode step: `iters` steps chained in one jitted `fori_loop` (each step's
+    output is the next step's query, so no step can be skipped), median over `repeats` runs.
+    One dispatch per run, as inside a jitted generate loop: timing single calls from Python
+    measures the ~0.1 ms launch overhead, not the kernel."""
+
+    @jax.jit
+    def chained(q, *rest):
+        return jax.lax.fori_loop(0, iters, lambda _, x: fn(x, *rest).astype(x.dtype), q)
+
+    jax.block_until_ready(chained(*args))  # compile + warm up
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        jax.block_until_ready(chained(*args))
+        times.append((time.perf_counter() - t0) / iters)
     return statistics.median(times)
 
 

@@ -5,7 +5,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+# XLA on GPU runs f32 matmuls in TF32 unless told otherwise (errors ~5e-4); the tests compare
+# f32 results against references at f32 tolerances. CPU already computes f32 at full precision.
+jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 TINY_HF = {
