@@ -14,6 +14,9 @@ Every press writes into the same layout (docs/architecture.md, "The store"):
 
 Axis letters: B batch, L layers, K kv heads, R store rows, P slots per row, M view width,
 S tail slots, H head dim, Dk / Dv kept key / value channels, E per-slot hook state.
+
+A quantized store (`kvjax.quant`) holds k and v in int8 / float8_e4m3fn with f32 scales
+(`k_scale`, `v_scale`); `gather_kv` dequantizes what it gathers, so every reader sees floats.
 """
 
 import dataclasses
@@ -21,6 +24,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kvjax.quant import (KVQuant, dequantize, expand_groups, quantize_groups,
+                         quantize_token)
 
 
 @jax.tree_util.register_dataclass
@@ -34,7 +40,10 @@ class KVStore:
       channels: [B, L, K, Dk] int32 kept key channels (ThinK), None for full-width keys.
       value_channels: [B, L, K, Dv] int32 kept value channels, None for full width.
       extra: [B, R, P, E] f32 per-slot state of a decode hook (ring rows), or None.
+      k_scale, v_scale: f32 scales of a quantized store (`quant`), else None: "token"
+        k_scale [B, R, P]; "kivi" k_scale [B, R, P // group, Dk]; v_scale [B, R, P].
       max_segment: static bound on every `length` (the width of `layer_view`).
+      quant: static `kvjax.quant.KVQuant` of a quantized store (k, v in its dtype), or None.
     """
 
     k: jax.Array
@@ -45,7 +54,10 @@ class KVStore:
     channels: jax.Array | None = None
     value_channels: jax.Array | None = None
     extra: jax.Array | None = None
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
     max_segment: int = dataclasses.field(metadata=dict(static=True), default=1)
+    quant: KVQuant | None = dataclasses.field(metadata=dict(static=True), default=None)
 
     @property
     def n_layers(self) -> int:
@@ -196,6 +208,39 @@ def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(flat, ix, axis=1).reshape(idx.shape + x.shape[3:])
 
 
+def gather_kv(store: KVStore, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values at flat slot indices idx [B, K, M] -> k [B, K, M, Dk], v [B, K, M, Dv];
+    a quantized store's entries come back dequantized (f32)."""
+    k, v = gather_rows(store.k, idx), gather_rows(store.v, idx)
+    if store.quant is None:
+        return k, v
+    if store.quant.scheme == "kivi":  # P is a multiple of the group: row * P/g + slot // g
+        ks = gather_rows(store.k_scale, idx // store.quant.group)
+    else:
+        ks = gather_rows(store.k_scale, idx)[..., None]
+    return dequantize(k, ks), dequantize(v, gather_rows(store.v_scale, idx)[..., None])
+
+
+def quantize_store(store: KVStore, quant: KVQuant) -> KVStore:
+    """The store with k, v in `quant`'s dtype and their scales (from a float store)."""
+    k, ks = (quantize_groups if quant.scheme == "kivi" else quantize_token)(store.k, quant)
+    v, vs = quantize_token(store.v, quant)
+    return dataclasses.replace(store, k=k, v=v, k_scale=ks, v_scale=vs, quant=quant)
+
+
+def dequantize_store(store: KVStore, dtype=jnp.float32) -> KVStore:
+    """A quantized store as a float store of `dtype` (the inverse of `quantize_store` up to
+    rounding); a float store unchanged."""
+    if store.quant is None:
+        return store
+    ks = store.k_scale[..., None] if store.quant.scheme == "token" else expand_groups(
+        store.k_scale, store.quant.group)
+    return dataclasses.replace(
+        store, k=dequantize(store.k, ks).astype(dtype),
+        v=dequantize(store.v, store.v_scale[..., None]).astype(dtype), k_scale=None,
+        v_scale=None, quant=None)
+
+
 def layer_view(store: KVStore, layer, width: int | None = None) -> LayerView:
     """Gather layer `layer`'s segments into a LayerView of `width` (default max_segment) slots.
 
@@ -204,7 +249,8 @@ def layer_view(store: KVStore, layer, width: int | None = None) -> LayerView:
     width = store.max_segment if width is None else width
     idx, ok = slot_index(store, layer, width)
     pick = lambda x: None if x is None else x[:, layer]
-    return LayerView(k=gather_rows(store.k, idx), v=gather_rows(store.v, idx),
+    k, v = gather_kv(store, idx)
+    return LayerView(k=k, v=v,
                      pos=jnp.where(ok, gather_rows(store.pos, idx), 0),
                      length=store.length[:, layer], channels=pick(store.channels),
                      value_channels=pick(store.value_channels))
@@ -245,9 +291,18 @@ def advance_tail(tail: Tail, positions: jax.Array, n_new: jax.Array) -> Tail:
 
 
 def prefix_nbytes(store: KVStore, n_slots: int) -> int:
-    """Key and value bytes of `n_slots` stored entries (scales of a quantized store later)."""
-    return n_slots * (store.k.shape[-1] * store.k.dtype.itemsize
-                      + store.v.shape[-1] * store.v.dtype.itemsize)
+    """Key and value bytes of `n_slots` stored entries, a quantized store's scales included
+    (a KIVI key scale counts 1/group of its bytes per entry)."""
+    per = store.k.shape[-1] * store.k.dtype.itemsize + store.v.shape[-1] * store.v.dtype.itemsize
+    if store.quant is None:
+        return n_slots * per
+    scale_bytes = scale_nbytes(store) * n_slots / (store.rows * store.slots)
+    return int(round(n_slots * per + scale_bytes))
+
+
+def scale_nbytes(store: KVStore) -> int:
+    """Bytes of a quantized store's scale arrays (0 for a float store)."""
+    return sum(x.nbytes for x in (store.k_scale, store.v_scale) if x is not None)
 
 
 def kv_nbytes_needed(cache: KVCache) -> int:
@@ -281,6 +336,10 @@ def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None =
 
     Used by decode hooks that rewrite a segment (periodic merge, ring decode).
     """
+    if store.quant is not None:  # dequantize, write, requantize (merges are periodic)
+        quant = store.quant
+        written = write_view(dequantize_store(store), layer, view, extra)
+        return quantize_store(written, quant)
     width = view.capacity
     idx, ok = slot_index(store, layer, width)
     b = idx.shape[0]

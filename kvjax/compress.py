@@ -10,7 +10,7 @@ may attach per-slot state, and `kvjax.writer.write_store` packs everything into 
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import KVCache, LayerView, init_tail
+from kvjax.cache import KVCache, LayerView, init_tail, quantize_store
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
 from kvjax.presses.base import LayerContext
@@ -133,7 +133,7 @@ def _stack(groups, extras) -> Selection:
                      extra=cat(extras))
 
 
-def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None) -> KVCache:
+def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None) -> KVCache:
     """Compress a prefill with `press` (None keeps every entry) into a KVCache.
 
     Args:
@@ -141,6 +141,8 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None) -> KVCache
       tail_capacity: static tail slots for tokens appended later (a channel pruner adds the
         recent window it moves to the tail).
       hook: the decode hook the cache carries (`kvjax.hooks`), or None.
+      quant: a `kvjax.quant.KVQuant` to store the kept entries quantized (after selection:
+        the press scored full-precision keys), or None.
 
     Returns:
       KVCache whose store holds exactly the kept entries (plus alignment).
@@ -160,8 +162,11 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None) -> KVCache
     if pruner is not None:
         size = pruner.pruned_size(size, n_kv, press.kept_recent)
     extras = _hook_extra(hook, groups, prompt.next_pos, n_layers)
-    store = write_store(_stack(groups, extras), slots=aligned_slots(size.total),
+    multiple = 1 if quant is None else quant.slot_multiple
+    store = write_store(_stack(groups, extras), slots=aligned_slots(size.total, multiple),
                         max_segment=max(1, min(max(size.segments), max(g.width for g in groups))))
+    if quant is not None:
+        store = quantize_store(store, quant)
     reserve = 0 if recent is None else recent[0].shape[3]
     dtype = groups[0].view.k.dtype
     tail = init_tail(n_layers, b, n_kv, tail_capacity + reserve, h, dtype)

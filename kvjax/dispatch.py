@@ -12,7 +12,10 @@ but the same kernel code, which is how CPU CI checks generate with every kernel.
 What falls back to the reference, by design:
   * decode with T > 1 new tokens (multi-token extend): the kernels take one query per sequence;
   * the Mosaic GPU kernels' shape limits (G > 64 query heads per kv head, or head dims that are
-    not multiples of 16).
+    not multiples of 16);
+  * a quantized store (`kvjax.quant`) on GPU, and a KIVI-scheme one on TPU: the TPU kernel
+    reads int8/fp8 stores with per-entry scales only; the jnp block walk dequantizes per
+    block (it too reads only the quantized bytes of the kept entries).
 """
 
 import importlib
@@ -61,8 +64,8 @@ def decode_attention(q: jax.Array, q_pos: jax.Array, cache: KVCache, layer, *, a
     store, tail = cache.store, cache.tail.layer(layer)
     kernels = _kernels(attn_impl)
     shared = store.k.shape[0] != q.shape[0]  # a store shared by the batch: the jnp path
-    use_kernel = kernels is not None and q.shape[1] == 1 and not shared and (
-        attn_impl != "pallas_gpu" or _gpu_shapes_ok(
+    use_kernel = kernels is not None and q.shape[1] == 1 and not shared and _kernel_reads(
+        attn_impl, store) and (attn_impl != "pallas_gpu" or _gpu_shapes_ok(
             q.shape[2], store.n_kv_heads, q.shape[3], store.k.shape[3], store.v.shape[3]))
     if not use_kernel:
         return store_attention(q, q_pos, store, layer, tail, scale=scale,
@@ -73,8 +76,21 @@ def decode_attention(q: jax.Array, q_pos: jax.Array, cache: KVCache, layer, *, a
         tail.pos, tail.count, q_pos[:, 0], channels=pick(store.channels),
         value_channels=pick(store.value_channels), scale=scale,
         sliding_window=sliding_window, prefix_offset=store.offset[:, layer],
-        max_prefix_len=store.max_segment)
+        max_prefix_len=store.max_segment, **_scale_args(store))
     return out[:, None]
+
+
+def _kernel_reads(attn_impl: str, store) -> bool:
+    """The kernel reads this store: float stores always; a quantized one only the TPU kernel,
+    with per-entry ("token") scales."""
+    quant = store.quant
+    return quant is None or (attn_impl == "pallas_tpu" and quant.scheme == "token")
+
+
+def _scale_args(store) -> dict:
+    if store.quant is None:
+        return {}
+    return dict(prefix_k_scale=store.k_scale, prefix_v_scale=store.v_scale)
 
 
 def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,

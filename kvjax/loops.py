@@ -20,6 +20,7 @@ from kvjax.buckets import BUCKET_STEP, MIN_BUCKET, bucket_length, pad_prompts  #
 from kvjax.cache import KVCache
 from kvjax.compress import compress, obs_spec_for
 from kvjax.hooks import DecodeHook, check_hooks
+from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
 
 MAX_EOS = 8
@@ -74,13 +75,14 @@ def observe_prompt(fn, params, tokens, prompt, *, observer, attn_impl="auto"):
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl",
-                                             "hook"))
+                                             "hook", "quant"))
 def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto",
-            hook=None):
+            hook=None, quant=None):
     """Run the prompt and compress it with `press` -> (last logits [B, V], KVCache).
 
     `hook` is the decode hook the cache will carry (`kvjax.hooks.check_hooks`); None: the
-    press's own (UNComp's ring decode), if any."""
+    press's own (UNComp's ring decode), if any. `quant` (`kvjax.quant.KVQuant`) stores the
+    kept entries quantized."""
     if hook is None and press is not None:
         hook = press.decode_hook
     between = None if press is None else press.between_layers
@@ -88,7 +90,8 @@ def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl
                                 attn_impl=attn_impl, between=between)
     if press is not None and press.prompt_observer is not None:
         prompt = press.prompt_observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
-    return logits, compress(press, prompt, tail_capacity=tail_capacity, hook=hook)
+    return logits, compress(press, prompt, tail_capacity=tail_capacity, hook=hook,
+                            quant=quant)
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "attn_impl"), donate_argnames=("cache",))
@@ -175,13 +178,15 @@ def init_state(logits, cache, batch: int, out_len: int, rng) -> DecodeState:
 
 
 def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: str = "auto",
-          rng=None, tail_extra: int = 0, decoding_press=None):
+          rng=None, tail_extra: int = 0, decoding_press=None, kv_dtype=None):
     """Validate, pad, prefill and compress: returns (DecodeState, lengths).
 
     `tail_extra` reserves tail slots for tokens appended before decoding (a question). With a
     `decoding_press` the tail holds `compression_interval` (+ tail_extra) slots only. A press
     and a decoding press that cannot work together are refused here, before any tracing.
+    `kv_dtype` ("int8", "float8_e4m3fn" or a `kvjax.quant.KVQuant`) quantizes the store.
     """
+    quant = resolve_kv_quant(kv_dtype)
     hook = check_hooks(press, decoding_press)
     tokens, lengths = pad_prompts(input_ids)
     check_budget(fn, int(lengths.max()) + tail_extra, max_new_tokens)
@@ -191,13 +196,14 @@ def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: 
     out_len = bucket_length(max_new_tokens + tail_extra)
     tail = (hook or DecodeHook()).tail_slots(out_len, tail_extra)
     logits, cache = prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                            tail_capacity=tail, press=press, attn_impl=attn_impl, hook=hook)
+                            tail_capacity=tail, press=press, attn_impl=attn_impl, hook=hook,
+                            quant=quant)
     return init_state(logits, cache, len(lengths), out_len, rng), lengths
 
 
 def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None, rng=None,
              press=None, attn_impl: str = "auto", pad_id: int = 0,
-             decoding_press=None) -> GenerateOutput:
+             decoding_press=None, kv_dtype=None) -> GenerateOutput:
     """Generate up to `max_new_tokens` for a ragged batch of prompts.
 
     Args:
@@ -211,13 +217,16 @@ def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=
       attn_impl: "auto" (Pallas on GPU/TPU, reference on CPU), "reference", ...
       decoding_press: a `DecodingPress` that merges the tail into the prefix every
         `compression_interval` generated tokens (memory bounded by prefix + interval).
+      kv_dtype: None (the compute dtype), "int8" or "float8_e4m3fn": the kept entries are
+        stored quantized with f32 scales (`kvjax.quant`; a `KVQuant` picks the scheme).
 
     Returns:
       GenerateOutput(tokens [B, max_new_tokens], lengths [B], cache).
     """
     fn, params = model.kvjax_split()
     state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
-                     attn_impl=attn_impl, rng=rng, decoding_press=decoding_press)
+                     attn_impl=attn_impl, rng=rng, decoding_press=decoding_press,
+                     kv_dtype=kv_dtype)
     state = decode(fn, params, state, jnp.int32(max_new_tokens), eos_array(eos_id),
                    sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id)
     return GenerateOutput(tokens=np.asarray(state.tokens)[:, :max_new_tokens],
@@ -240,12 +249,12 @@ def stream_state(fn, params, state: DecodeState, *, max_new_tokens: int, sampler
 
 
 def generate_stream(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None,
-                    rng=None, press=None, attn_impl: str = "auto"
+                    rng=None, press=None, attn_impl: str = "auto", kv_dtype=None
                     ) -> Iterator[np.ndarray]:
     """Streaming variant of `generate`: yields the new token of every sequence, step by step."""
     fn, params = model.kvjax_split()
     state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
-                     attn_impl=attn_impl, rng=rng)
+                     attn_impl=attn_impl, rng=rng, kv_dtype=kv_dtype)
     for toks, _ in stream_state(fn, params, state, max_new_tokens=max_new_tokens,
                                 sampler=sampler, eos_id=eos_id, attn_impl=attn_impl):
         yield toks

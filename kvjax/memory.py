@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from kvjax.cache import KVCache, kv_nbytes_needed, prefix_nbytes
+from kvjax.cache import KVCache, kv_nbytes_needed, prefix_nbytes, scale_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,13 +13,15 @@ class MemoryReport:
 
     Attributes:
       bytes_held: bytes of every array of the cache (keys, values, positions, table, tail).
-      kv_bytes_held: bytes of the key and value arrays only (store + tail buffers).
+      kv_bytes_held: bytes of the key and value arrays only (store + tail buffers), with a
+        quantized store's scales.
       kv_bytes_needed: bytes of the valid key/value entries (no padding, no empty tail slots).
       prefix_kv_bytes_held / prefix_kv_bytes_needed: the same for the store alone (what the
         press decided; the tail excluded).
       store_slots: slots per sequence in the store (all rows); max_segment: the view width.
       prefix_tokens: kept entries per layer, summed over batch and kv heads.
       key_width: stored key channels (smaller than the head dim with ThinK).
+      kv_dtype: the store's key/value dtype ("int8" when quantized, else e.g. "float32").
     """
 
     bytes_held: int
@@ -31,6 +33,7 @@ class MemoryReport:
     max_segment: int
     prefix_tokens: tuple[int, ...]
     key_width: int
+    kv_dtype: str = ""
 
     @property
     def padding_fraction(self) -> float:
@@ -62,11 +65,11 @@ def memory_report(cache: KVCache) -> MemoryReport:
     """Summarise what `cache` holds (call outside jit: reads lengths to the host)."""
     store, tail = cache.store, cache.tail
     length = np.asarray(store.length)  # [B, L, K]
-    prefix_held = store.k.nbytes + store.v.nbytes
+    prefix_held = store.k.nbytes + store.v.nbytes + scale_nbytes(store)  # scales: quantized
     return MemoryReport(
         bytes_held=cache.nbytes, kv_bytes_held=prefix_held + tail.k.nbytes + tail.v.nbytes,
         kv_bytes_needed=kv_nbytes_needed(cache), prefix_kv_bytes_held=prefix_held,
         prefix_kv_bytes_needed=prefix_nbytes(store, int(length.sum())),
         store_slots=store.rows * store.slots, max_segment=store.max_segment,
         prefix_tokens=tuple(int(x) for x in length.sum(axis=(0, 2))),
-        key_width=int(store.k.shape[-1]))
+        key_width=int(store.k.shape[-1]), kv_dtype=str(store.k.dtype))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from kvjax.attention import (default_scale, gather_query_channels, group_heads,
                              scatter_channels, tail_mask)
-from kvjax.cache import KVStore, LayerTail, gather_rows, slot_index
+from kvjax.cache import KVStore, LayerTail, gather_kv, gather_rows, slot_index
 
 BLOCK = 128
 
@@ -44,7 +44,7 @@ def segment_partial(qg: jax.Array, q_pos: jax.Array, store: KVStore, layer, carr
     def body(i, carry):
         m_prev, l_prev, acc, other = carry
         idx, ok = slot_index(store, layer, block, start=i * block)  # [B, K, blk]
-        kb, vb = gather_rows(store.k, idx), gather_rows(store.v, idx)
+        kb, vb = gather_kv(store, idx)  # dequantized when the store is quantized
         valid = ok[:, :, None, None, :]
         if sliding_window is not None:
             pb = gather_rows(store.pos, idx)

@@ -9,6 +9,7 @@ the kept entries plus the rounding of P to the kernels' alignment.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,11 @@ class Selection:
     extra: jax.Array | None = None
 
 
-def aligned_slots(n: int) -> int:
-    """`n` slots rounded up to the kernels' alignment (at least one aligned block)."""
-    return max(ALIGN, -(-n // ALIGN) * ALIGN)
+def aligned_slots(n: int, multiple: int = 1) -> int:
+    """`n` slots rounded up to the kernels' alignment and to `multiple` (a quantized store's
+    key groups), at least one aligned block."""
+    step = ALIGN * multiple // math.gcd(ALIGN, multiple)
+    return max(step, -(-n // step) * step)
 
 
 def segment_offsets(length: jax.Array, rows: int) -> jax.Array:

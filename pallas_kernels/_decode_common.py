@@ -101,3 +101,31 @@ def check_prefix_window(prefix_offset: jax.Array | None, max_prefix_len: int | N
         raise ValueError(f"prefix_offset.shape={tuple(prefix_offset.shape)} must be "
                          f"{(b, n_kv)} (B, K)")
     return prefix_offset.astype(jnp.int32).reshape(-1), max_len
+
+
+QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
+
+
+def check_prefix_scales(prefix_k, prefix_v, k_scale, v_scale) -> tuple:
+    """() for a float prefix, (k_scale, v_scale) [B, R, C] for a quantized one.
+
+    Raises:
+      ValueError: scales missing for int8/fp8 keys or values, given for float ones, or of
+        the wrong shape.
+    """
+    quantized = str(prefix_k.dtype) in QUANTIZED_DTYPES or str(prefix_v.dtype) in QUANTIZED_DTYPES
+    given = (k_scale is not None, v_scale is not None)
+    if not quantized and any(given):
+        raise ValueError(f"prefix_k.dtype={prefix_k.dtype}: scales are only for int8 / "
+                         "float8_e4m3fn prefixes")
+    if not quantized:
+        return ()
+    if not all(given):
+        raise ValueError(f"prefix_k.dtype={prefix_k.dtype}, prefix_v.dtype={prefix_v.dtype}: a "
+                         "quantized prefix needs prefix_k_scale and prefix_v_scale [B, R, C]")
+    want = tuple(prefix_k.shape[:3])
+    for name, x in (("prefix_k_scale", k_scale), ("prefix_v_scale", v_scale)):
+        if tuple(x.shape) != want:
+            raise ValueError(f"{name}.shape={tuple(x.shape)} must be {want} (one scale per "
+                             "slot: the 'token' scheme)")
+    return k_scale, v_scale

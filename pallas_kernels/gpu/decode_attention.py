@@ -32,8 +32,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _interpret
-from pallas_kernels._decode_common import (check_decode_args, check_prefix_window,
-                                           gather_thin_queries, merge_prefix_tail)
+from pallas_kernels._decode_common import (QUANTIZED_DTYPES, check_decode_args,
+                                           check_prefix_window, gather_thin_queries,
+                                           merge_prefix_tail)
 from pallas_kernels.gpu import _mgpu
 
 _NEG = -1e30  # finite "minus infinity": fully masked blocks never produce inf - inf
@@ -302,6 +303,9 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     scale, qg = check_decode_args(q, prefix_k, prefix_v, prefix_len, prefix_pos, tail_k,
                                   tail_v, tail_pos, tail_count, q_pos, channels, scale,
                                   value_channels)
+    if str(prefix_k.dtype) in QUANTIZED_DTYPES or str(prefix_v.dtype) in QUANTIZED_DTYPES:
+        raise ValueError(f"prefix_k.dtype={prefix_k.dtype}: the GPU kernel does not read a "
+                         "quantized store yet (kvjax.dispatch sends it to the jnp block walk)")
     n_kv, g = qg.shape[1], qg.shape[2]
     dk, hv = prefix_k.shape[3], prefix_v.shape[3]
     if g > _mgpu.ROWS or any(d % 16 for d in (dk, h, hv)):

@@ -29,8 +29,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _interpret
-from pallas_kernels._decode_common import (check_decode_args, check_prefix_window,
-                                           gather_thin_queries, merge_prefix_tail)
+from pallas_kernels._decode_common import (check_decode_args, check_prefix_scales,
+                                           check_prefix_window, gather_thin_queries,
+                                           merge_prefix_tail)
 
 _NEG = -1e30  # finite "minus infinity": fully masked blocks never produce inf - inf
 
@@ -53,10 +54,11 @@ class BlockSizes:
                 raise ValueError(f"{name}={val} must be a positive multiple of 128")
 
 
-def _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref):
+def _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref, v_scale=None):
     """One flash-softmax step into acc_ref; other_acc_ref (the other source's) is rescaled.
 
-    s, valid: [G, bs]; v: [bs, D] (rows past the data zeroed).
+    s, valid: [G, bs]; v: [bs, D] (rows past the data zeroed); v_scale: [1, bs] per-slot
+    value scales of a quantized store (they weight the probabilities in P V), or None.
     """
     s = jnp.where(valid, s, _NEG)
     m_prev = m_ref[...]
@@ -64,7 +66,8 @@ def _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref):
     alpha = jnp.exp(m_prev - m_new)
     p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
     l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-    pv = jax.lax.dot_general(p, v.astype(jnp.float32), (((1,), (0,)), ((), ())),
+    pw = p if v_scale is None else p * v_scale
+    pv = jax.lax.dot_general(pw, v.astype(jnp.float32), (((1,), (0,)), ((), ())),
                              precision=jax.lax.Precision.HIGHEST,
                              preferred_element_type=jnp.float32)
     acc_ref[...] = alpha * acc_ref[...] + pv
@@ -73,9 +76,9 @@ def _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref):
 
 
 def _scores(q, k, scale):
-    """q [G, D], k [bs, D] -> [G, bs] f32 logits."""
+    """q [G, D], k [bs, D] (a quantized store's int8/fp8 keys too) -> [G, bs] f32 logits."""
     prec = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+    s = jax.lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32)
     return s * scale
 
@@ -86,13 +89,14 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
             pk_ref,  # [bp, Dk] prefix keys
             pv_ref,  # [bp, Hv] prefix values
             ppos_ref,  # [1, bp] prefix positions ([R, bp], all store rows, when pooled)
-            tk_ref,  # [bt, H] tail keys
-            tv_ref,  # [bt, H] tail values
-            tpos_ref,  # [1, bt] tail positions
-            op_ref,  # [G, Hv] f32 prefix part of the output (normalised)
-            ot_ref,  # [G, H] f32 tail part of the output (normalised)
-            m_ref, l_ref, accp_ref, acct_ref,  # scratch: [G, 1], [G, 1], [G, Hv], [G, H] f32
-            *, scale, n_kv, per_row, n_prefix_blocks, bp, bt, sliding_window, pooled):
+            *refs,  # quantized: ks_ref, vs_ref [1, bp] ([R, bp] pooled) f32 scales; then:
+            # tk_ref, tv_ref [bt, H] tail keys / values; tpos_ref [1, bt] tail positions;
+            # op_ref [G, Hv], ot_ref [G, H] f32 prefix / tail parts of the output (normalised);
+            # scratch m_ref, l_ref [G, 1], accp_ref [G, Hv], acct_ref [G, H] f32
+            scale, n_kv, per_row, n_prefix_blocks, bp, bt, sliding_window, pooled, quantized):
+    ks_ref, vs_ref = refs[:2] if quantized else (None, None)
+    (tk_ref, tv_ref, tpos_ref, op_ref, ot_ref, m_ref, l_ref, accp_ref,
+     acct_ref) = refs[2:] if quantized else refs
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = jax.lax.div(h, per_row)  # the prefix row (of R) holding this head's segments
     length, count, q_pos = len_ref[b * n_kv + h], cnt_ref[b], qpos_ref[b]
@@ -108,9 +112,14 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
         accp_ref[...] = jnp.zeros(accp_ref.shape, jnp.float32)
         acct_ref[...] = jnp.zeros(acct_ref.shape, jnp.float32)
 
+    def scale_row(ref):  # a quantized prefix's per-slot scales of this head's row: [1, bs]
+        return None if ref is None else (ref[pl.ds(row, 1), :] if pooled else ref[...])
+
     def attend(q_ref, k_ref, v_ref, pos_ref, start, lo, limit, causal, acc_ref,
-               other_acc_ref):
+               other_acc_ref, ks_ref=None, vs_ref=None):
         s = _scores(q_ref[...], k_ref[...], scale)  # [G, bs]
+        if ks_ref is not None:
+            s = s * scale_row(ks_ref)
         bs = s.shape[1]
         slot = start + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)
         valid = (slot >= lo) & (slot < limit)
@@ -123,12 +132,12 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
         rows = start + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)
         # rows outside [lo, limit): past the array (garbage) or another layer's pool segment
         v = jnp.where((rows >= lo) & (rows < limit), v_ref[...], 0)
-        _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref)
+        _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref, scale_row(vs_ref))
 
     @pl.when((j < n_prefix_blocks) & (first + j * bp < offset + length))
     def _prefix():
         attend(qp_ref, pk_ref, pv_ref, ppos_ref, first + j * bp, offset, offset + length, False,
-               accp_ref, acct_ref)
+               accp_ref, acct_ref, ks_ref, vs_ref)
 
     jt = j - n_prefix_blocks
 
@@ -155,8 +164,9 @@ def _prefix_blocks(c, bp, max_len, pooled):
     return min(pl.cdiv(span, bp), pl.cdiv(c, bp))
 
 
-def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scale,
+def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos, *, scale,
           sliding_window, bp, bt, max_len, pooled, interpret):
+    """`scales`: () or (k_scale, v_scale) laid out like `ppos`."""
     b, n_kv, g, dk = qp.shape
     rows = pk.shape[1]
     per_row = n_kv // rows
@@ -181,6 +191,10 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scal
         bi, _, blk, _ = prefix_map(*args)
         return bi, 0, blk if sliding_window is not None else 0  # unread without a window
 
+    def pool_scale_map(*args):  # store scales [B, R, P]: all R rows, always read
+        bi, _, blk, _ = prefix_map(*args)
+        return bi, 0, blk
+
     def tpos_map(*args):  # positions [B, 1, S]
         bi, _, blk, _ = tail_map(*args)
         return bi, 0, blk
@@ -190,9 +204,12 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scal
 
     kernel = functools.partial(_kernel, scale=scale, n_kv=n_kv, per_row=per_row,
                                n_prefix_blocks=n_pb, bp=bp, bt=bt,
-                               sliding_window=sliding_window, pooled=pooled)
+                               sliding_window=sliding_window, pooled=pooled,
+                               quantized=bool(scales))
     pos_spec = (pl.BlockSpec((None, rows, bp), pool_pos_map) if pooled
                 else pl.BlockSpec((None, None, 1, bp), ppos_map))
+    scale_spec = (pl.BlockSpec((None, rows, bp), pool_scale_map) if pooled
+                  else pl.BlockSpec((None, None, 1, bp), ppos_map))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4, grid=(b, n_kv, n_pb + n_tb),
         in_specs=[pl.BlockSpec((None, None, g, dk), head_map),
@@ -200,6 +217,7 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scal
                   pl.BlockSpec((None, None, bp, dk), prefix_map),
                   pl.BlockSpec((None, None, bp, hv), prefix_map),
                   pos_spec,
+                  *([scale_spec] * len(scales)),
                   pl.BlockSpec((None, None, bt, h), tail_map),
                   pl.BlockSpec((None, None, bt, h), tail_map),
                   pl.BlockSpec((None, 1, bt), tpos_map)],
@@ -214,7 +232,7 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, scal
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(lens, offs, counts, q_pos, qp, qt, pk, pv, ppos, tk, tv, tpos)
+    )(lens, offs, counts, q_pos, qp, qt, pk, pv, ppos, *scales, tk, tv, tpos)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "max_prefix_len",
@@ -226,6 +244,8 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                      value_channels: jax.Array | None = None, scale: float | None = None,
                      sliding_window: int | None = None,
                      prefix_offset: jax.Array | None = None, max_prefix_len: int | None = None,
+                     prefix_k_scale: jax.Array | None = None,
+                     prefix_v_scale: jax.Array | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool | None = None) -> jax.Array:
     """Attend one new query token per sequence over a compressed prefix plus a dense tail.
@@ -250,6 +270,10 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
       sliding_window: Mistral-style window on positions, or None.
       prefix_offset: [B, K] int32 first slot of each head's segment in its row, or None (0).
       max_prefix_len: static bound on prefix_len (grid size), default C.
+      prefix_k_scale, prefix_v_scale: [B, R, C] f32 per-slot scales of a quantized prefix
+        (`kvjax.quant`, scheme "token": prefix_k/v in int8 or float8_e4m3fn), or None. The
+        kernel reads the quantized blocks and applies the scales to the logits and to the
+        probabilities of P V.
       block_sizes: slots per grid step (BlockSizes).
       interpret: None = interpret unless the default backend is TPU; True/False force it.
 
@@ -264,6 +288,7 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     qp = gather_thin_queries(qg, channels)
     c, s = prefix_k.shape[2], tail_k.shape[2]
     offsets, max_len = check_prefix_window(prefix_offset, max_prefix_len, prefix_len, c)
+    scales = check_prefix_scales(prefix_k, prefix_v, prefix_k_scale, prefix_v_scale)
     bp, bt = min(c, bs.block_prefix), min(s, bs.block_tail)
     pooled = prefix_offset is not None
 
@@ -272,8 +297,10 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
 
     # pooled: positions stay [B, R, P] (a [B, R, 1, P] view would copy the whole store)
     ppos = i32(prefix_pos) if pooled else i32(prefix_pos)[:, :, None, :]
+    scales = tuple(x.astype(jnp.float32) if pooled else x.astype(jnp.float32)[:, :, None, :]
+                   for x in scales)
     o_prefix, o_tail = _call(
-        qp, qg, prefix_k, prefix_v, ppos, tail_k, tail_v, i32(tail_pos)[:, None, :],
+        qp, qg, prefix_k, prefix_v, ppos, scales, tail_k, tail_v, i32(tail_pos)[:, None, :],
         i32(prefix_len).reshape(-1), offsets, i32(tail_count), i32(q_pos), scale=scale,
         sliding_window=sliding_window, bp=bp, bt=bt, max_len=max_len, pooled=pooled,
         interpret=_interpret.tpu_interpret(interpret))
