@@ -296,7 +296,7 @@ def prefix_nbytes(store: KVStore, n_slots: int) -> int:
     per = store.k.shape[-1] * store.k.dtype.itemsize + store.v.shape[-1] * store.v.dtype.itemsize
     if store.quant is None:
         return n_slots * per
-    scale_bytes = scale_nbytes(store) * n_slots / (store.rows * store.slots)
+    scale_bytes = scale_nbytes(store) * n_slots / (store.k.shape[0] * store.rows * store.slots)
     return int(round(n_slots * per + scale_bytes))
 
 

@@ -41,6 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="'smollm2', a .gguf file, an HF checkpoint dir or a saved kvjax dir")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument("--kv-dtype", choices=("int8", "float8_e4m3fn"), default=None,
+                   help="keep the compressed store quantized (default: the compute dtype)")
 
 
 def _add_press_args(p: argparse.ArgumentParser, default=None, ratio: float = 0.5) -> None:
@@ -69,7 +71,7 @@ def cmd_generate(args) -> int:
     sampler = (TopP(args.top_p, args.temperature) if args.top_p else
                TopK(args.top_k, args.temperature) if args.top_k else
                Temperature(args.temperature) if args.temperature else Greedy())
-    pipe = Pipeline(model, tokenizer)
+    pipe = Pipeline(model, tokenizer, kv_dtype=args.kv_dtype)
     import jax
     t0 = time.perf_counter()
     n_ctx = len(pipe.encode(args.prompt, question_aware=args.question_aware)[0])
@@ -99,7 +101,7 @@ def cmd_demo(args) -> int:
         presses = [p for p in [build_press(args)] if p is not None]
     model, tokenizer = _load(args)
     rows = run_demo(model, tokenizer, presses=presses, n_tokens=args.context_tokens,
-                    question_aware=args.question_aware)
+                    question_aware=args.question_aware, kv_dtype=args.kv_dtype)
     return 0 if rows[0]["correct"] else 1
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from kvjax.cache import KVCache, KVStore, Tail
 from kvjax.hooks import RingDecode
+from kvjax.quant import KVQuant
 
 FORMAT = "kvjax-compressed-context"
 VERSION = 1
@@ -62,7 +63,9 @@ class CompressedContext:
         meta = dict(format=FORMAT, version=VERSION, model_id=self.model_id, press=self.press,
                     empty=empty,
                     context_ids=list(self.context_ids), hook=_hook_to_json(self.cache.hook),
-                    max_segment=self.cache.store.max_segment, info=info or {})
+                    max_segment=self.cache.store.max_segment, info=info or {},
+                    quant=None if self.cache.store.quant is None else dataclasses.asdict(
+                        self.cache.store.quant))
         (path / _META).write_text(json.dumps(meta))
         return path
 
@@ -112,7 +115,7 @@ def _arrays(ctx: CompressedContext) -> dict:
     out = dict(k=st.k, v=st.v, pos=st.pos, offset=st.offset, length=st.length,
                tail_k=tl.k, tail_v=tl.v, tail_pos=tl.pos, tail_count=tl.count,
                next_pos=ctx.cache.next_pos, logits=ctx.logits)
-    for name in ("channels", "value_channels", "extra"):
+    for name in ("channels", "value_channels", "extra", "k_scale", "v_scale"):
         if getattr(st, name) is not None:
             out[name] = getattr(st, name)
     return out
@@ -126,7 +129,9 @@ def _from_arrays(a: dict, meta: dict) -> CompressedContext:
     j = {k: jnp.asarray(v) for k, v in a.items()}
     store = KVStore(k=j["k"], v=j["v"], pos=j["pos"], offset=j["offset"], length=j["length"],
                     channels=j.get("channels"), value_channels=j.get("value_channels"),
-                    extra=j.get("extra"), max_segment=int(meta["max_segment"]))
+                    extra=j.get("extra"), k_scale=j.get("k_scale"), v_scale=j.get("v_scale"),
+                    max_segment=int(meta["max_segment"]),
+                    quant=None if meta.get("quant") is None else KVQuant(**meta["quant"]))
     tail = Tail(k=j["tail_k"], v=j["tail_v"], pos=j["tail_pos"], count=j["tail_count"])
     cache = KVCache(store=store, tail=tail, next_pos=j["next_pos"],
                     hook=_hook_from_json(meta["hook"]))

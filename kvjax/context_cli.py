@@ -33,7 +33,8 @@ def cmd_compress(args) -> int:
         raise FileNotFoundError(f"--input {str(path)!r} is not a file")
     press = build_press(args)
     model, tokenizer = _load(args.model, args.dtype)
-    ctx = Pipeline(model, tokenizer).compress(path.read_text(), press=press)
+    ctx = Pipeline(model, tokenizer, kv_dtype=args.kv_dtype).compress(path.read_text(),
+                                                                      press=press)
     out = ctx.save(args.out, info={"model": args.model, "dtype": args.dtype})
     print(f"compressed {ctx.n_context} tokens with {ctx.press or 'the full cache'} -> {out} "
           f"({memory_report(ctx.cache)})")

@@ -56,12 +56,12 @@ def needle_sample(tokenizer, n_tokens: int = 2000, depth: float = 0.5,
 
 def run_demo(model, tokenizer, *, presses=(), n_tokens: int = 2000,
              question_aware: bool = False, max_new_tokens: int = 12,
-             print_fn=print) -> list[dict]:
+             print_fn=print, kv_dtype=None) -> list[dict]:
     """Answer the needle question with the full cache and with each press; print a
     comparison (prefill time includes the press's compression, e.g. KVzip's repeat pass)."""
     from kvjax.pipeline import Pipeline
 
-    pipe = Pipeline(model, tokenizer)
+    pipe = Pipeline(model, tokenizer, kv_dtype=kv_dtype)
     sample = needle_sample(tokenizer, n_tokens)
     runs = [("full cache", None)] + [(_press_label(p), p) for p in presses]
     rows = []

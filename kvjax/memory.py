@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 
 from kvjax.cache import KVCache, kv_nbytes_needed, prefix_nbytes, scale_nbytes
+from kvjax.quant import KV_DTYPES as QUANTIZED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,8 @@ class MemoryReport:
                 f"({fmt_bytes(self.kv_bytes_held)} keys+values, "
                 f"{fmt_bytes(self.kv_bytes_needed)} valid entries, "
                 f"{100 * self.padding_fraction:.1f}% padding/empty tail); "
-                f"store: {self.prefix_overhead:.3f}x its kept entries")
+                f"store: {self.prefix_overhead:.3f}x its kept entries"
+                + (f", {self.kv_dtype} with f32 scales" if self.kv_dtype in QUANTIZED else ""))
 
 
 def fmt_bytes(n: int) -> str:

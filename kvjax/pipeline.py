@@ -24,6 +24,7 @@ from kvjax import loops as gen
 from kvjax.cache import KVCache
 from kvjax.context import CompressedContext, for_batch, model_fingerprint, with_tail
 from kvjax.hooks import DecodeHook, check_hooks
+from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
 
 _SEPARATOR_CHAR = "#"
@@ -51,10 +52,13 @@ class PipelineResult:
 class Pipeline:
     """Chat-template QA with an optional press; the model is split once at construction."""
 
-    def __init__(self, model, tokenizer, *, attn_impl: str = "auto"):
+    def __init__(self, model, tokenizer, *, attn_impl: str = "auto", kv_dtype=None):
+        """`kv_dtype`: None, "int8" or "float8_e4m3fn" (or a `kvjax.quant.KVQuant`): the
+        compressed store of every call is kept quantized (`kvjax.quant`)."""
         self.fn, self.params = model.kvjax_split()
         self.tokenizer = tokenizer
         self.attn_impl = gen.resolve_attn_impl(attn_impl)
+        self.kv_quant = resolve_kv_quant(kv_dtype)
         self.model_id = model_fingerprint(model)
 
     def encode(self, context: str, question: str = "", *, answer_prefix: str = "",
@@ -146,7 +150,8 @@ class Pipeline:
         press = None if press is None else press.with_tokenizer(self.tokenizer)
         state, _ = gen.start(self.fn, self.params, [ctx_ids], max_new_tokens=max_new_tokens,
                              press=press, attn_impl=self.attn_impl, rng=rng,
-                             tail_extra=len(q_ids), decoding_press=decoding_press)
+                             tail_extra=len(q_ids), decoding_press=decoding_press,
+                             kv_dtype=self.kv_quant)
         return self.append_tokens(state, q_ids)
 
     def append_tokens(self, state: gen.DecodeState, ids) -> gen.DecodeState:
@@ -177,7 +182,7 @@ class Pipeline:
             press.check_prompt(len(ctx_ids))
         logits, cache = gen.prefill(self.fn, self.params, jnp.asarray(tokens),
                                     jnp.asarray(lengths), tail_capacity=0, press=press,
-                                    attn_impl=self.attn_impl, hook=hook)
+                                    attn_impl=self.attn_impl, hook=hook, quant=self.kv_quant)
         return CompressedContext(cache=cache, logits=logits, context_ids=tuple(ctx_ids),
                                  press=None if press is None else repr(press),
                                  model_id=self.model_id)

@@ -92,9 +92,11 @@ def _backend_converts(dtype: str, backend: str) -> str:
         return repr(e)
 
 
-def check_backend(dtype: str, backend: str) -> None:
-    """Raise ValueError naming the dtype and backend when the backend cannot store it."""
-    err = _backend_converts(dtype, backend)
+def check_backend(dtype: str, backend: str, probe=_backend_converts) -> None:
+    """Raise ValueError naming the dtype and backend when the backend cannot store it.
+
+    `probe(dtype, backend)` returns '' or the failure (default: a jitted round trip)."""
+    err = probe(dtype, backend)
     if err:
         raise ValueError(f"kv_dtype={dtype!r} is not available on the {backend!r} backend: "
                          f"{err}")

@@ -47,6 +47,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the plots after a run")
     p.add_argument("--list-tasks", action="store_true", help="print the tasks and exit")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--kv-dtype", choices=("int8", "float8_e4m3fn"), default=None,
+                   help="store the compressed cache quantized (default: the compute dtype)")
     p.set_defaults(func=run_eval_command)
 
 
@@ -88,10 +90,12 @@ def _run(args) -> Path:
     model, tokenizer = _load(args.model, args.dtype, not args.no_progress)
     if tokenizer is None:
         raise ValueError(f"{args.model=} has no tokenizer")
-    pipeline = Pipeline(model, tokenizer)
+    pipeline = Pipeline(model, tokenizer, kv_dtype=args.kv_dtype)
     meta = {"library": "kvjax", "model": str(args.model), "seed": args.seed,
             "dtype": str(model.embed_tokens.embedding[...].dtype),
             "backend": jax.default_backend()}
+    if args.kv_dtype is not None:  # unquantized folders keep their earlier meta (resumable)
+        meta["kv_dtype"] = args.kv_dtype
     return run_grid(grid, kvjax_rows(pipeline, tokenizer, args.seed, args.ppl_tokens),
                     args.out, meta=meta, progress=not args.no_progress)
 

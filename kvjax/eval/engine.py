@@ -59,11 +59,12 @@ def prefill_observe(fn, params, tokens, lengths, *, obs_spec, attn_impl, between
                                 attn_impl=attn_impl, between=between, observer=observer)
 
 
-@functools.partial(jax.jit, static_argnames=("press", "tail_capacity", "hook"))
-def compress_copy(press, prompt, *, tail_capacity, hook=None):
+@functools.partial(jax.jit, static_argnames=("press", "tail_capacity", "hook", "quant"))
+def compress_copy(press, prompt, *, tail_capacity, hook=None, quant=None):
     """The prompt compressed by `press` into a new cache (the prompt's buffers survive, so
-    other presses compress the same prefill); `hook`: the cache's decode hook."""
-    return compress(press, prompt, tail_capacity=tail_capacity, hook=hook)
+    other presses compress the same prefill); `hook`: the cache's decode hook; `quant`: a
+    `kvjax.quant.KVQuant` for a quantized store."""
+    return compress(press, prompt, tail_capacity=tail_capacity, hook=hook, quant=quant)
 
 
 def prefill_parts(press) -> dict:
@@ -136,7 +137,8 @@ def _decode_one(pipeline, press, logits, prompt, q_ids, out_len, max_new_tokens,
     """times: (the shared prefill's seconds, the press's prompt observer's seconds)."""
     t0 = time.perf_counter()
     cache = compress_copy(press, prompt, tail_capacity=out_len,
-                          hook=None if press is None else press.decode_hook)
+                          hook=None if press is None else press.decode_hook,
+                          quant=pipeline.kv_quant)
     state = loops.init_state(logits, cache, 1, out_len, None)
     jax.block_until_ready(state.cache)
     t1 = time.perf_counter()

@@ -74,13 +74,14 @@ def continuation_nll(fn, params, last_logits, cache, continuation: Sequence[int]
 
 def perplexities(fn, params, ids: Sequence[int], n_context: int, n_score: int,
                  presses: Sequence, *, chunk: int = 64,
-                 attn_impl: str = "auto") -> list[PerplexityResult]:
+                 attn_impl: str = "auto", quant=None) -> list[PerplexityResult]:
     """Score ids[n_context:n_context + n_score] after compressing ids[:n_context] by each press.
 
     Args:
       fn, params: `model.kvjax_split()`.
       ids: [>= n_context + n_score] token ids of one text.
       presses: kvjax presses or None (full cache); equal obs specs share one prefill.
+      quant: a `kvjax.quant.KVQuant` to score over a quantized store, or None.
     """
     if n_context < 1 or n_score < 2:
         raise ValueError(f"{n_context=} must be >= 1 and {n_score=} >= 2")
@@ -100,7 +101,7 @@ def perplexities(fn, params, ids: Sequence[int], n_context: int, n_score: int,
             fn, params, jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=obs_spec_for(first),
             attn_impl=attn_impl, **prefill_parts(first))
         for i in group:
-            compressed = compress_copy(presses[i], prompt, tail_capacity=tail)
+            compressed = compress_copy(presses[i], prompt, tail_capacity=tail, quant=quant)
             report = memory_report(compressed)
             nll = continuation_nll(fn, params, logits, compressed,
                                    ids[n_context:n_context + n_score], chunk=chunk,

@@ -113,7 +113,7 @@ def perplexity_rows(pipeline, tokenizer, seed: int, n_score: int = 256) -> RowsF
         ids = corpus_ids(tokenizer, length + n_score, seed, index)
         results = perplexities(pipeline.fn, pipeline.params, ids, length, n_score,
                                [_bound(build_press(c), tokenizer) for c in cells],
-                               attn_impl=pipeline.attn_impl)
+                               attn_impl=pipeline.attn_impl, quant=pipeline.kv_quant)
         return [{"index": index, "score": None, "nll": r.mean_nll, "n_scored": n_score,
                  "kv_bytes_needed": r.kv_bytes_needed, "bytes_held": r.bytes_held,
                  "context_kv_bytes": r.kv_bytes_needed,

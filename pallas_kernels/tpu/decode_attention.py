@@ -66,7 +66,8 @@ def _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref, v_scale=No
     alpha = jnp.exp(m_prev - m_new)
     p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
     l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-    pw = p if v_scale is None else p * v_scale
+    # scales of slots outside the data are garbage (NaN in interpret mode): 0 * NaN = NaN
+    pw = p if v_scale is None else p * jnp.where(valid, v_scale, 0.0)
     pv = jax.lax.dot_general(pw, v.astype(jnp.float32), (((1,), (0,)), ((), ())),
                              precision=jax.lax.Precision.HIGHEST,
                              preferred_element_type=jnp.float32)

@@ -134,3 +134,25 @@ def test_compare_tables_use_common_samples():
                                    cell("kvpress", "knorm", [0], error="RuntimeError: x")])
     assert [(r["n_samples"], r["accuracy"]) for r in out[:2]] == [(2, 0.5), (2, 1.0)]
     assert out[2]["error"] == "RuntimeError: x"
+
+
+def test_kv_dtype_int8_cells(run_dir, tmp_path):
+    """`kvjax eval --kv-dtype int8`: the same grid in a new folder; meta records the dtype,
+    the compressed context's bytes are the int8 entries plus their f32 scales (hand-computed
+    ratio to the f32 cells: (2D + 8) / (8D) per entry, D the head dim), and an unquantized
+    folder refuses to be resumed as int8."""
+    root, out = run_dir
+    q_out = tmp_path / "int8"
+    assert main(["eval", "--model", str(root / "model"), "--samples", "2", "--out", str(q_out),
+                 "--no-plot", "--kv-dtype", "int8", *ARGS]) == 0
+    for name in ("niah_single__256__snapkv__0.5.json", "perplexity__256__full__0.json"):
+        cell = json.loads((q_out / name).read_text())
+        base = json.loads((out / name).read_text())
+        assert cell["meta"]["kv_dtype"] == "int8"
+        d = models.load(root / "model")[0].config.head_dim
+        for rec, ref in zip(cell["records"], base["records"]):  # same samples, by index
+            assert rec["index"] == ref["index"]
+            assert rec["context_kv_bytes"] / ref["context_kv_bytes"] == pytest.approx(
+                (2 * d + 8) / (8 * d), rel=1e-6)
+    assert main(["eval", "--model", str(root / "model"), "--samples", "2", "--out", str(out),
+                 "--no-plot", "--kv-dtype", "int8", *ARGS]) == 2

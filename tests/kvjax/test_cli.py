@@ -44,6 +44,9 @@ def test_generate_and_demo_on_smollm2(capsys):
                      "--press", "knorm", "--compression-ratio", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "tok/s" in out and "KV cache:" in out
+    assert cli.main(["generate", "--prompt", "Name a colour.", "--max-new-tokens", "4",
+                     "--press", "knorm", "--compression-ratio", "0.5", "--kv-dtype", "int8"]) == 0
+    assert "int8 with f32 scales" in capsys.readouterr().out
     assert cli.main(["demo", "--context-tokens", "600"]) == 0  # full cache finds the needle
     out = capsys.readouterr().out
     assert "full cache" in out and "KVzipPress(0.75)" in out and "SnapKVPress(0.75)" in out
