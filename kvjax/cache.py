@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.quant import (KVQuant, dequantize, expand_groups, quantize_groups,
-                         quantize_token)
+from kvjax.quant import KVQuant, dequantize, expand_groups, quantize_groups, quantize_token
 
 
 @jax.tree_util.register_dataclass

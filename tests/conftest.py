@@ -25,6 +25,22 @@ TINY_HF = {
 }
 
 
+def tiny_decoder(**overrides):
+    """A tiny random `models.Decoder` (4 q heads, 2 kv heads, vocab 97) for generate tests."""
+    from flax import nnx
+
+    import models
+    kw = dict(n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=256)
+    kw.update(overrides)
+    return models.Decoder(models.ModelConfig.tiny(**kw), rngs=nnx.Rngs(0))
+
+
+def random_prompts(lengths, seed: int = 1, vocab: int = 97) -> list[list[int]]:
+    """Random token-id prompts of the given lengths."""
+    rng = np.random.RandomState(seed)
+    return [list(rng.randint(0, vocab, n)) for n in lengths]
+
+
 def make_hf_model(name: str, seed: int = 0):
     """A tiny random transformers Llama/Mistral in eval mode (f32, eager attention)."""
     import torch

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from conftest import random_prompts, tiny_decoder
 from jax import export
 
 import kvjax
@@ -159,15 +159,12 @@ def test_tpu_kernel_with_scales_lowers(dtype):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = models.ModelConfig.tiny(n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=97,
-                                  max_seq_len=256)
-    return models.Decoder(cfg, rngs=nnx.Rngs(0))
+    return tiny_decoder(head_dim=32)
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.RandomState(3)
-    return [list(rng.randint(0, 97, n)) for n in (40, 23, 57)]
+    return random_prompts((40, 23, 57), seed=3)
 
 
 def press_instances():

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from conftest import random_prompts, tiny_decoder
 
 import kvjax
-import models
 from kvjax import dispatch, loops
 from kvjax.attention import resolve_attn_impl
 from kvjax.cache import layer_view
@@ -116,15 +115,12 @@ def test_dispatch_adapts_thin_store(impl):
 @pytest.fixture(scope="module")
 def tiny():
     # head dim 32: ThinK's thin keys (Dk = 16) stay within the GPU kernel's shape rules
-    cfg = models.ModelConfig.tiny(n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=97,
-                                  max_seq_len=256)
-    return models.Decoder(cfg, rngs=nnx.Rngs(0))
+    return tiny_decoder(head_dim=32)
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.RandomState(1)
-    return [list(rng.randint(0, 97, n)) for n in (17, 9, 30)]
+    return random_prompts((17, 9, 30))
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from conftest import random_prompts, tiny_decoder
 from jax import export
 
 import kvjax
-import models
 from kvjax import dispatch, loops
 from kvjax.attention import cached_attention_reference
 from kvjax.cache import KVCache, KVStore, LayerTail, LayerView, Tail, layer_view
@@ -371,15 +370,12 @@ def test_dispatch_reads_the_store_without_a_gather(impl):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = models.ModelConfig.tiny(n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97,
-                                  max_seq_len=256)
-    return models.Decoder(cfg, rngs=nnx.Rngs(0))
+    return tiny_decoder(n_layers=3)
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.RandomState(1)
-    return [list(rng.randint(0, 97, n)) for n in (17, 9, 30)]
+    return random_prompts((17, 9, 30))
 
 
 ZIGZAG = kvjax.ZigZagKVPress(compression_ratio=0.5, window_size=4)
