@@ -37,3 +37,18 @@ def save_json(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1))
+
+
+def smollm2_needles(n_tokens: int, n_samples: int):
+    """(SmolLM2 f32 Pipeline, its tokenizer, `n_samples` needle samples of ~n_tokens tokens
+    with depths spread over 0..1, one seed each)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import kvjax
+    import models
+    from kvjax.demo import needle_sample
+    model, tok = models.load("smollm2", progress=False, dtype=jnp.float32)
+    samples = [needle_sample(tok, n_tokens, depth=float(d), seed=i)
+               for i, d in enumerate(np.linspace(0, 1, n_samples))]
+    return kvjax.Pipeline(model, tok), tok, samples

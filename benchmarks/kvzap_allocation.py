@@ -10,9 +10,11 @@ compressed with KVzapPress and the shipped SmolLM2 weights in three forms: alloc
 """
 
 import argparse
+import sys
+from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).parent))
+from common import smollm2_needles  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -22,12 +24,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ratios", default="0.5,0.75")
     args = ap.parse_args(argv)
     import kvjax
-    import models
-    from kvjax.demo import needle_sample
-    model, tok = models.load("smollm2", progress=False, dtype=jnp.float32)
-    pipe = kvjax.Pipeline(model, tok)
-    samples = [needle_sample(tok, args.tokens, depth=float(d), seed=i)
-               for i, d in enumerate(np.linspace(0, 1, args.samples))]
+    pipe, _, samples = smollm2_needles(args.tokens, args.samples)
     forms = {"uniform, no sinks (kvpress)": dict(allocation="uniform", n_sink=0),
              "uniform + 4 sinks": dict(allocation="uniform"),
              "global + 4 sinks (default)": dict(allocation="global")}

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, save_json  # noqa: E402
+from common import device_name, save_json, smollm2_needles  # noqa: E402
 
 STORES = {"f32": None, "int8/token": ("int8", "token"), "int8/kivi": ("int8", "kivi"),
           "fp8/token": ("float8_e4m3fn", "token"), "fp8/kivi": ("float8_e4m3fn", "kivi")}
@@ -96,12 +96,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="docs/results/quant_store.json")
     args = ap.parse_args(argv)
     import kvjax
-    import models
-    from kvjax.demo import needle_sample
-    model, tok = models.load("smollm2", progress=False, dtype=jnp.float32)
-    pipe = kvjax.Pipeline(model, tok)
-    samples = [needle_sample(tok, args.tokens, depth=float(d), seed=i)
-               for i, d in enumerate(np.linspace(0, 1, args.samples))]
+    pipe, _, samples = smollm2_needles(args.tokens, args.samples)
     every = {"full": ("full", None), "snapkv": (f"snapkv {args.ratio}", kvjax.SnapKVPress(
         compression_ratio=args.ratio))}
     presses = dict(every[name] for name in args.presses.split(","))
