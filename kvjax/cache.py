@@ -333,12 +333,14 @@ def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None =
     """Write a [B, K, M] view back over layer `layer`'s segments (their lengths unchanged:
     entries j < length go to slot offset + j). `extra` [B, K, M, E] updates the hook state.
 
-    Used by decode hooks that rewrite a segment (periodic merge, ring decode).
+    Used by decode hooks that rewrite a segment (periodic merge, ring decode). A quantized
+    store with per-entry scales ("token") gets the view's entries quantized and written with
+    their scales; a KIVI store (scales shared by slot groups) is dequantized, written and
+    requantized whole (an untouched entry requantizes to the same bytes).
     """
-    if store.quant is not None:  # dequantize, write, requantize (merges are periodic)
-        quant = store.quant
+    if store.quant is not None and store.quant.scheme == "kivi":
         written = write_view(dequantize_store(store), layer, view, extra)
-        return quantize_store(written, quant)
+        return quantize_store(written, store.quant)
     width = view.capacity
     idx, ok = slot_index(store, layer, width)
     b = idx.shape[0]
@@ -350,6 +352,10 @@ def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None =
         out = jax.vmap(lambda bb, ii, vv: bb.at[ii].set(vv, mode="drop"))(flat, dest, vals)
         return out.reshape(buf.shape)
 
+    k, v, scales = view.k, view.v, {}
+    if store.quant is not None:  # per-entry scales: quantize the written entries only
+        (k, ks), (v, vs) = quantize_token(k, store.quant), quantize_token(v, store.quant)
+        scales = dict(k_scale=put(store.k_scale, ks), v_scale=put(store.v_scale, vs))
     return dataclasses.replace(
-        store, k=put(store.k, view.k), v=put(store.v, view.v), pos=put(store.pos, view.pos),
-        extra=store.extra if extra is None else put(store.extra, extra))
+        store, k=put(store.k, k), v=put(store.v, v), pos=put(store.pos, view.pos),
+        extra=store.extra if extra is None else put(store.extra, extra), **scales)

@@ -22,7 +22,7 @@ import kvjax
 import models
 from kvjax import loops
 from kvjax.attention import cached_attention_reference
-from kvjax.cache import dequantize_store, layer_view, quantize_store
+from kvjax.cache import dequantize_store, layer_view, quantize_store, write_view
 from kvjax.memory import memory_report
 from kvjax.presses import PRESSES, make_press
 from kvjax.quant import KVQuant, check_backend, resolve_kv_quant
@@ -319,3 +319,18 @@ def test_pipeline_compress_once_with_a_quantized_store(tmp_path, tmp_path_factor
         assert a.dtype == b.dtype, name
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     assert pipe.ask(loaded, "What code?", max_new_tokens=5).tokens == want
+
+
+@pytest.mark.parametrize("quant", SCHEMES[:2], ids=IDS[:2])
+def test_write_view_quantizes_only_what_it_writes(quant):
+    """`write_view` over a quantized store equals quantizing the float store written with
+    the same view (per-entry: the written entries' new scales; KIVI: whole-store requant)."""
+    store = f32_case()[0]
+    qs = quantize_store(store, quant)
+    view = layer_view(dequantize_store(qs), 1)
+    view = dataclasses.replace(view, k=view.k * 1.5 + 0.25, v=-view.v)  # new entries
+    got = dequantize_store(write_view(qs, 1, view))
+    want = dequantize_store(quantize_store(write_view(dequantize_store(qs), 1, view), quant))
+    np.testing.assert_allclose(np.asarray(got.k), np.asarray(want.k), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.v), np.asarray(want.v), atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got.pos), np.asarray(want.pos))
