@@ -196,15 +196,30 @@ def slot_index(store: KVStore, layer, width: int, start=0) -> tuple[jax.Array, j
 def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x [B, R, P, ...] gathered at flat slot indices idx [B, K, M] -> [B, K, M, ...].
 
+    Every row is gathered by itself (head k reads row k // (K // R) only), so a store whose
+    rows are sharded over a mesh's "model" axis is read where it lives, without a collective.
     A store shared by a batch (x with batch 1, idx with batch B: `kvjax.context.share`) is
     read by every sequence without being copied."""
     b, r, p = x.shape[:3]
-    if b == 1 and idx.shape[0] > 1:
-        return x.reshape((r * p,) + x.shape[3:])[idx]
-    flat = x.reshape((b, r * p) + x.shape[3:])
-    ix = idx.reshape(b, -1)
-    ix = ix.reshape(ix.shape + (1,) * (x.ndim - 3))
-    return jnp.take_along_axis(flat, ix, axis=1).reshape(idx.shape + x.shape[3:])
+    nb, nk, m = idx.shape
+    local = (idx % p).reshape(nb, r, nk // r, m)
+    per_row = jax.vmap(lambda row, ix: row[ix])  # [R, P, ...], [R, K/R, M] -> [R, K/R, M, ...]
+    if b == 1 and nb > 1:
+        out = jax.vmap(per_row, in_axes=(None, 0))(x[0], local)
+    else:
+        out = jax.vmap(per_row)(x, local)
+    return out.reshape(idx.shape + x.shape[3:])
+
+
+def scatter_rows(buf: jax.Array, idx: jax.Array, ok: jax.Array, vals: jax.Array) -> jax.Array:
+    """buf [B, R, P, ...] with vals [B, K, M, ...] written at flat slot indices idx [B, K, M]
+    where ok [B, K, M] (row by row, like `gather_rows`; other entries dropped)."""
+    b, r, p = buf.shape[:3]
+    nk, m = idx.shape[1:]
+    local = jnp.where(ok, idx % p, p).reshape(b, r, nk // r * m)
+    vals = vals.reshape((b, r, nk // r * m) + vals.shape[3:]).astype(buf.dtype)
+    put = lambda row, ix, vv: row.at[ix].set(vv, mode="drop")
+    return jax.vmap(jax.vmap(put))(buf, local, vals)
 
 
 def gather_kv(store: KVStore, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -341,16 +356,8 @@ def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None =
     if store.quant is not None and store.quant.scheme == "kivi":
         written = write_view(dequantize_store(store), layer, view, extra)
         return quantize_store(written, store.quant)
-    width = view.capacity
-    idx, ok = slot_index(store, layer, width)
-    b = idx.shape[0]
-    dest = jnp.where(ok, idx, store.rows * store.slots).reshape(b, -1)
-
-    def put(buf, x):
-        flat = buf.reshape((b, -1) + buf.shape[3:])
-        vals = x.reshape((b, -1) + x.shape[3:]).astype(buf.dtype)
-        out = jax.vmap(lambda bb, ii, vv: bb.at[ii].set(vv, mode="drop"))(flat, dest, vals)
-        return out.reshape(buf.shape)
+    idx, ok = slot_index(store, layer, view.capacity)
+    put = lambda buf, x: scatter_rows(buf, idx, ok, x)
 
     k, v, scales = view.k, view.v, {}
     if store.quant is not None:  # per-entry scales: quantize the written entries only

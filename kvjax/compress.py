@@ -133,7 +133,8 @@ def _stack(groups, extras) -> Selection:
                      extra=cat(extras))
 
 
-def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None) -> KVCache:
+def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None,
+             rows: int = 1) -> KVCache:
     """Compress a prefill with `press` (None keeps every entry) into a KVCache.
 
     Args:
@@ -143,6 +144,8 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None
       hook: the decode hook the cache carries (`kvjax.hooks`), or None.
       quant: a `kvjax.quant.KVQuant` to store the kept entries quantized (after selection:
         the press scored full-precision keys), or None.
+      rows: store rows R (dividing K): the mesh's "model" size when the store is sharded
+        over it (`kvjax.sharding`), so every row holds the segments of one device's heads.
 
     Returns:
       KVCache whose store holds exactly the kept entries (plus alignment).
@@ -163,7 +166,9 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None
         size = pruner.pruned_size(size, n_kv, press.kept_recent)
     extras = _hook_extra(hook, groups, prompt.next_pos, n_layers)
     multiple = 1 if quant is None else quant.slot_multiple
-    store = write_store(_stack(groups, extras), slots=aligned_slots(size.total, multiple),
+    per_row = min(size.total, n_kv // rows * sum(size.segments))  # static bound of one row
+    store = write_store(_stack(groups, extras), slots=aligned_slots(per_row, multiple),
+                        rows=rows,
                         max_segment=max(1, min(max(size.segments), max(g.width for g in groups))))
     if quant is not None:
         store = quantize_store(store, quant)

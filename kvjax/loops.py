@@ -22,6 +22,8 @@ from kvjax.compress import compress, obs_spec_for
 from kvjax.hooks import DecodeHook, check_hooks
 from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
+from kvjax.sharding import (check_batch, constrain_batch, constrain_cache, mesh_of,
+                            store_rows)
 
 MAX_EOS = 8
 
@@ -86,18 +88,23 @@ def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl
     if hook is None and press is not None:
         hook = press.decode_hook
     between = None if press is None else press.between_layers
+    mesh = mesh_of(fn)
+    tokens, lengths = constrain_batch(tokens, mesh), constrain_batch(lengths, mesh)
     logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec_for(press, hook),
                                 attn_impl=attn_impl, between=between)
     if press is not None and press.prompt_observer is not None:
         prompt = press.prompt_observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
-    return logits, compress(press, prompt, tail_capacity=tail_capacity, hook=hook,
-                            quant=quant)
+    rows = store_rows(mesh, prompt.groups[0].layers.k.shape[2])
+    cache = compress(press, prompt, tail_capacity=tail_capacity, hook=hook, quant=quant,
+                     rows=rows)
+    return logits, constrain_cache(cache, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "attn_impl"), donate_argnames=("cache",))
 def extend(fn, params, tokens, n_new, cache, *, attn_impl="auto"):
     """Append right-padded tokens [B, T] (n_new [B] real) -> (logits at the last real, cache)."""
     logits, cache = fn.decode(params, tokens, n_new, cache, attn_impl=attn_impl)
+    cache = constrain_cache(cache, mesh_of(fn))
     last = jnp.take_along_axis(logits, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)
     return last[:, 0], cache
 
@@ -112,6 +119,7 @@ def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id) -
                               attn_impl=attn_impl)
     if cache.hook is not None:
         cache = cache.hook.after_step(cache)
+    cache = constrain_cache(cache, mesh_of(fn))
     return DecodeState(step=state.step + 1, tokens=tokens,
                        lengths=state.lengths + active.astype(jnp.int32), done=done,
                        logits=logits[:, 0], cache=cache, rng=rng)
@@ -189,6 +197,7 @@ def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: 
     quant = resolve_kv_quant(kv_dtype)
     hook = check_hooks(press, decoding_press)
     tokens, lengths = pad_prompts(input_ids)
+    check_batch(mesh_of(fn), len(lengths))
     check_budget(fn, int(lengths.max()) + tail_extra, max_new_tokens)
     if press is not None:
         press.check_prompt(int(lengths.min()))

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import KVStore, head_rows
+from kvjax.cache import KVStore
 
 ALIGN = 8  # slots: the GPU decode kernel's tiled TMA copies start on multiples of 8
 
@@ -73,17 +73,19 @@ def write_store(sel: Selection, *, slots: int, rows: int = 1, max_segment: int) 
     length = sel.length.transpose(1, 0, 2).astype(jnp.int32)  # [B, L, K]
     offset = segment_offsets(length, rows)
     j = jnp.arange(m)
-    dest = offset.transpose(1, 0, 2)[..., None] + j  # [L, B, K, M]
-    row = jnp.asarray(head_rows(n_kv, rows) * slots)[None, None, :, None]
-    dest = jnp.where(j < sel.length[..., None], row + dest, rows * slots)  # padding: dropped
-    dest = dest.transpose(1, 0, 2, 3).reshape(b, -1)  # [B, L*K*M]
+    dest = jnp.where(j < sel.length[..., None], offset.transpose(1, 0, 2)[..., None] + j,
+                     slots)  # [L, B, K, M] slot within the head's row; padding: dropped
 
-    def pack(x, fill_dtype=None):  # x [L, B, K, M, ...] -> [B, R, slots, ...]
-        tail_shape = x.shape[4:]
-        vals = jnp.moveaxis(x, 1, 0).reshape((b, -1) + tail_shape)
-        buf = jnp.zeros((b, rows * slots) + tail_shape, fill_dtype or x.dtype)
-        out = jax.vmap(lambda bb, ii, vv: bb.at[ii].set(vv, mode="drop"))(buf, dest, vals)
-        return out.reshape((b, rows, slots) + tail_shape)
+    def by_row(x):  # [L, B, K, M, ...] -> [B, R, L * (K / R) * M, ...] in (layer, head) order
+        x = x.reshape((n_layers, b, rows, n_kv // rows, m) + x.shape[4:])
+        return jnp.moveaxis(x, 0, 2).reshape((b, rows, -1) + x.shape[5:])
+
+    dest_rows = by_row(dest)
+    put = lambda row, ix, vv: row.at[ix].set(vv, mode="drop")
+
+    def pack(x):  # x [L, B, K, M, ...] -> [B, R, slots, ...], every row scattered by itself
+        buf = jnp.zeros((b, rows, slots) + x.shape[4:], x.dtype)
+        return jax.vmap(jax.vmap(put))(buf, dest_rows, by_row(x))
 
     tr = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
     return KVStore(k=pack(sel.k), v=pack(sel.v), pos=pack(sel.pos.astype(jnp.int32)),

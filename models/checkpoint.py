@@ -10,12 +10,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from models.config import ModelConfig, RopeScaling
 from models.decoder import Decoder
+from models.sharding import param_sharding
 
 SAVED_MARKER = "kvjax_model.json"
 FORMAT_VERSION = 2  # 2: decoder blocks stacked over layers
@@ -53,27 +55,37 @@ def save(model: Decoder, tokenizer, path: Path) -> Path:
     return path
 
 
-def restore(path: Path, *, dtype=None):
-    """Load a directory written by `save` -> (Decoder, Tokenizer or None)."""
+def restore(path: Path, *, dtype=None, mesh=None):
+    """Load a directory written by `save` -> (Decoder, Tokenizer or None).
+
+    orbax restores every array straight into its target dtype and sharding (`mesh`, see
+    `models.sharding`; one device when None), one array at a time.
+    """
     path = path.absolute()
     meta = json.loads((path / SAVED_MARKER).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta.get('format_version')=} in {str(path)!r} is not "
                          f"{FORMAT_VERSION=}")
     cfg = _config_from_json(meta["config"])
-    saved_dtype = jnp.dtype(meta["dtype"])
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=saved_dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    dtype = jnp.dtype(meta["dtype"]) if dtype is None else jnp.dtype(dtype)
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    target = _abstract_targets(nnx.to_pure_dict(state), cfg, mesh)
     with ocp.StandardCheckpointer() as ckptr:
-        pure = ckptr.restore(path / "params", nnx.to_pure_dict(state))
-    if dtype is not None and jnp.dtype(dtype) != saved_dtype:
-        import jax
-        pure = jax.tree.map(lambda x: x.astype(dtype), pure)
-        graphdef, state = nnx.split(nnx.eval_shape(
-            lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+        pure = ckptr.restore(path / "params", target)
     state.replace_by_pure_dict(pure)
     tokenizer = None
     if (path / "tokenizer").is_dir():
         from models.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_hf_dir(path / "tokenizer")
     return nnx.merge(graphdef, state), tokenizer
+
+
+def _abstract_targets(pure: dict, cfg: ModelConfig, mesh) -> dict:
+    """ShapeDtypeStructs with the shardings `models.sharding` gives every parameter."""
+    def target(path, x):
+        keys = tuple(getattr(k, "key", k) for k in path)
+        sharding = param_sharding(keys, len(x.shape), cfg, mesh)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(target, pure)

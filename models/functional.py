@@ -5,6 +5,8 @@ from typing import Any
 
 from flax import nnx
 
+from models.sharding import mesh_of
+
 
 @dataclasses.dataclass(frozen=True)
 class NNXFunctional:
@@ -16,6 +18,7 @@ class NNXFunctional:
 
     graphdef: Any
     max_seq_len: int
+    mesh: Any = None  # the jax.sharding.Mesh the parameters live on (kvjax.sharding), or None
 
     def prefill(self, params, *args, **kwargs):
         return nnx.merge(self.graphdef, params).prefill(*args, **kwargs)
@@ -35,4 +38,4 @@ def split_model(model, max_seq_len: int | None = None) -> tuple[NNXFunctional, A
     if max_seq_len is None:
         max_seq_len = model.config.max_seq_len
     graphdef, params = nnx.split(model)
-    return NNXFunctional(graphdef, int(max_seq_len)), params
+    return NNXFunctional(graphdef, int(max_seq_len), mesh_of(params)), params

@@ -58,8 +58,14 @@ class GGUFCheckpoint:
     metadata: dict[str, Any] = dataclasses.field(repr=False)
 
 
-def load_gguf(path: str | pathlib.Path, *, progress: bool = True) -> GGUFCheckpoint:
+def load_gguf(path: str | pathlib.Path, *, progress: bool = True,
+              lazy: bool = False) -> GGUFCheckpoint:
     """Reads a Llama/Mistral GGUF file into float32 Hugging Face tensors and config.
+
+    Args:
+        lazy: keep the file memory-mapped and dequantize a tensor only when it is read
+            (`tensors` is then a `GGUFTensors` mapping): what `models.load` uses, so the host
+            never holds every tensor in float32 at once.
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -79,13 +85,45 @@ def load_gguf(path: str | pathlib.Path, *, progress: bool = True) -> GGUFCheckpo
         metadata, tensor_names=list(by_name),
         vocab_rows=None if embed is None else int(embed.shape[-1]),
         rope_freqs=None if rope_freqs is None else dequantize_tensor(rope_freqs))
-    bar = tqdm(by_name.values(), desc=f"Loading {path.name}", unit="tensor", disable=not progress)
-    tensors = dict(convert_tensor(t, config) for t in bar)
-    check_shapes(tensors, config)
+    tensors = GGUFTensors(by_name, config)
+    check_shapes({name: tensors.shape(name) for name in tensors}, config)
+    if not lazy:
+        bar = tqdm(tensors, desc=f"Loading {path.name}", unit="tensor", disable=not progress)
+        tensors = {name: tensors.read(name) for name in bar}
     tokenizer = None
     if "tokenizer.ggml.tokens" in metadata:
         tokenizer = Tokenizer.from_gguf_fields(metadata)
     return GGUFCheckpoint(config, tensors, tokenizer, metadata)
+
+
+class GGUFTensors(Mapping):
+    """Hugging Face name -> float32 array, dequantized from the memory-mapped file when read.
+
+    Also a `models.sources` tensor source: `shape(name)` without reading, `read(name)`.
+    """
+
+    def __init__(self, by_name: Mapping[str, ReaderTensor], config: Mapping[str, Any]):
+        self._tensors = {hf_tensor_name(t.name): t for t in by_name.values()}
+        self._config = config
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.read(name)
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows `rows` of tensor `name` (GGUF blocks are dequantized whole, then sliced)."""
+        return convert_tensor(self._tensors[name], self._config)[1][rows]
 
 
 def open_gguf(path: pathlib.Path) -> GGUFReader:
@@ -208,16 +246,16 @@ def expected_shapes(config: Mapping[str, Any], names: Iterable[str]) -> dict[str
     return shapes
 
 
-def check_shapes(tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
-    """Raises if `tensors` misses, adds or mis-shapes a parameter of the configured model."""
-    shapes = expected_shapes(config, tensors)
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes))
+def check_shapes(shapes: Mapping[str, tuple], config: Mapping[str, Any]) -> None:
+    """Raises if the tensors (name -> shape) miss, add or mis-shape a parameter of the model."""
+    expected = expected_shapes(config, shapes)
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
     if missing or extra:
         raise ValueError(f"GGUF tensors do not match the config: {missing=} {extra=}")
-    for name, shape in shapes.items():
-        if tensors[name].shape != shape:
-            raise ValueError(f"tensor {name!r} has shape {tensors[name].shape}, expected {shape}")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(shapes[name])}, expected {shape}")
 
 
 def hf_config_from_metadata(metadata: Mapping[str, Any], *, tensor_names: Iterable[str],

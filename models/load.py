@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.hf import decoder_from_tensors, read_hf_config, read_safetensors_dir
+from models.sharding import check_mesh
+from models.hf import decoder_from_tensors, read_hf_config
+from models.sources import SafetensorsSource
 
 EMBEDDED_MODELS = ("smollm2",)
 
@@ -16,7 +18,7 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def load(source: str | Path, *, dtype=None, progress: bool = True):
+def load(source: str | Path, *, dtype=None, mesh=None, progress: bool = True):
     """Load a model and its tokenizer.
 
     Args:
@@ -24,12 +26,21 @@ def load(source: str | Path, *, dtype=None, progress: bool = True):
         llama-architecture model, a Hugging Face checkpoint directory (config.json,
         tokenizer.json, *.safetensors), or a directory written by `models.save`.
       dtype: parameter/compute dtype; default f32 on CPU, bf16 on accelerators.
+      mesh: a ("data", "model") `jax.sharding.Mesh` (`models.make_mesh`): parameters are
+        created sharded (tensor parallel over "model", see `models.sharding`) and kvjax runs
+        the model on the mesh. None: one device.
       progress: show progress bars.
+
+    Loading streams one tensor at a time (memory-mapped safetensors, one GGUF tensor
+    dequantized at a time, orbax restoring into the target shardings): the host never holds
+    a float32 copy of the whole model.
 
     Returns:
       (Decoder, Tokenizer).
     """
     dtype = default_dtype() if dtype is None else dtype
+    if mesh is not None:
+        check_mesh(mesh)
     if str(source) in EMBEDDED_MODELS:
         from models.smollm2 import find_smollm2
         source = find_smollm2()
@@ -38,28 +49,27 @@ def load(source: str | Path, *, dtype=None, progress: bool = True):
         raise FileNotFoundError(f"model source {str(source)!r} does not exist (expected "
                                 f"{EMBEDDED_MODELS}, a .gguf file or a checkpoint directory)")
     if path.is_file():
-        return _load_gguf(path, dtype, progress)
+        return _load_gguf(path, dtype, mesh, progress)
     from models.checkpoint import SAVED_MARKER, restore
     if (path / SAVED_MARKER).is_file():
-        return restore(path, dtype=dtype)
-    return _load_hf_dir(path, dtype, progress)
+        return restore(path, dtype=dtype, mesh=mesh)
+    return _load_hf_dir(path, dtype, mesh, progress)
 
 
-def _load_gguf(path: Path, dtype, progress: bool):
+def _load_gguf(path: Path, dtype, mesh, progress: bool):
     if path.suffix != ".gguf":
         raise ValueError(f"{str(path)!r} is a file but not a .gguf file")
     from models.gguf import load_gguf
-    ckpt = load_gguf(path, progress=progress)
+    ckpt = load_gguf(path, progress=progress, lazy=True)
     cfg = ModelConfig.from_hf_config(ckpt.hf_config)
-    return decoder_from_tensors(cfg, ckpt.tensors, dtype=dtype), ckpt.tokenizer
+    model = decoder_from_tensors(cfg, ckpt.tensors, dtype=dtype, mesh=mesh, progress=progress)
+    return model, ckpt.tokenizer
 
 
-def _load_hf_dir(path: Path, dtype, progress: bool):
+def _load_hf_dir(path: Path, dtype, mesh, progress: bool):
     cfg = ModelConfig.from_hf_config(read_hf_config(path))
-    tensors = read_safetensors_dir(path, progress=progress)
-    if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    model = decoder_from_tensors(cfg, tensors, dtype=dtype)
+    tensors = SafetensorsSource(path)
+    model = decoder_from_tensors(cfg, tensors, dtype=dtype, mesh=mesh, progress=progress)
     if not (path / "tokenizer.json").is_file():
         return model, None
     from models.tokenizer import Tokenizer

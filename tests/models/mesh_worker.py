@@ -1,0 +1,137 @@
+"""Run kvjax on device meshes of fake CPU devices and print what the mesh tests assert.
+
+Started by tests/models/test_mesh.py in a subprocess (XLA_FLAGS with 8 host devices, so the
+rest of the suite keeps one device). Prints one JSON object:
+
+  {"cases": [{mesh, press, tokens_equal, logits_max_diff, weight_bytes_dev0, weight_bytes,
+              cache: {name: [dev0 bytes, total bytes]}, prefill_compiles, decode_compiles,
+              big_collectives}], "config": {...}}
+"""
+
+import argparse
+import json
+import os
+import re
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import kvjax  # noqa: E402
+import models  # noqa: E402
+from kvjax import loops  # noqa: E402
+from kvjax.presses import make_press  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.hf import decoder_from_tensors, hf_name_table  # noqa: E402
+
+TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=16,
+                   mlp_dim=128, max_seq_len=1024)
+COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* (all-gather|all-to-all)\(")
+ITEMSIZE = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "pred": 1, "s8": 1}
+
+
+def hf_tensors(model) -> dict:
+    """HF-named numpy tensors of an NNX Decoder (the inverse of the loader's name table)."""
+    pure = nnx.to_pure_dict(nnx.split(model)[1])
+    out = {}
+    for name, (path, transpose, layer) in hf_name_table(model.config).items():
+        arr = pure
+        for key in path:
+            arr = arr[key]
+        arr = np.asarray(arr if layer is None else arr[layer])
+        out[name] = arr.T if transpose else arr
+    return out
+
+
+def load(name: str, mesh):
+    if name == "smollm2":
+        return models.load("smollm2", dtype=jnp.float32, mesh=mesh, progress=False)[0]
+    ref = models.Decoder(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    return decoder_from_tensors(TINY, hf_tensors(ref), mesh=mesh)
+
+
+def prompts(vocab: int, batch: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=int(n)) for n in rng.integers(150, 200, size=batch)]
+
+
+def run(model, ids, press, new: int):
+    fn, params = model.kvjax_split()
+    state, _ = loops.start(fn, params, ids, max_new_tokens=new, press=press)
+    state = loops.decode(fn, params, state, jnp.int32(new), loops.eos_array(None),
+                         sampler=kvjax.Greedy(), attn_impl=loops.resolve_attn_impl("auto"))
+    return np.asarray(state.tokens)[:, :new], np.asarray(state.logits), state.cache
+
+
+def big_collectives(model, ids, press) -> list[str]:
+    """all-gather / all-to-all results of a compiled prefill at least one device's share of
+    a layer's keys."""
+    fn, params = model.kvjax_split()
+    tokens, lengths = loops.pad_prompts(ids)
+    text = loops.prefill.lower(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                               tail_capacity=16, press=press,
+                               attn_impl="reference").compile().as_text()
+    cfg, mesh = model.config, fn.mesh
+    keys = tokens.shape[0] * cfg.n_kv_heads * tokens.shape[1] * cfg.head_dim * 4
+    share = keys // mesh.size
+    out = []
+    for m in COLLECTIVE.finditer(text):
+        n = int(np.prod([int(x) for x in m.group(2).split(",") if x])) * ITEMSIZE.get(m.group(1), 4)
+        if n >= share:
+            out.append(f"{m.group(3)} {m.group(1)}[{m.group(2)}] ({n} >= {share} bytes)")
+    return out
+
+
+def dev0_bytes(tree) -> int:
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree_util.tree_leaves(tree)
+               for s in x.addressable_shards if s.device == dev)
+
+
+def case(name, single, mesh_shape, press_name, batch):
+    mesh = models.make_mesh(*mesh_shape)
+    model = load(name, mesh)
+    press = None if press_name == "full" else make_press(press_name, compression_ratio=0.5)
+    vocab = model.config.vocab_size
+    ids = prompts(vocab, batch, 0)
+    ref_tokens, ref_logits, _ = run(single, ids, press, 6)
+    before = loops.prefill._cache_size(), loops.decode._cache_size()
+    tokens, logits, cache = run(model, ids, press, 6)
+    run(model, prompts(vocab, batch, 1), press, 6)  # same bucket: no new compilation
+    params = model.kvjax_split()[1]
+    return {"mesh": list(mesh_shape), "press": press_name,
+            "tokens_equal": bool((tokens == ref_tokens).all()),
+            "logits_max_diff": float(np.abs(logits - ref_logits).max()),
+            "weight_bytes_dev0": dev0_bytes(params),
+            "weight_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
+            "cache": {k: [dev0_bytes(x), x.nbytes] for k, x in
+                      (("store.k", cache.store.k), ("store.v", cache.store.v),
+                       ("tail.k", cache.tail.k))},
+            "store_rows": cache.store.rows,
+            "prefill_compiles": loops.prefill._cache_size() - before[0],
+            "decode_compiles": loops.decode._cache_size() - before[1],
+            "big_collectives": big_collectives(model, ids, press) if press_name == "snapkv"
+            else []}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--meshes", default="1x8,2x4,8x1,2x3")
+    ap.add_argument("--presses", default="full,snapkv,adakv,zigzagkv,think")
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    single = load(args.model, None)
+    cases = [case(args.model, single, tuple(int(x) for x in m.split("x")), p, args.batch)
+             for m in args.meshes.split(",") for p in args.presses.split(",")]
+    cfg = single.config
+    print(json.dumps({"cases": cases, "config": {
+        "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "mlp_dim": cfg.mlp_dim,
+        "vocab_size": cfg.vocab_size}}))
+
+
+if __name__ == "__main__":
+    main()
