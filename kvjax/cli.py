@@ -43,6 +43,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--kv-dtype", choices=("int8", "float8_e4m3fn"), default=None,
                    help="keep the compressed store quantized (default: the compute dtype)")
+    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="shard weights and cache over a device mesh (tensor parallel over "
+                        "'model', batch over 'data'); default: one device")
 
 
 def _add_press_args(p: argparse.ArgumentParser, default=None, ratio: float = 0.5) -> None:
@@ -59,7 +62,8 @@ def _add_press_args(p: argparse.ArgumentParser, default=None, ratio: float = 0.5
 def _load(args):
     import models
     dtype = None if args.dtype == "auto" else args.dtype
-    return models.load(args.model, dtype=dtype)
+    mesh = None if args.mesh is None else models.parse_mesh(args.mesh)
+    return models.load(args.model, dtype=dtype, mesh=mesh)
 
 
 def cmd_generate(args) -> int:

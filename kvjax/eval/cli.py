@@ -49,6 +49,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--kv-dtype", choices=("int8", "float8_e4m3fn"), default=None,
                    help="store the compressed cache quantized (default: the compute dtype)")
+    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="shard weights and cache over a device mesh (default: one device)")
     p.set_defaults(func=run_eval_command)
 
 
@@ -87,7 +89,7 @@ def _run(args) -> Path:
                 ratios=args.ratios, samples=args.samples, seed=args.seed,
                 question_aware=args.question_aware)
     check_kvjax_presses(grid.presses)
-    model, tokenizer = _load(args.model, args.dtype, not args.no_progress)
+    model, tokenizer = _load(args.model, args.dtype, args.mesh, not args.no_progress)
     if tokenizer is None:
         raise ValueError(f"{args.model=} has no tokenizer")
     pipeline = Pipeline(model, tokenizer, kv_dtype=args.kv_dtype)
@@ -100,11 +102,12 @@ def _run(args) -> Path:
                     args.out, meta=meta, progress=not args.no_progress)
 
 
-def _load(source: str, dtype: str | None, progress: bool):
+def _load(source: str, dtype: str | None, mesh: str | None, progress: bool):
     import jax.numpy as jnp
 
     import models  # the CLI is the one place kvjax imports models (lazily)
     return models.load(source, dtype=None if dtype is None else jnp.dtype(dtype),
+                       mesh=None if mesh is None else models.parse_mesh(mesh),
                        progress=progress)
 
 

@@ -105,6 +105,7 @@ def case(name, single, mesh_shape, press_name, batch):
     return {"mesh": list(mesh_shape), "press": press_name,
             "tokens_equal": bool((tokens == ref_tokens).all()),
             "logits_max_diff": float(np.abs(logits - ref_logits).max()),
+            "logits_max_abs": float(np.abs(ref_logits).max()),
             "weight_bytes_dev0": dev0_bytes(params),
             "weight_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
             "cache": {k: [dev0_bytes(x), x.nbytes] for k, x in
@@ -117,13 +118,63 @@ def case(name, single, mesh_shape, press_name, batch):
             else []}
 
 
+def error_of(f) -> str:
+    try:
+        f()
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return "no error"
+
+
+def check_errors() -> dict:
+    """The messages of bad meshes and batches (asserted by the test)."""
+    single = load("tiny", None)
+    bad_axes = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("x", "model"))
+    meshed = load("tiny", models.make_mesh(2, 4))
+    return {"axes": error_of(lambda: decoder_from_tensors(TINY, hf_tensors(single),
+                                                          mesh=bad_axes)),
+            "too_many": error_of(lambda: models.make_mesh(4, 4)),
+            "batch": error_of(lambda: kvjax.generate(meshed, prompts(256, 3, 0),
+                                                     max_new_tokens=2)),
+            "parse": error_of(lambda: models.parse_mesh("data=2,modl=4"))}
+
+
+def pipeline_texts(mesh_shape, tmp: str) -> dict:
+    """SmolLM2 Pipeline answers (run, compress + save + load + ask) on one device and on a
+    mesh, with SnapKV 0.5: the texts must agree."""
+    from kvjax.context import CompressedContext
+
+    context = ("The bakery on Elm Street opens at seven. Its owner, Mara, bakes rye bread. "
+               * 12) + "The secret code of the vault is 4417. " + ("The river is calm. " * 20)
+    question = "What is the secret code of the vault?"
+    out = {}
+    for name, mesh in (("single", None), ("mesh", models.make_mesh(*mesh_shape))):
+        model, tok = models.load("smollm2", dtype=jnp.float32, mesh=mesh, progress=False)
+        pipe = kvjax.Pipeline(model, tok)
+        press = kvjax.SnapKVPress(compression_ratio=0.5)
+        run = pipe.run(context, question, press=press, max_new_tokens=12).text
+        path = os.path.join(tmp, name)
+        pipe.compress(context, press=press).save(path)
+        ask = pipe.ask(CompressedContext.load(path, model), question, max_new_tokens=12).text
+        out[name] = {"run": run, "ask": ask}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--pipeline", default=None, metavar="TMPDIR")
+    ap.add_argument("--check-errors", action="store_true")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--meshes", default="1x8,2x4,8x1,2x3")
     ap.add_argument("--presses", default="full,snapkv,adakv,zigzagkv,think")
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
+    if args.pipeline:
+        print(json.dumps(pipeline_texts((1, 3), args.pipeline)))
+        return
+    if args.check_errors:
+        print(json.dumps(check_errors()))
+        return
     single = load(args.model, None)
     cases = [case(args.model, single, tuple(int(x) for x in m.split("x")), p, args.batch)
              for m in args.meshes.split(",") for p in args.presses.split(",")]
