@@ -23,7 +23,7 @@ from kvjax.hooks import DecodeHook, check_hooks
 from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
 from kvjax.sharding import (check_batch, constrain_batch, constrain_cache, mesh_of,
-                            store_rows)
+                            store_rows, to_host)
 
 MAX_EOS = 8
 
@@ -238,8 +238,8 @@ def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=
                      kv_dtype=kv_dtype)
     state = decode(fn, params, state, jnp.int32(max_new_tokens), eos_array(eos_id),
                    sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id)
-    return GenerateOutput(tokens=np.asarray(state.tokens)[:, :max_new_tokens],
-                          lengths=np.asarray(state.lengths), cache=state.cache)
+    return GenerateOutput(tokens=to_host(state.tokens)[:, :max_new_tokens],
+                          lengths=to_host(state.lengths), cache=state.cache)
 
 
 def stream_state(fn, params, state: DecodeState, *, max_new_tokens: int, sampler=Greedy(),
@@ -254,7 +254,7 @@ def stream_state(fn, params, state: DecodeState, *, max_new_tokens: int, sampler
         step = int(state.step)
         state = decode_step(fn, params, state, eos, sampler=sampler, attn_impl=attn_impl,
                             pad_id=pad_id)
-        yield np.asarray(state.tokens[:, step]), state
+        yield to_host(state.tokens)[:, step], state
 
 
 def generate_stream(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None,

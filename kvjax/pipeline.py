@@ -26,6 +26,7 @@ from kvjax.context import CompressedContext, for_batch, model_fingerprint, with_
 from kvjax.hooks import DecodeHook, check_hooks
 from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
+from kvjax.sharding import to_host
 
 _SEPARATOR_CHAR = "#"
 
@@ -110,7 +111,7 @@ class Pipeline:
         state = gen.decode(self.fn, self.params, state, jnp.int32(max_new_tokens),
                            gen.eos_array(self.tokenizer.eos_ids), sampler=sampler,
                            attn_impl=self.attn_impl)
-        tokens = np.asarray(state.tokens)[0, :int(state.lengths[0])].tolist()
+        tokens = to_host(state.tokens)[0, :int(to_host(state.lengths)[0])].tolist()
         t2 = time.perf_counter()
         return PipelineResult(text=self.tokenizer.decode(tokens), tokens=tokens,
                               cache=state.cache, n_context=len(ctx_ids), n_question=len(q_ids),
@@ -228,7 +229,7 @@ class Pipeline:
         state = gen.decode(self.fn, self.params, state, jnp.int32(max_new_tokens),
                            gen.eos_array(self.tokenizer.eos_ids), sampler=sampler,
                            attn_impl=self.attn_impl)
-        toks, lens = np.asarray(state.tokens), np.asarray(state.lengths)
+        toks, lens = to_host(state.tokens), to_host(state.lengths)
         t2 = time.perf_counter()
         return [PipelineResult(text=self.tokenizer.decode(toks[i, :lens[i]].tolist()),
                                tokens=toks[i, :lens[i]].tolist(), cache=state.cache,

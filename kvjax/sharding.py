@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kvjax.cache import KVCache
@@ -61,6 +62,15 @@ def _constrain(x, mesh, names: tuple):
         return None
     spec = [None if n is None else _axis(mesh, n, x.shape[i]) for i, n in enumerate(names)]
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def to_host(x) -> np.ndarray:
+    """A jax.Array as numpy; one spanning devices of other processes (multi-host, batch over
+    "data") is gathered from every process first."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def constrain_batch(x, mesh):
