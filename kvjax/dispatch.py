@@ -9,6 +9,10 @@ Forcing a Pallas implementation off its backend (e.g. ``attn_impl="pallas_tpu"``
 the kernel in that backend's interpret mode (TPU interpreter / Mosaic GPU interpreter): slow,
 but the same kernel code, which is how CPU CI checks generate with every kernel.
 
+Under a device mesh (the loops trace the model in `kvjax.sharding.mesh_context`) the kernels
+run per device through `jax.shard_map` (`kvjax.mesh_dispatch`); the jnp paths are left to
+XLA's SPMD partitioner.
+
 What falls back to the reference, by design:
   * decode with T > 1 new tokens (multi-token extend): the kernels take one query per sequence;
   * the Mosaic GPU kernels' shape limits (G > 64 query heads per kv head, or head dims that are
@@ -25,6 +29,7 @@ import jax
 from kvjax.attention import prefill_attention_reference
 from kvjax.attention_scores import prefill_attention_with_scores_reference
 from kvjax.cache import KVCache
+from kvjax.mesh_dispatch import context_mesh, sharded_decode, sharded_prefill
 from kvjax.store_attention import store_attention
 
 _PALLAS = {"pallas_gpu": "pallas_kernels.gpu", "pallas_tpu": "pallas_kernels.tpu"}
@@ -71,13 +76,15 @@ def decode_attention(q: jax.Array, q_pos: jax.Array, cache: KVCache, layer, *, a
         return store_attention(q, q_pos, store, layer, tail, scale=scale,
                                sliding_window=sliding_window)
     pick = lambda x: None if x is None else x[:, layer]
-    out = kernels.decode_attention(
-        q[:, 0], store.k, store.v, store.length[:, layer], store.pos, tail.k, tail.v,
-        tail.pos, tail.count, q_pos[:, 0], channels=pick(store.channels),
-        value_channels=pick(store.value_channels), scale=scale,
-        sliding_window=sliding_window, prefix_offset=store.offset[:, layer],
-        max_prefix_len=store.max_segment, **_scale_args(store))
-    return out[:, None]
+    args = (q[:, 0], store.k, store.v, store.length[:, layer], store.pos, tail.k, tail.v,
+            tail.pos, tail.count, q_pos[:, 0])
+    kw = dict(channels=pick(store.channels), value_channels=pick(store.value_channels),
+              scale=scale, sliding_window=sliding_window, prefix_offset=store.offset[:, layer],
+              max_prefix_len=store.max_segment, **_scale_args(store))
+    mesh = context_mesh()
+    if mesh is None:
+        return kernels.decode_attention(*args, **kw)[:, None]
+    return sharded_decode(kernels.decode_attention, mesh, *args, **kw)[:, None]
 
 
 def _kernel_reads(attn_impl: str, store) -> bool:
@@ -112,9 +119,12 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, leng
     use_kernel = kernels is not None and (
         attn_impl != "pallas_gpu" or _gpu_shapes_ok(q.shape[2], k.shape[2], q.shape[3]))
     if use_kernel:
-        return kernels.prefill_attention_with_scores(q, k, v, lengths, scale=scale,
-                                                     sliding_window=sliding_window,
-                                                     score_rows=score_rows)
+        kw = dict(scale=scale, sliding_window=sliding_window, score_rows=score_rows)
+        mesh = context_mesh()
+        if mesh is not None:
+            return sharded_prefill(kernels.prefill_attention_with_scores, mesh, q, k, v,
+                                   lengths, **kw)
+        return kernels.prefill_attention_with_scores(q, k, v, lengths, **kw)
     if score_rows is None:
         return prefill_attention_reference(q, k, v, lengths, scale=scale,
                                            sliding_window=sliding_window), None

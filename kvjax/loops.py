@@ -22,8 +22,8 @@ from kvjax.compress import compress, obs_spec_for
 from kvjax.hooks import DecodeHook, check_hooks
 from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
-from kvjax.sharding import (check_batch, constrain_batch, constrain_cache, mesh_of,
-                            store_rows, to_host)
+from kvjax.sharding import (check_batch, constrain_batch, constrain_cache, mesh_context,
+                            mesh_of, store_rows, to_host)
 
 MAX_EOS = 8
 
@@ -90,10 +90,12 @@ def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl
     between = None if press is None else press.between_layers
     mesh = mesh_of(fn)
     tokens, lengths = constrain_batch(tokens, mesh), constrain_batch(lengths, mesh)
-    logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec_for(press, hook),
-                                attn_impl=attn_impl, between=between)
-    if press is not None and press.prompt_observer is not None:
-        prompt = press.prompt_observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
+    with mesh_context(mesh):
+        logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec_for(press, hook),
+                                    attn_impl=attn_impl, between=between)
+        if press is not None and press.prompt_observer is not None:
+            prompt = press.prompt_observer(fn, params, tokens, prompt,
+                                           resolve_attn_impl(attn_impl))
     rows = store_rows(mesh, prompt.groups[0].layers.k.shape[2])
     cache = compress(press, prompt, tail_capacity=tail_capacity, hook=hook, quant=quant,
                      rows=rows)
@@ -103,7 +105,8 @@ def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl
 @functools.partial(jax.jit, static_argnames=("fn", "attn_impl"), donate_argnames=("cache",))
 def extend(fn, params, tokens, n_new, cache, *, attn_impl="auto"):
     """Append right-padded tokens [B, T] (n_new [B] real) -> (logits at the last real, cache)."""
-    logits, cache = fn.decode(params, tokens, n_new, cache, attn_impl=attn_impl)
+    with mesh_context(mesh_of(fn)):
+        logits, cache = fn.decode(params, tokens, n_new, cache, attn_impl=attn_impl)
     cache = constrain_cache(cache, mesh_of(fn))
     last = jnp.take_along_axis(logits, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)
     return last[:, 0], cache
@@ -115,8 +118,9 @@ def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id) -
     tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, state.step))
     active = ~state.done
     done = state.done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
-    logits, cache = fn.decode(params, tok[:, None], active.astype(jnp.int32), state.cache,
-                              attn_impl=attn_impl)
+    with mesh_context(mesh_of(fn)):
+        logits, cache = fn.decode(params, tok[:, None], active.astype(jnp.int32), state.cache,
+                                  attn_impl=attn_impl)
     if cache.hook is not None:
         cache = cache.hook.after_step(cache)
     cache = constrain_cache(cache, mesh_of(fn))

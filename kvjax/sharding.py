@@ -23,6 +23,7 @@ loaded with `models.load(..., mesh=mesh)` carries it, and kvjax takes it from th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -35,6 +36,14 @@ from kvjax.cache import KVCache
 def mesh_of(fn):
     """The mesh a functional model runs on (its `mesh` attribute), or None."""
     return getattr(fn, "mesh", None)
+
+
+def mesh_context(mesh):
+    """Trace under `mesh` (its abstract form), so `kvjax.dispatch` runs the Pallas kernels
+    per device with shard_map; no mesh: a no-op context."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def _axis(mesh, name: str, size: int) -> str | None:

@@ -118,6 +118,22 @@ def case(name, single, mesh_shape, press_name, batch):
             else []}
 
 
+def kernel_tokens(mesh_shapes, batch: int) -> dict:
+    """Greedy tokens with the Pallas TPU kernels (interpret mode) under shard_map on each
+    mesh, next to the jnp reference on one device (SnapKV 0.5: prefill with window scores,
+    decode over the compressed store)."""
+    single = load("tiny", None)
+    ids = prompts(TINY.vocab_size, batch, 0)
+    press = make_press("snapkv", compression_ratio=0.5)
+    ref = kvjax.generate(single, ids, max_new_tokens=3, press=press, attn_impl="reference")
+    out = {"reference": ref.tokens.tolist()}
+    for shape in mesh_shapes:
+        model = load("tiny", models.make_mesh(*shape))
+        got = kvjax.generate(model, ids, max_new_tokens=3, press=press, attn_impl="pallas_tpu")
+        out["x".join(map(str, shape))] = got.tokens.tolist()
+    return out
+
+
 def error_of(f) -> str:
     try:
         f()
@@ -164,6 +180,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pipeline", default=None, metavar="TMPDIR")
     ap.add_argument("--check-errors", action="store_true")
+    ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--meshes", default="1x8,2x4,8x1,2x3")
     ap.add_argument("--presses", default="full,snapkv,adakv,zigzagkv,think")
@@ -171,6 +188,9 @@ def main():
     args = ap.parse_args()
     if args.pipeline:
         print(json.dumps(pipeline_texts((1, 3), args.pipeline)))
+        return
+    if args.kernels:
+        print(json.dumps(kernel_tokens([(1, 8), (2, 4)], 4)))
         return
     if args.check_errors:
         print(json.dumps(check_errors()))

@@ -105,6 +105,13 @@ def test_smollm2_pipeline_and_cli_on_a_mesh(tmp_path):
     assert texts[0] == texts[1] and "".join(texts[0]).strip(), texts
 
 
+def test_pallas_tpu_kernels_under_shard_map():
+    """The TPU prefill and decode kernels (interpret mode) run per device under shard_map on
+    (1, 8) and (2, 4) and give the tokens of the jnp reference on one device."""
+    out = _run_worker("--kernels")
+    assert out["1x8"] == out["reference"] and out["2x4"] == out["reference"], out
+
+
 def test_bad_meshes_and_batches():
     result = _run_worker("--check-errors")
     assert "mesh axes ('x', 'model') must be ('data', 'model')" in result["axes"]

@@ -1,0 +1,69 @@
+"""Pallas kernels on a device mesh: each device runs the kernel on its own heads and batch.
+
+XLA's SPMD partitioner cannot split a Pallas call, so under a mesh (`kvjax.sharding`:
+the loops trace the model inside `mesh_context`) `kvjax.dispatch` runs the kernels through
+`jax.shard_map`: batch over "data", kv heads (and their query heads, store rows, table
+columns and tail heads) over "model" when the "model" size divides the kv heads (then the
+store has one row per device, `kvjax.sharding.store_rows`). Otherwise heads stay whole and
+every "model" device runs the same kernel on its batch share.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+
+def context_mesh():
+    """The mesh the loops are tracing under, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def _axes(mesh, batch: int, n_kv: int) -> tuple[str | None, str | None]:
+    """(batch axis, head axis) names, None where the mesh axis does not divide."""
+    d, m = mesh.shape["data"], mesh.shape["model"]
+    return ("data" if d > 1 and batch % d == 0 else None,
+            "model" if m > 1 and n_kv % m == 0 else None)
+
+
+def sharded_decode(kernel, mesh, q, store_k, store_v, length, store_pos, tail_k, tail_v,
+                   tail_pos, tail_count, q_pos, **kw):
+    """`kernel(q [B, N, H], store_k [B, R, P, Dk], ...)` (a decode kernel's positional
+    arguments, see `pallas_kernels.tpu.decode_attention`) under shard_map -> [B, N, H].
+
+    Keyword array arguments (channels, value_channels [B, K, D], prefix_offset [B, K],
+    scales [B, R, P]) are split like the store; other keywords are passed as they are."""
+    b, h = _axes(mesh, q.shape[0], length.shape[1])
+    heads, batch = P(b, h), P(b)
+    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+    static = {k: v for k, v in kw.items() if k not in arrays}
+    names = tuple(arrays)
+
+    def local(q, sk, sv, ln, sp, tk, tv, tp, tc, qp, *extra):
+        return kernel(q, sk, sv, ln, sp, tk, tv, tp, tc, qp, **dict(zip(names, extra)),
+                      **static)
+
+    specs = (heads,) * 5 + (heads, heads, batch, batch, batch) + (heads,) * len(names)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(
+        q, store_k, store_v, length, store_pos, tail_k, tail_v, tail_pos, tail_count, q_pos,
+        *arrays.values())
+
+
+def sharded_prefill(kernel, mesh, q, k, v, lengths, *, score_rows=None, **kw):
+    """`kernel(q [B, T, N, H], k, v [B, T, K, H], lengths [B], score_rows=...)` under
+    shard_map -> (out [B, T, N, H], colsums [B, N, T] or None)."""
+    b, h = _axes(mesh, q.shape[0], k.shape[2])
+    rows_array = isinstance(score_rows, jax.Array)
+    seq = P(b, None, h)
+
+    def local(q, k, v, lengths, *rows):
+        out = kernel(q, k, v, lengths, score_rows=rows[0] if rows else score_rows, **kw)
+        return out if score_rows is not None else out[0]
+
+    out_specs = seq if score_rows is None else (seq, P(b, h))
+    in_specs = (seq, seq, seq, P(b)) + ((P(b),) if rows_array else ())
+    args = (q, k, v, lengths) + ((score_rows,) if rows_array else ())
+    out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                        check_vma=False)(*args)
+    return (out, None) if score_rows is None else out
