@@ -82,7 +82,7 @@ def test_smollm2_on_meshes():
     """SmolLM2 (9 heads, 3 kv heads): (2, 3) shards every group; (1, 8) replicates attention
     and keeps the store in one row, while the MLP and the vocabulary are split."""
     result = _run_worker("--model", "smollm2", "--meshes", "2x3,1x8",
-                         "--presses", "full,snapkv,think", "--batch", "2")
+                         "--presses", "full,snapkv", "--batch", "2")
     _check_cases(result, n_layers=30, d=576, head_dim=64, tied=True)
 
 
@@ -103,6 +103,17 @@ def test_smollm2_pipeline_and_cli_on_a_mesh(tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         texts.append([line for line in res.stdout.splitlines() if "tok/s" not in line])
     assert texts[0] == texts[1] and "".join(texts[0]).strip(), texts
+    answers = []
+    for name, mesh in (("single", []), ("mesh", ["--mesh", "data=1,model=3"])):
+        out_dir = tmp_path / f"eval_{name}"
+        cmd = [sys.executable, "-m", "kvjax.cli", "eval", "--tasks", "niah_single",
+               "--lengths", "1024", "--presses", "snapkv", "--ratios", "0.5", "--samples", "1",
+               "--no-plot", "--no-progress", "--dtype", "float32", "--out", str(out_dir), *mesh]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        cell = json.loads(next(out_dir.glob("niah_single__1024__snapkv__0.5.json")).read_text())
+        answers.append([r["prediction"] for r in cell["records"]])
+    assert answers[0] == answers[1], answers
 
 
 def test_pallas_tpu_kernels_under_shard_map():
