@@ -16,12 +16,15 @@ def add_context_parsers(sub, add_model_args, add_press_args) -> None:
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.add_argument("--model", default=None, help="default: the model it was compressed with")
     a.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None)
+    a.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="shard weights and cache over a device mesh (default: one device)")
     a.set_defaults(func=cmd_ask)
 
 
-def _load(model: str, dtype: str | None):
+def _load(model: str, dtype: str | None, mesh: str | None):
     import models
-    return models.load(model, dtype=None if dtype in (None, "auto") else dtype)
+    return models.load(model, dtype=None if dtype in (None, "auto") else dtype,
+                       mesh=None if mesh is None else models.parse_mesh(mesh))
 
 
 def cmd_compress(args) -> int:
@@ -32,7 +35,7 @@ def cmd_compress(args) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"--input {str(path)!r} is not a file")
     press = build_press(args)
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = _load(args.model, args.dtype, args.mesh)
     ctx = Pipeline(model, tokenizer, kv_dtype=args.kv_dtype).compress(path.read_text(),
                                                                       press=press)
     out = ctx.save(args.out, info={"model": args.model, "dtype": args.dtype})
@@ -48,7 +51,7 @@ def cmd_ask(args) -> int:
     model_src = args.model or info.get("model")
     if model_src is None:
         raise ValueError(f"{args.context!r} does not say which model made it: pass --model")
-    model, tokenizer = _load(model_src, args.dtype or info.get("dtype"))
+    model, tokenizer = _load(model_src, args.dtype or info.get("dtype"), args.mesh)
     ctx = CompressedContext.load(args.context, model)
     print(Pipeline(model, tokenizer).ask(ctx, args.question,
                                          max_new_tokens=args.max_new_tokens).text)
