@@ -134,18 +134,18 @@ def cases(name: str, meshes: list[tuple], presses: list[str], batch: int):
 
 
 def kernel_tokens(mesh_shapes, batch: int) -> dict:
-    """Greedy tokens with the Pallas TPU kernels (interpret mode) under shard_map on each
-    mesh, next to the jnp reference on one device (SnapKV 0.5: prefill with window scores,
+    """Greedy tokens with Pallas kernels (interpret mode) under shard_map on each (mesh,
+    attn_impl), next to the jnp reference on one device (SnapKV 0.5: prefill with window scores,
     decode over the compressed store)."""
     single = load("tiny", None)
     ids = prompts(TINY.vocab_size, batch, 0)
     press = make_press("snapkv", compression_ratio=0.5)
     ref = kvjax.generate(single, ids, max_new_tokens=3, press=press, attn_impl="reference")
     out = {"reference": ref.tokens.tolist()}
-    for shape in mesh_shapes:
+    for shape, impl in mesh_shapes:
         model = load("tiny", models.make_mesh(*shape))
-        got = kvjax.generate(model, ids, max_new_tokens=3, press=press, attn_impl="pallas_tpu")
-        out["x".join(map(str, shape))] = got.tokens.tolist()
+        got = kvjax.generate(model, ids, max_new_tokens=3, press=press, attn_impl=impl)
+        out[f"{impl} {'x'.join(map(str, shape))}"] = got.tokens.tolist()
     return out
 
 
@@ -205,7 +205,8 @@ def main():
         print(json.dumps(pipeline_texts((1, 3), args.pipeline)))
         return
     if args.kernels:
-        print(json.dumps(kernel_tokens([(2, 4)], 4)))
+        print(json.dumps(kernel_tokens([((2, 4), "pallas_tpu"), ((1, 1), "pallas_gpu")],
+                                        4)))
         return
     if args.check_errors:
         print(json.dumps(check_errors()))
