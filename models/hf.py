@@ -54,7 +54,7 @@ def decoder_from_tensors(cfg: ModelConfig, tensors, *, dtype=jnp.float32, mesh=N
 
     Args:
       cfg: the model config.
-      tensors: a tensor source (`models.sources`: memory-mapped safetensors, lazy GGUF) or a
+      tensors: a tensor source (`models.sources`: safetensors read tensor by tensor, lazy GGUF) or a
         dict name -> array in HF layout.
       dtype: parameter dtype; each slice is converted from the file's dtype on the host
         (no float32 copy of the model ever exists; a GGUF tensor is dequantized alone).
