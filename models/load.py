@@ -31,7 +31,7 @@ def load(source: str | Path, *, dtype=None, mesh=None, progress: bool = True):
         the model on the mesh. None: one device.
       progress: show progress bars.
 
-    Loading streams one tensor at a time (memory-mapped safetensors, one GGUF tensor
+    Loading streams one tensor at a time (safetensors read per tensor, one GGUF tensor
     dequantized at a time, orbax restoring into the target shardings): the host never holds
     a float32 copy of the whole model.
 
