@@ -1,4 +1,4 @@
-"""What a layer hands the compressor after prefill (ARCHITECTURE.md section 2).
+"""What a layer hands the compressor after prefill (docs/architecture.md section 2).
 
 Keys and values are the layer's uncompressed prefix itself; the observation adds what only
 the prefill can see cheaply: post-RoPE queries of the last W prompt positions of every

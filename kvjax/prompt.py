@@ -1,5 +1,5 @@
 """What a prefill hands the compressor: every layer's uncompressed keys, values and
-observations, stacked over layers (ARCHITECTURE.md section 2).
+observations, stacked over layers (docs/architecture.md section 2).
 
 Layers that saw the same tokens form a `PromptGroup`; without hidden-state pruning (UNComp)
 there is one group holding every layer. Axis letters: L layers of the group, B batch,

@@ -29,7 +29,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
-    """Hyperparameters of a Llama-architecture decoder (axis letters of STYLE.md in comments)."""
+    """Hyperparameters of a Llama-architecture decoder (axis letters in comments)."""
 
     vocab_size: int  # V
     d_model: int  # D

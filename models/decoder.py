@@ -1,7 +1,7 @@
 """One Flax NNX decoder for Llama 2/3/3.1/3.2 and Mistral (they differ only by config).
 
 Attention goes through kvjax's integration API (`kvjax.prefill_layer`, `kvjax.decode_layer`):
-the model computes post-RoPE q, k, v and kvjax owns the cache. Axis letters as in STYLE.md.
+the model computes post-RoPE q, k, v and kvjax owns the cache. Axis letters as in models/config.py.
 """
 
 import jax

@@ -1,4 +1,4 @@
-"""Pallas kernels for kvjax's hot attention paths; imports only jax (ARCHITECTURE.md section 5).
+"""Pallas kernels for kvjax's hot attention paths; imports only jax (docs/kernels.md).
 
 Each kernel has a Mosaic TPU version (`pallas_kernels.tpu`) and a Mosaic GPU version
 (`pallas_kernels.gpu`) with one signature, and a pure-jnp reference in kvjax that is its

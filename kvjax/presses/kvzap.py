@@ -32,7 +32,7 @@ class KVzapPress(ScorerPress):
         selection equals kvpress 0.5.5's KVzapPress given the same weights (kvpress keeps
         int(n (1 - r))).
     On SmolLM2 (needle samples, question-agnostic, r = 0.5 and 0.75) "uniform" loses every
-    needle and "global" keeps it: README, KVzap.
+    needle and "global" keeps it: docs/presses.md, KVzap.
 
     Scoring costs L * T * D * K multiply-adds for the linear scorer (SmolLM2: 30 x 576 x 3 per
     token), a small fraction of the prefill, instead of KVzip's two extra prefills.

@@ -3,7 +3,7 @@
 The attention a few proxy queries pay to every key, summed over the proxy rows, in two passes
 over key chunks (row log-sum-exp, then column sums of exp(logit - lse)), so memory is
 O(P * chunk) per head and the P x C block is never held whole for long prompts. This is the
-specification of the score-emitting prefill kernel (ARCHITECTURE.md section 5, kernel 2).
+specification of the score-emitting prefill kernel (docs/kernels.md, score kernel).
 Axis letters: B batch, P proxy rows, N q heads, K kv heads, G = N // K, H head dim, C slots.
 """
 

@@ -1,4 +1,4 @@
-"""Window attention: the W x C block that SnapKV-family scorers read (METHODS.md section 0).
+"""Window attention: the W x C block that SnapKV-family scorers read (docs/presses.md, SnapKV).
 
 Computed from the post-RoPE queries of the last W prompt positions and the prefix keys with
 plain matmuls after prefill; the T x T matrix is never formed.
