@@ -4,66 +4,16 @@ The one place in kvjax that imports `models` (lazily, inside the handlers).
 """
 
 import argparse
-import ast
 import sys
 import time
 
+from kvjax.cli_common import (add_model_args, add_press_args, build_press, load_model,
+                              parse_press_args, run_command)
+
+__all__ = ["build_parser", "build_press", "main", "parse_press_args"]
+
 DEMO_PRESSES = ("kvzip", "snapkv")  # the best question-agnostic press here, and SnapKV
 DEMO_RATIO = 0.75
-
-
-def parse_press_args(items: list[str] | None) -> dict:
-    """["window_size=32", "pooling=max"] -> {"window_size": 32, "pooling": "max"}."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--press-arg {item!r} must look like name=value")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = raw
-    return out
-
-
-def build_press(args):
-    """The press named on the command line, or None for the full cache."""
-    from kvjax.presses import make_press
-    if args.press in (None, "full", "none"):
-        return None
-    kwargs = parse_press_args(args.press_arg)
-    if getattr(args, "seed", None) is not None:
-        kwargs.setdefault("seed", args.seed)
-    return make_press(args.press, args.compression_ratio, **kwargs)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2', a .gguf file, an HF checkpoint dir or a saved kvjax dir")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    p.add_argument("--kv-dtype", choices=("int8", "float8_e4m3fn"), default=None,
-                   help="keep the compressed store quantized (default: the compute dtype)")
-    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
-                   help="shard weights and cache over a device mesh (tensor parallel over "
-                        "'model', batch over 'data'); default: one device")
-
-
-def _add_press_args(p: argparse.ArgumentParser, default=None, ratio: float = 0.5) -> None:
-    p.add_argument("--press", default=default, help="press name (see `kvjax presses`) or full")
-    p.add_argument("--compression-ratio", "--ratio", dest="compression_ratio", type=float,
-                   default=ratio)
-    p.add_argument("--press-arg", action="append", metavar="NAME=VALUE",
-                   help="press hyperparameter, repeatable (e.g. window_size=32)")
-    p.add_argument("--seed", type=int, default=None, help="seed for random presses")
-    p.add_argument("--question-aware", action="store_true",
-                   help="compress context and question together (default: question-agnostic)")
-
-
-def _load(args):
-    import models
-    dtype = None if args.dtype == "auto" else args.dtype
-    mesh = None if args.mesh is None else models.parse_mesh(args.mesh)
-    return models.load(args.model, dtype=dtype, mesh=mesh)
 
 
 def cmd_generate(args) -> int:
@@ -71,14 +21,14 @@ def cmd_generate(args) -> int:
     from kvjax.pipeline import Pipeline
     from kvjax.sampling import Greedy, Temperature, TopK, TopP
     press = build_press(args)
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args.model, args.dtype, args.mesh)
     sampler = (TopP(args.top_p, args.temperature) if args.top_p else
                TopK(args.top_k, args.temperature) if args.top_k else
                Temperature(args.temperature) if args.temperature else Greedy())
     pipe = Pipeline(model, tokenizer, kv_dtype=args.kv_dtype)
     import jax
     t0 = time.perf_counter()
-    n_ctx = len(pipe.encode(args.prompt, question_aware=args.question_aware)[0])
+    n_ctx = len(pipe.encode(args.prompt)[0])
     state, n_new, t1 = None, 0, None
     for piece, state in pipe.stream_with_state(
             args.prompt, "", max_new_tokens=args.max_new_tokens, press=press, sampler=sampler,
@@ -99,11 +49,12 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from kvjax.demo import run_demo
     from kvjax.presses import make_press
+    press = build_press(args)  # refuses --press-arg / --seed without --press
     if args.press is None:  # the default comparison
         presses = [make_press(name, args.compression_ratio) for name in DEMO_PRESSES]
     else:
-        presses = [p for p in [build_press(args)] if p is not None]
-    model, tokenizer = _load(args)
+        presses = [] if press is None else [press]
+    model, tokenizer = load_model(args.model, args.dtype, args.mesh)
     rows = run_demo(model, tokenizer, presses=presses, n_tokens=args.context_tokens,
                     question_aware=args.question_aware, kv_dtype=args.kv_dtype)
     return 0 if rows[0]["correct"] else 1
@@ -121,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream a chat answer, then speed and KV-cache bytes")
-    _add_model_args(g)
-    _add_press_args(g)
-    g.add_argument("--prompt", required=True)
+    add_model_args(g)
+    add_press_args(g)
+    g.add_argument("--prompt", required=True,
+                   help="the whole prompt is prefilled and compressed (question included)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -132,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     d = sub.add_parser("demo", help="needle in a ~2k-token haystack: the full cache, KVzip and "
                        "SnapKV at 0.75 (or --press)")
-    _add_model_args(d)
-    _add_press_args(d, ratio=DEMO_RATIO)
+    add_model_args(d)
+    add_press_args(d, ratio=DEMO_RATIO)
+    d.add_argument("--question-aware", action="store_true",
+                   help="compress context and question together (default: question-agnostic)")
     d.add_argument("--context-tokens", type=int, default=2000)
     d.set_defaults(func=cmd_demo)
     p = sub.add_parser("presses", help="list the registered presses")
@@ -147,7 +101,7 @@ def _add_optional_subcommands(sub) -> None:
     from kvjax.kvzap.cli import add_train_scorer_parser
     from kvjax.presses.zigzag_profile import add_zigzag_parser
     from kvjax.uncomp.cli import add_uncomp_parser
-    add_context_parsers(sub, _add_model_args, _add_press_args)
+    add_context_parsers(sub)
     add_zigzag_parser(sub)
     add_uncomp_parser(sub)
     add_train_scorer_parser(sub)
@@ -159,12 +113,7 @@ def _add_optional_subcommands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"kvjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 from pathlib import Path
 
+from kvjax.cli_common import add_model_args, add_press_args, build_press, check_new_dir, load_model
 
-def add_context_parsers(sub, add_model_args, add_press_args) -> None:
-    c = sub.add_parser("compress", help="compress a document once and save it (kvjax ask)")
+
+def add_context_parsers(sub) -> None:
+    c = sub.add_parser("compress", help="compress a document once (question-agnostic) and "
+                       "save it for `kvjax ask`")
     add_model_args(c)
     add_press_args(c)
     c.add_argument("--input", required=True, help="text file of the document")
-    c.add_argument("--out", required=True, help="directory to write (must not exist)")
+    c.add_argument("--out", required=True, help="directory to write (absent or empty)")
     c.set_defaults(func=cmd_compress)
     a = sub.add_parser("ask", help="answer a question from a saved compressed document")
     a.add_argument("context", help="directory written by `kvjax compress`")
@@ -21,21 +24,15 @@ def add_context_parsers(sub, add_model_args, add_press_args) -> None:
     a.set_defaults(func=cmd_ask)
 
 
-def _load(model: str, dtype: str | None, mesh: str | None):
-    import models
-    return models.load(model, dtype=None if dtype in (None, "auto") else dtype,
-                       mesh=None if mesh is None else models.parse_mesh(mesh))
-
-
 def cmd_compress(args) -> int:
-    from kvjax.cli import build_press
     from kvjax.memory import memory_report
     from kvjax.pipeline import Pipeline
     path = Path(args.input)
     if not path.is_file():
         raise FileNotFoundError(f"--input {str(path)!r} is not a file")
+    check_new_dir(args.out)  # before the model loads and the document is compressed
     press = build_press(args)
-    model, tokenizer = _load(args.model, args.dtype, args.mesh)
+    model, tokenizer = load_model(args.model, args.dtype, args.mesh)
     ctx = Pipeline(model, tokenizer, kv_dtype=args.kv_dtype).compress(path.read_text(),
                                                                       press=press)
     out = ctx.save(args.out, info={"model": args.model, "dtype": args.dtype})
@@ -51,7 +48,7 @@ def cmd_ask(args) -> int:
     model_src = args.model or info.get("model")
     if model_src is None:
         raise ValueError(f"{args.context!r} does not say which model made it: pass --model")
-    model, tokenizer = _load(model_src, args.dtype or info.get("dtype"), args.mesh)
+    model, tokenizer = load_model(model_src, args.dtype or info.get("dtype"), args.mesh)
     ctx = CompressedContext.load(args.context, model)
     print(Pipeline(model, tokenizer).ask(ctx, args.question,
                                          max_new_tokens=args.max_new_tokens).text)

@@ -69,7 +69,7 @@ def run_eval_command(args) -> int:
         return 0
     try:
         summary = _run(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.read_text())
@@ -89,6 +89,8 @@ def _run(args) -> Path:
                 ratios=args.ratios, samples=args.samples, seed=args.seed,
                 question_aware=args.question_aware)
     check_kvjax_presses(grid.presses)
+    if args.out.exists() and not args.out.is_dir():  # resumable folder, but not a file
+        raise NotADirectoryError(f"--out {str(args.out)!r} is not a directory")
     model, tokenizer = _load(args.model, args.dtype, args.mesh, not args.no_progress)
     if tokenizer is None:
         raise ValueError(f"{args.model=} has no tokenizer")

@@ -61,3 +61,80 @@ def test_seed_reaches_random_presses():
     press = cli.build_press(parse(["demo", "--press", "nacl", "--seed", "3",
                                    "--press-arg", "seed=5"]))
     assert press.seed == 5
+
+
+# -- flags checked before any model loads: --model names a missing path, so reaching the
+# loader would print "does not exist" instead of the message each test expects --------------
+
+def _missing_model(tmp_path) -> str:
+    return str(tmp_path / "no-such-model")
+
+
+def _document(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A short document.")
+    return str(doc)
+
+
+def test_compress_refuses_non_empty_out_before_loading(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert cli.main(["compress", "--model", _missing_model(tmp_path), "--input",
+                     _document(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists and is not empty" in err and str(out) in err
+    assert "no-such-model" not in err  # the loader was not reached
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_compress_out_under_a_file_is_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["compress", "--model", _missing_model(tmp_path), "--input",
+                     _document(tmp_path), "--out", str(blocker / "ctx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvjax compress: error: ") and "is not a directory" in err
+    assert "no-such-model" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--prompt", "x", "--question-aware"],
+    ["compress", "--input", "a.txt", "--out", "b", "--question-aware"],
+])
+def test_question_aware_is_not_offered_where_it_cannot_act(argv, capsys):
+    # generate compresses its whole prompt and compress has no question: the flag would do
+    # nothing, so argparse refuses it
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2 and "--question-aware" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["demo", "--question-aware"]).question_aware
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--press-arg", "window_size=3"], "--press-arg"),
+    (["--seed", "3"], "--seed"),
+    (["--press", "full", "--press-arg", "window_size=3"], "--press-arg"),
+])
+def test_demo_press_flags_need_a_press(tmp_path, capsys, extra, flag):
+    # without --press, demo runs its fixed kvzip/snapkv comparison: those flags have no taker
+    assert cli.main(["demo", "--model", _missing_model(tmp_path)] + extra) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} " in err and "needs --press" in err and "no-such-model" not in err
+
+
+def test_generate_seed_with_full_cache_is_an_error(tmp_path, capsys):
+    assert cli.main(["generate", "--prompt", "x", "--model", _missing_model(tmp_path),
+                     "--seed", "1"]) == 2
+    assert "--seed 1 needs --press" in capsys.readouterr().err
+
+
+def test_cli_modules_do_not_import_each_other():
+    import ast
+    import inspect
+
+    from kvjax import context_cli
+    tree = ast.parse(inspect.getsource(context_cli))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "kvjax.cli" not in imported and "kvjax.cli_common" in imported
