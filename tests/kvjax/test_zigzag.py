@@ -72,8 +72,22 @@ def test_allocation_sum_exact_and_floor(seed):
                                   window=W))
     assert budgets.sum() == 12 * b_avg
     assert budgets.min() >= min(W + 1, b_avg) and budgets.max() <= t
-    raw = 0.3 * b_avg + (b_avg - 0.3 * b_avg) * 12 * np.asarray(lmba) / float(lmba.sum())
-    assert (raw >= 0.3 * b_avg - 1e-5).all()  # every B_l is at least the floor before clamping
+    assert (budgets >= math.floor(0.3 * b_avg)).all()  # the floor survives redistribution
+    exact = _allocation_by_bisection(np.asarray(lmba, np.float64), b_avg, t, 0.3, W)
+    assert np.abs(budgets - exact).max() < 1  # integer rounding of the exact allocation
+
+
+def _allocation_by_bisection(lmba, b_avg, t, floor_ratio, window):
+    """The real-valued allocation, solved another way than `allocate`'s redistribution loop:
+    B_l = clip(floor + c * u_l, min(window + 1, b_avg), t) with u = lmba / sum(lmba), and the
+    one scalar c with sum(B) = L * b_avg found by bisection (the sum is monotone in c)."""
+    u = lmba / lmba.sum()
+    budgets = lambda c: np.clip(floor_ratio * b_avg + c * u, min(window + 1, b_avg), t)
+    lo, hi = -1e9, 1e9
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if budgets(mid).sum() < len(lmba) * b_avg else (lo, mid)
+    return budgets((lo + hi) / 2)
 
 
 def test_equal_lmba_gives_uniform_budgets_and_snapkv_indices(model):
