@@ -2,7 +2,7 @@
 
 Question-aware `niah_single` (kvjax.eval's RULER-style needle, natural-text haystack; the question
 ends the compressed prompt): one prefill per sample observing what every variant needs, then
-per variant: compress (`kvjax.eval.engine.compress_copy`), record which original positions
+per variant: compress (`kvjax.prefill.compress_cache`), record which original positions
 every layer and kv head keeps, append the answer prefix, decode greedily, score. Every variant
 is a library press with options (no subclass):
 
@@ -47,7 +47,7 @@ from fidelity_report import load_rows, markdown_table, write_rows
 import kvjax
 from kvjax import loops
 from kvjax.compress import obs_spec_for
-from kvjax.eval.engine import compress_copy, prefill_observe
+from kvjax.prefill import compress_cache, prefill_prompt
 from kvjax.eval.scoring import score
 from kvjax.eval.tasks import make_sample
 from kvjax.memory import memory_report
@@ -216,7 +216,7 @@ def prefill_sample(pipe, sample, variants, ratios) -> Prefilled:
     tokens, lengths = loops.pad_prompts([ctx_ids])
     out_len = loops.bucket_length(sample.max_new_tokens + len(q_ids))
     t0 = time.perf_counter()
-    logits, prompt = prefill_observe(pipe.fn, pipe.params, jnp.asarray(tokens),
+    logits, prompt = prefill_prompt(pipe.fn, pipe.params, jnp.asarray(tokens),
                                      jnp.asarray(lengths), obs_spec=spec,
                                      attn_impl=pipe.attn_impl)
     jax.block_until_ready(logits)
@@ -227,7 +227,7 @@ def prefill_sample(pipe, sample, variants, ratios) -> Prefilled:
 
 
 def _compress(press, pre):
-    cache = compress_copy(press, pre.prompt, tail_capacity=pre.out_len)
+    cache = compress_cache(press, pre.prompt, tail_capacity=pre.out_len)
     jax.block_until_ready(cache)
     return cache
 

@@ -27,7 +27,7 @@ import kvjax
 import models
 from kvjax import loops
 from kvjax.compress import obs_spec_for as compress_obs_spec
-from kvjax.eval.engine import compress_copy, prefill_observe
+from kvjax.prefill import compress_cache, prefill_prompt
 from kvjax.eval.scoring import score
 from kvjax.eval.tasks import make_samples
 from kvjax.observation import ObsSpec
@@ -80,11 +80,11 @@ def needle_kept(cache, spans, n_context: int):
     return float(np.mean(fracs))
 
 
-_prefill = prefill_observe  # shared with kvjax.eval
+_prefill = prefill_prompt  # the library's prefill primitive
 
 
 def _compress(press, prompt, tail_capacity):
-    return compress_copy(press, prompt, tail_capacity=tail_capacity)
+    return compress_cache(press, prompt, tail_capacity=tail_capacity)
 
 
 def answer_all(pipe, sample, cells, aware: bool):

@@ -22,7 +22,7 @@ import numpy as np
 import kvjax
 import models
 from kvjax import loops
-from kvjax.eval.engine import compress_copy
+from kvjax.prefill import compress_cache
 from kvjax.eval.scoring import score
 from kvjax.eval.tasks import make_samples
 from kvjax.observation import ObsSpec
@@ -67,7 +67,7 @@ def run_sample(pipe, sample, cells, keep):
         prefill_s = time.perf_counter() - t0
         for label, ratio, press in cells:
             hook = None if press is None else press.decode_hook
-            comp = compress_copy(press, prompt, tail_capacity=out_len, hook=hook)
+            comp = compress_cache(press, prompt, tail_capacity=out_len, hook=hook)
             rep = kvjax.memory_report(comp)
             padded = np.zeros((1, loops.bucket_length(len(q_ids), minimum=16)), np.int32)
             padded[0, :len(q_ids)] = q_ids

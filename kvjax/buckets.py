@@ -30,7 +30,7 @@ def pad_prompts(input_ids, pad_id: int = 0, bucket: bool = True) -> tuple[np.nda
     Returns:
       tokens [B, T_bucket] int32 and lengths [B] int32.
     """
-    rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in _as_rows(input_ids)]
+    rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in as_rows(input_ids)]
     if not rows:
         raise ValueError("input_ids is an empty batch")
     lengths = np.array([len(r) for r in rows], np.int32)
@@ -43,7 +43,7 @@ def pad_prompts(input_ids, pad_id: int = 0, bucket: bool = True) -> tuple[np.nda
     return tokens, lengths
 
 
-def _as_rows(input_ids) -> list:
+def as_rows(input_ids) -> list:
     if isinstance(input_ids, (np.ndarray, jax.Array)):
         arr = np.asarray(input_ids)
         if arr.ndim == 1:

@@ -18,12 +18,12 @@ import numpy as np
 from kvjax.attention import resolve_attn_impl
 from kvjax.buckets import BUCKET_STEP, MIN_BUCKET, bucket_length, pad_prompts  # noqa: F401
 from kvjax.cache import KVCache
-from kvjax.compress import compress, obs_spec_for
-from kvjax.hooks import DecodeHook, check_hooks
-from kvjax.quant import resolve_kv_quant
+from kvjax.hooks import DecodeHook
+from kvjax.plan import check_budget, plan_request  # noqa: F401
+from kvjax.prefill import (compress_prompt, observe_prompt, prefill, prefill_prompt,  # noqa: F401
+                           prefill_request)
 from kvjax.sampling import Greedy
-from kvjax.sharding import (check_batch, constrain_batch, constrain_cache, mesh_context,
-                            mesh_of, store_rows, to_host)
+from kvjax.sharding import constrain_cache, mesh_context, mesh_of, to_host
 
 MAX_EOS = 8
 
@@ -55,51 +55,6 @@ class GenerateOutput:
     tokens: np.ndarray
     lengths: np.ndarray
     cache: KVCache
-
-
-@functools.partial(jax.jit, static_argnames=("fn", "attn_impl", "obs_spec", "between",
-                                             "observer"))
-def prefill_prompt(fn, params, tokens, lengths, *, obs_spec, attn_impl="auto", between=None,
-                   observer=None):
-    """Run the prompt without compressing -> (last logits [B, V], Prompt); `observer` (a
-    press's `prompt_observer`, e.g. KVzip's repeat pass) then adds its observations."""
-    logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec,
-                                attn_impl=attn_impl, between=between)
-    if observer is not None:
-        prompt = observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
-    return logits, prompt
-
-
-@functools.partial(jax.jit, static_argnames=("fn", "observer", "attn_impl"))
-def observe_prompt(fn, params, tokens, prompt, *, observer, attn_impl="auto"):
-    """Run a press's prompt observer (e.g. KVzip's repeat pass) on a prefill's Prompt."""
-    return observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
-
-
-@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl",
-                                             "hook", "quant"))
-def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto",
-            hook=None, quant=None):
-    """Run the prompt and compress it with `press` -> (last logits [B, V], KVCache).
-
-    `hook` is the decode hook the cache will carry (`kvjax.hooks.check_hooks`); None: the
-    press's own (UNComp's ring decode), if any. `quant` (`kvjax.quant.KVQuant`) stores the
-    kept entries quantized."""
-    if hook is None and press is not None:
-        hook = press.decode_hook
-    between = None if press is None else press.between_layers
-    mesh = mesh_of(fn)
-    tokens, lengths = constrain_batch(tokens, mesh), constrain_batch(lengths, mesh)
-    with mesh_context(mesh):
-        logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec_for(press, hook),
-                                    attn_impl=attn_impl, between=between)
-        if press is not None and press.prompt_observer is not None:
-            prompt = press.prompt_observer(fn, params, tokens, prompt,
-                                           resolve_attn_impl(attn_impl))
-    rows = store_rows(mesh, prompt.groups[0].layers.k.shape[2])
-    cache = compress(press, prompt, tail_capacity=tail_capacity, hook=hook, quant=quant,
-                     rows=rows)
-    return logits, constrain_cache(cache, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "attn_impl"), donate_argnames=("cache",))
@@ -169,18 +124,6 @@ def eos_array(eos_id) -> jax.Array:
     return jnp.asarray(ids + [-1] * (MAX_EOS - len(ids)), jnp.int32)
 
 
-def check_budget(fn, prompt_len: int, max_new_tokens: int) -> None:
-    """Validate max_new_tokens and the model's context length (clear errors, before jit)."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"{max_new_tokens=} must be a non-negative int")
-    if prompt_len > fn.max_seq_len:
-        raise ValueError(f"prompt length {prompt_len} exceeds the model's context "
-                         f"{fn.max_seq_len=}")
-    if prompt_len + max_new_tokens > fn.max_seq_len:
-        raise ValueError(f"prompt length {prompt_len} + {max_new_tokens=} exceeds the "
-                         f"model's context {fn.max_seq_len=}")
-
-
 def init_state(logits, cache, batch: int, out_len: int, rng) -> DecodeState:
     """The decode loop's initial state, after prefill (and any extend); out_len = token buffer."""
     rng = jax.random.key(0) if rng is None else rng
@@ -190,28 +133,19 @@ def init_state(logits, cache, batch: int, out_len: int, rng) -> DecodeState:
 
 
 def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: str = "auto",
-          rng=None, tail_extra: int = 0, decoding_press=None, kv_dtype=None):
-    """Validate, pad, prefill and compress: returns (DecodeState, lengths).
+          rng=None, tail_extra: int = 0, decoding_press=None, kv_dtype=None, tokenizer=None):
+    """Plan (`kvjax.plan.plan_request`: every check, before any tracing), prefill and
+    compress: returns (DecodeState, lengths).
 
     `tail_extra` reserves tail slots for tokens appended before decoding (a question). With a
-    `decoding_press` the tail holds `compression_interval` (+ tail_extra) slots only. A press
-    and a decoding press that cannot work together are refused here, before any tracing.
+    `decoding_press` the tail holds `compression_interval` (+ tail_extra) slots only.
     `kv_dtype` ("int8", "float8_e4m3fn" or a `kvjax.quant.KVQuant`) quantizes the store.
     """
-    quant = resolve_kv_quant(kv_dtype)
-    hook = check_hooks(press, decoding_press)
-    tokens, lengths = pad_prompts(input_ids)
-    check_batch(mesh_of(fn), len(lengths))
-    check_budget(fn, int(lengths.max()) + tail_extra, max_new_tokens)
-    if press is not None:
-        press.check_prompt(int(lengths.min()))
-    attn_impl = resolve_attn_impl(attn_impl)
-    out_len = bucket_length(max_new_tokens + tail_extra)
-    tail = (hook or DecodeHook()).tail_slots(out_len, tail_extra)
-    logits, cache = prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                            tail_capacity=tail, press=press, attn_impl=attn_impl, hook=hook,
-                            quant=quant)
-    return init_state(logits, cache, len(lengths), out_len, rng), lengths
+    plan = plan_request(fn, input_ids, max_new_tokens=max_new_tokens, press=press,
+                        decoding_press=decoding_press, kv_dtype=kv_dtype,
+                        tail_extra=tail_extra, attn_impl=attn_impl, tokenizer=tokenizer)
+    logits, cache = prefill_request(fn, params, plan)
+    return init_state(logits, cache, plan.batch, plan.out_len, rng), plan.lengths
 
 
 def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None, rng=None,
@@ -262,12 +196,14 @@ def stream_state(fn, params, state: DecodeState, *, max_new_tokens: int, sampler
 
 
 def generate_stream(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=None,
-                    rng=None, press=None, attn_impl: str = "auto", kv_dtype=None
-                    ) -> Iterator[np.ndarray]:
-    """Streaming variant of `generate`: yields the new token of every sequence, step by step."""
+                    rng=None, press=None, attn_impl: str = "auto", decoding_press=None,
+                    kv_dtype=None) -> Iterator[np.ndarray]:
+    """Streaming variant of `generate` (same arguments): yields the new token of every
+    sequence, step by step; the same tokens as `generate`."""
     fn, params = model.kvjax_split()
     state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
-                     attn_impl=attn_impl, rng=rng, kv_dtype=kv_dtype)
+                     attn_impl=attn_impl, rng=rng, decoding_press=decoding_press,
+                     kv_dtype=kv_dtype)
     for toks, _ in stream_state(fn, params, state, max_new_tokens=max_new_tokens,
                                 sampler=sampler, eos_id=eos_id, attn_impl=attn_impl):
         yield toks

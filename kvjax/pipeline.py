@@ -23,7 +23,9 @@ import numpy as np
 from kvjax import loops as gen
 from kvjax.cache import KVCache
 from kvjax.context import CompressedContext, for_batch, model_fingerprint, with_tail
-from kvjax.hooks import DecodeHook, check_hooks
+from kvjax.hooks import DecodeHook
+from kvjax.plan import plan_request
+from kvjax.prefill import prefill_request
 from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
 from kvjax.sharding import to_host
@@ -56,6 +58,7 @@ class Pipeline:
     def __init__(self, model, tokenizer, *, attn_impl: str = "auto", kv_dtype=None):
         """`kv_dtype`: None, "int8" or "float8_e4m3fn" (or a `kvjax.quant.KVQuant`): the
         compressed store of every call is kept quantized (`kvjax.quant`)."""
+        check_tokenizer(tokenizer)
         self.fn, self.params = model.kvjax_split()
         self.tokenizer = tokenizer
         self.attn_impl = gen.resolve_attn_impl(attn_impl)
@@ -128,11 +131,13 @@ class Pipeline:
 
     def stream_with_state(self, context: str, question: str = "", *, max_new_tokens: int = 64,
                           press=None, answer_prefix: str = "", question_aware: bool = False,
-                          sampler=Greedy(), rng=None) -> Iterator[tuple[str, gen.DecodeState]]:
-        """Yield (text piece, decode state) per step, with the decode loop's jitted step."""
+                          sampler=Greedy(), rng=None, decoding_press=None
+                          ) -> Iterator[tuple[str, gen.DecodeState]]:
+        """Yield (text piece, decode state) per step, with the decode loop's jitted step
+        (the same tokens as `run` with the same arguments)."""
         ctx_ids, q_ids = self.encode(context, question, answer_prefix=answer_prefix,
                                      question_aware=question_aware)
-        state = self._prefill(ctx_ids, q_ids, max_new_tokens, press, rng)
+        state = self._prefill(ctx_ids, q_ids, max_new_tokens, press, rng, decoding_press)
         tokens, shown = [], ""
         for tok, state in gen.stream_state(self.fn, self.params, state,
                                            max_new_tokens=max_new_tokens, sampler=sampler,
@@ -148,11 +153,10 @@ class Pipeline:
 
     def _prefill(self, ctx_ids, q_ids, max_new_tokens, press, rng,
                  decoding_press=None) -> gen.DecodeState:
-        press = None if press is None else press.with_tokenizer(self.tokenizer)
         state, _ = gen.start(self.fn, self.params, [ctx_ids], max_new_tokens=max_new_tokens,
                              press=press, attn_impl=self.attn_impl, rng=rng,
                              tail_extra=len(q_ids), decoding_press=decoding_press,
-                             kv_dtype=self.kv_quant)
+                             kv_dtype=self.kv_quant, tokenizer=self.tokenizer)
         return self.append_tokens(state, q_ids)
 
     def append_tokens(self, state: gen.DecodeState, ids) -> gen.DecodeState:
@@ -175,17 +179,12 @@ class Pipeline:
     def compress(self, context: str, *, press=None) -> CompressedContext:
         """Prefill and compress `context` once, question-agnostic, for later `ask` calls."""
         ctx_ids, _ = self.encode(context, "")
-        press = None if press is None else press.with_tokenizer(self.tokenizer)
-        hook = check_hooks(press, None)
-        tokens, lengths = gen.pad_prompts([ctx_ids])
-        gen.check_budget(self.fn, len(ctx_ids), 0)
-        if press is not None:
-            press.check_prompt(len(ctx_ids))
-        logits, cache = gen.prefill(self.fn, self.params, jnp.asarray(tokens),
-                                    jnp.asarray(lengths), tail_capacity=0, press=press,
-                                    attn_impl=self.attn_impl, hook=hook, quant=self.kv_quant)
+        plan = plan_request(self.fn, [ctx_ids], max_new_tokens=0, press=press,
+                            kv_dtype=self.kv_quant, attn_impl=self.attn_impl,
+                            tokenizer=self.tokenizer, decode=False)
+        logits, cache = prefill_request(self.fn, self.params, plan)
         return CompressedContext(cache=cache, logits=logits, context_ids=tuple(ctx_ids),
-                                 press=None if press is None else repr(press),
+                                 press=None if plan.press is None else repr(plan.press),
                                  model_id=self.model_id)
 
     def ask(self, compressed: CompressedContext, question: str, *, max_new_tokens: int = 64,
@@ -236,6 +235,20 @@ class Pipeline:
                                n_context=compressed.n_context, n_question=len(q_ids[i]),
                                prefill_s=t1 - t0, decode_s=t2 - t1)
                 for i in range(len(questions))]
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Raise unless `tokenizer` can encode, decode and apply a chat template (a model loaded
+    from a directory without tokenizer.json has none: `models.load` returns None)."""
+    if tokenizer is None:
+        raise ValueError("tokenizer=None: Pipeline needs a tokenizer (the model's source had "
+                         "none, e.g. an HF directory without tokenizer.json); use "
+                         "kvjax.generate with token ids instead, or add the tokenizer files")
+    missing = [m for m in ("encode", "decode", "eos_ids", "chat_template")
+               if not hasattr(tokenizer, m)]
+    if missing:
+        raise TypeError(f"tokenizer of type {type(tokenizer).__name__} lacks {missing}: pass "
+                        "the tokenizer that models.load returns")
 
 
 def _with_hook(cache: KVCache, decoding_press) -> KVCache:

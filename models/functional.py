@@ -19,6 +19,7 @@ class NNXFunctional:
     graphdef: Any
     max_seq_len: int
     mesh: Any = None  # the jax.sharding.Mesh the parameters live on (kvjax.sharding), or None
+    vocab_size: int | None = None  # token ids must lie in [0, vocab_size) (kvjax.plan)
 
     def prefill(self, params, *args, **kwargs):
         return nnx.merge(self.graphdef, params).prefill(*args, **kwargs)
@@ -37,5 +38,7 @@ def split_model(model, max_seq_len: int | None = None) -> tuple[NNXFunctional, A
     """
     if max_seq_len is None:
         max_seq_len = model.config.max_seq_len
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     graphdef, params = nnx.split(model)
-    return NNXFunctional(graphdef, int(max_seq_len), mesh_of(params)), params
+    return NNXFunctional(graphdef, int(max_seq_len), mesh_of(params),
+                         None if vocab is None else int(vocab)), params

@@ -9,7 +9,6 @@ tests check the answers equal `Pipeline.run`'s.
 """
 
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 
@@ -18,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import loops
-from kvjax.compress import compress, obs_spec_for
 from kvjax.eval.sample import Sample
 from kvjax.memory import memory_report
+from kvjax.plan import plan_request, prefill_parts
 from kvjax.sampling import Greedy
 
 
@@ -52,35 +51,19 @@ class Answer:
     error: str = ""
 
 
-def prefill_observe(fn, params, tokens, lengths, *, obs_spec, attn_impl, between=None,
-                    observer=None):
-    """Prefill without compressing -> (last logits [B, V], kvjax.prompt.Prompt)."""
-    return loops.prefill_prompt(fn, params, tokens, lengths, obs_spec=obs_spec,
-                                attn_impl=attn_impl, between=between, observer=observer)
+def prefill_key(press, *, with_hook: bool = True) -> tuple:
+    """What a press needs from the shared prefill (`kvjax.plan.prefill_parts`, with its own
+    decode hook unless `with_hook=False`), as a hashable key: presses with equal keys share
+    one prefill."""
+    hook = None if press is None or not with_hook else press.decode_hook
+    return tuple(prefill_parts(press, hook).values())
 
 
-@functools.partial(jax.jit, static_argnames=("press", "tail_capacity", "hook", "quant"))
-def compress_copy(press, prompt, *, tail_capacity, hook=None, quant=None):
-    """The prompt compressed by `press` into a new cache (the prompt's buffers survive, so
-    other presses compress the same prefill); `hook`: the cache's decode hook; `quant`: a
-    `kvjax.quant.KVQuant` for a quantized store."""
-    return compress(press, prompt, tail_capacity=tail_capacity, hook=hook, quant=quant)
-
-
-def prefill_parts(press) -> dict:
-    """What a press needs from the shared prefill: between-layers hook and prompt observer."""
-    if press is None:
-        return dict(between=None, observer=None)
-    return dict(between=press.between_layers, observer=press.prompt_observer)
-
-
-def group_by_spec(presses: Sequence) -> list[list[int]]:
-    """Indices of `presses` grouped by equal prefills (observation spec, between-layers hook,
-    prompt observer), in first-seen order."""
+def group_by_spec(presses: Sequence, *, with_hook: bool = True) -> list[list[int]]:
+    """Indices of `presses` grouped by equal prefills (`prefill_key`), in first-seen order."""
     groups: dict = {}
     for i, press in enumerate(presses):
-        key = (obs_spec_for(press), *prefill_parts(press).values())
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(prefill_key(press, with_hook=with_hook), []).append(i)
     return list(groups.values())
 
 
@@ -100,46 +83,41 @@ def answer_sample(pipeline, sample: Sample, presses: Sequence, *,
       question_aware: compress the context with the question in it.
     """
     fn, params = pipeline.fn, pipeline.params
-    presses = [None if p is None else p.with_tokenizer(pipeline.tokenizer) for p in presses]
     ctx_ids, q_ids = pipeline.encode(sample.context, sample.question,
                                      answer_prefix=sample.answer_prefix,
                                      question_aware=question_aware)
-    tokens, lengths = loops.pad_prompts([ctx_ids])
-    loops.check_budget(fn, len(ctx_ids) + len(q_ids), sample.max_new_tokens)
-    for press in presses:
-        if press is not None:
-            press.check_prompt(len(ctx_ids))
-    out_len = loops.bucket_length(sample.max_new_tokens + len(q_ids))
+    plans = [plan_request(fn, [ctx_ids], max_new_tokens=sample.max_new_tokens, press=p,
+                          kv_dtype=pipeline.kv_quant, tail_extra=len(q_ids),
+                          attn_impl=pipeline.attn_impl, tokenizer=pipeline.tokenizer)
+             for p in presses]
+    tokens, lengths = jnp.asarray(plans[0].tokens), jnp.asarray(plans[0].lengths)
     answers: list[Answer | None] = [None] * len(presses)
-    for group in group_by_spec(presses):
+    for group in group_by_spec([plan.press for plan in plans]):
         t0 = time.perf_counter()
-        first = presses[group[0]]
-        parts = prefill_parts(first)
-        logits, prompt = prefill_observe(
-            fn, params, jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=obs_spec_for(first),
-            attn_impl=pipeline.attn_impl, between=parts["between"])
+        first = plans[group[0]]
+        logits, prompt = loops.prefill_prompt(fn, params, tokens, lengths,
+                                              attn_impl=pipeline.attn_impl,
+                                              **first.prefill_parts(observer=False))
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
-        if parts["observer"] is not None:  # e.g. KVzip's repeat pass: part of compression
-            prompt = loops.observe_prompt(fn, params, jnp.asarray(tokens), prompt,
-                                          observer=parts["observer"],
+        observer = first.prefill_parts()["observer"]
+        if observer is not None:  # e.g. KVzip's repeat pass: part of compression
+            prompt = loops.observe_prompt(fn, params, tokens, prompt, observer=observer,
                                           attn_impl=pipeline.attn_impl)
             jax.block_until_ready(prompt)
         times = (t1 - t0, time.perf_counter() - t1)
         for i in group:
-            answers[i] = _decode_one(pipeline, presses[i], logits, prompt, q_ids, out_len,
+            answers[i] = _decode_one(pipeline, plans[i], logits, prompt, q_ids,
                                      sample.max_new_tokens, times, len(ctx_ids))
     return answers
 
 
-def _decode_one(pipeline, press, logits, prompt, q_ids, out_len, max_new_tokens,
-                times, n_context) -> Answer:
+def _decode_one(pipeline, plan, logits, prompt, q_ids, max_new_tokens, times,
+                n_context) -> Answer:
     """times: (the shared prefill's seconds, the press's prompt observer's seconds)."""
     t0 = time.perf_counter()
-    cache = compress_copy(press, prompt, tail_capacity=out_len,
-                          hook=None if press is None else press.decode_hook,
-                          quant=pipeline.kv_quant)
-    state = loops.init_state(logits, cache, 1, out_len, None)
+    cache = loops.compress_prompt(plan.press, prompt, plan)
+    state = loops.init_state(logits, cache, 1, plan.out_len, None)
     jax.block_until_ready(state.cache)
     t1 = time.perf_counter()
     context_kv_bytes = int(memory_report(state.cache).kv_bytes_needed)

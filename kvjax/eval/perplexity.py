@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import loops
-from kvjax.compress import obs_spec_for
-from kvjax.eval.engine import compress_copy, group_by_spec, prefill_observe, prefill_parts
+from kvjax.eval.engine import group_by_spec
+from kvjax.plan import plan_request
 from kvjax.eval.haystack import corpus_paragraphs
 from kvjax.eval.tasks import sample_rng
 from kvjax.memory import memory_report
@@ -87,21 +87,19 @@ def perplexities(fn, params, ids: Sequence[int], n_context: int, n_score: int,
         raise ValueError(f"{n_context=} must be >= 1 and {n_score=} >= 2")
     if len(ids) < n_context + n_score:
         raise ValueError(f"{len(ids)=} < {n_context=} + {n_score=}")
-    loops.check_budget(fn, n_context + n_score, 0)
-    for press in presses:
-        if press is not None:
-            press.check_prompt(n_context)
-    attn_impl = loops.resolve_attn_impl(attn_impl)
-    tokens, lengths = loops.pad_prompts([list(ids[:n_context])])
-    tail = loops.bucket_length(n_score + chunk)
+    # teacher forcing needs no decode hook: the scored tokens go to the tail, in chunks
+    plans = [dataclasses.replace(
+        plan_request(fn, [list(ids[:n_context])], max_new_tokens=0, press=p, kv_dtype=quant,
+                     tail_extra=n_score, attn_impl=attn_impl),
+        hook=None, tail_capacity=loops.bucket_length(n_score + chunk)) for p in presses]
+    tokens, lengths = jnp.asarray(plans[0].tokens), jnp.asarray(plans[0].lengths)
+    attn_impl = plans[0].attn_impl
     results: list[PerplexityResult | None] = [None] * len(presses)
-    for group in group_by_spec(presses):
-        first = presses[group[0]]
-        logits, prompt = prefill_observe(
-            fn, params, jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=obs_spec_for(first),
-            attn_impl=attn_impl, **prefill_parts(first))
+    for group in group_by_spec(presses, with_hook=False):
+        logits, prompt = loops.prefill_prompt(fn, params, tokens, lengths, attn_impl=attn_impl,
+                                              **plans[group[0]].prefill_parts())
         for i in group:
-            compressed = compress_copy(presses[i], prompt, tail_capacity=tail, quant=quant)
+            compressed = loops.compress_prompt(plans[i].press, prompt, plans[i])
             report = memory_report(compressed)
             nll = continuation_nll(fn, params, logits, compressed,
                                    ids[n_context:n_context + n_score], chunk=chunk,

@@ -127,13 +127,33 @@ def test_sampling_is_deterministic_given_key(tiny):
     (dict(input_ids=[[1, 2], []], max_new_tokens=4), "empty prompt"),
     (dict(input_ids=[], max_new_tokens=4), "empty batch"),
     (dict(input_ids=[[1, 2]], max_new_tokens=-1), "max_new_tokens=-1"),
-    (dict(input_ids=[list(range(300))], max_new_tokens=1), "exceeds the model's context"),
+    (dict(input_ids=[[1] * 300], max_new_tokens=1), "exceeds the model's context"),
     (dict(input_ids=[[1, 2]], max_new_tokens=255), "max_new_tokens=255"),
     (dict(input_ids=[[1, 2]], max_new_tokens=2, attn_impl="cuda"), "attn_impl='cuda'"),
 ])
 def test_bad_input(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
         kvjax.generate(tiny, **kwargs)
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([[1, 500, 2]], "token id 500 in prompt 0 is outside the model's vocabulary"),
+    ([[1, 2], [3, 97]], "token id 97 in prompt 1 .*vocab_size=97"),
+    ([[1, -1, 2]], "token id -1 in prompt 0 is negative"),
+    ([[1.0, 2.0]], "dtype float64; token ids must be integers"),
+    (np.array([[1.5, 2.0]], np.float32), "dtype float32"),
+    ([[True, False]], "bool"),
+])
+def test_token_ids_are_checked(tiny, ids, match):
+    """Out-of-vocabulary, negative, float and bool ids are refused before anything runs
+    (nnx.Embed would fill NaN or clip; a float would be truncated)."""
+    with pytest.raises(ValueError, match=match):
+        kvjax.generate(tiny, ids, max_new_tokens=2)
+
+
+def test_last_vocabulary_id_is_accepted(tiny):
+    out = kvjax.generate(tiny, [[1, tiny.config.vocab_size - 1]], max_new_tokens=2)
+    assert out.tokens.shape == (1, 2)
 
 
 def test_bad_sampler_args():
