@@ -1,7 +1,7 @@
 """The runner on the real SmolLM2-135M-Instruct (slow): full-cache needle retrieval.
 
 Measured on CPU, f32 (2 cores), seed 0, samples 0-4 (needle depths 0, 1, 1/2, 1/4, 3/4):
-niah_single at 1024 tokens, full cache: 5/5 exact (README "Evaluation" has every task at 1-4k).
+niah_single at 1024 tokens, full cache: 5/5 exact (docs/results/README.md has every task at 1-4k).
 """
 
 import json
