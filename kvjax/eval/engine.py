@@ -36,6 +36,8 @@ class Answer:
       prefill_s: wall seconds of the (shared) prefill; compress_s: this press's own work
         after it (its prompt observer, e.g. KVzip's repeat pass, and the compression);
       decode_s: question append + decode; error: why no answer was produced ("" if one was).
+      store_rows: rows R of the compressed store (the "model" size on a mesh that divides the
+        kv heads, else 1; docs/architecture.md, "Meshes").
     """
 
     text: str
@@ -49,6 +51,7 @@ class Answer:
     decode_s: float
     compress_s: float = 0.0
     error: str = ""
+    store_rows: int = 1
 
 
 def prefill_key(press, *, with_hook: bool = True) -> tuple:
@@ -132,4 +135,4 @@ def _decode_one(pipeline, plan, logits, prompt, q_ids, max_new_tokens, times,
                   kv_bytes_needed=int(report.kv_bytes_needed), bytes_held=int(report.bytes_held),
                   context_kv_bytes=context_kv_bytes, n_context=n_context,
                   n_question=len(q_ids), prefill_s=times[0], compress_s=times[1] + t1 - t0,
-                  decode_s=t2 - t1)
+                  decode_s=t2 - t1, store_rows=int(cache.store.k.shape[1]))
