@@ -15,11 +15,25 @@ specification:
 mode anywhere else (see `pallas_kernels._interpret`).
 """
 
-from pallas_kernels import gpu, tpu
-from pallas_kernels.gpu import decode_attention as gpu_decode_attention
-from pallas_kernels.gpu import prefill_attention_with_scores as gpu_prefill_attention_with_scores
-from pallas_kernels.tpu import decode_attention as tpu_decode_attention
-from pallas_kernels.tpu import prefill_attention_with_scores as tpu_prefill_attention_with_scores
+import importlib
 
-__all__ = ["gpu", "gpu_decode_attention", "gpu_prefill_attention_with_scores", "tpu",
-           "tpu_decode_attention", "tpu_prefill_attention_with_scores"]
+_LAZY = {
+    "gpu": ("pallas_kernels.gpu", None),
+    "tpu": ("pallas_kernels.tpu", None),
+    "gpu_decode_attention": ("pallas_kernels.gpu", "decode_attention"),
+    "gpu_prefill_attention_with_scores": ("pallas_kernels.gpu", "prefill_attention_with_scores"),
+    "tpu_decode_attention": ("pallas_kernels.tpu", "decode_attention"),
+    "tpu_prefill_attention_with_scores": ("pallas_kernels.tpu", "prefill_attention_with_scores"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    """Import a kernel package on first use (PEP 562): `import pallas_kernels` (and so
+    `import kvjax`) loads no Mosaic module until a kernel is asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pallas_kernels' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    mod = importlib.import_module(module)
+    return mod if attr is None else getattr(mod, attr)
