@@ -37,3 +37,7 @@ __all__ = [
     "decode_positions", "kept_positions", "kv_nbytes_needed", "memory_report",
     "prefill_attention_reference", "prefill_layer", "single_group",
 ]
+
+from kvjax.engine import Engine, EngineStats, Request, RequestResult  # noqa: E402
+
+__all__ += ["Engine", "EngineStats", "Request", "RequestResult"]

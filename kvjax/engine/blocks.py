@@ -1,0 +1,83 @@
+"""Host-side allocation of the pool's slots: contiguous blocks, first fit, coalesced on free.
+
+The pool is one store row of `n_slots` slots shared by every running request (see
+kvjax/engine/pool.py). A request's compressed store is written into one block of exactly
+the slots its segments span (rounded up to `align`), and a block is returned to the free
+list the moment its last user finishes. Blocks are reference counted so that a compressed
+context answered by many requests is held once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Block:
+    """A run of pool slots [start, start + size) and the number of requests reading it."""
+
+    start: int
+    size: int
+    refs: int = 1
+
+
+class BlockAllocator:
+    """First-fit allocator over [0, n_slots) in units of `align` slots.
+
+    Mutable host state owned by one `kvjax.Engine`; nothing here touches a device.
+    """
+
+    def __init__(self, n_slots: int, align: int = 8):
+        if n_slots < 0 or align < 1:
+            raise ValueError(f"{n_slots=} must be >= 0 and {align=} >= 1")
+        self.n_slots, self.align = n_slots - n_slots % align, align
+        self._free: list[tuple[int, int]] = [(0, self.n_slots)] if self.n_slots else []
+        self._used = 0
+
+    def rounded(self, size: int) -> int:
+        """`size` slots rounded up to the allocation unit (at least one unit)."""
+        return max(self.align, -(-int(size) // self.align) * self.align)
+
+    @property
+    def used(self) -> int:
+        """Slots held by live blocks."""
+        return self._used
+
+    @property
+    def free(self) -> int:
+        return self.n_slots - self._used
+
+    @property
+    def largest_free(self) -> int:
+        return max((n for _, n in self._free), default=0)
+
+    def fits(self, size: int) -> bool:
+        return self.rounded(size) <= self.largest_free
+
+    def allocate(self, size: int) -> Block | None:
+        """A block of `rounded(size)` slots, or None when no free run is long enough."""
+        need = self.rounded(size)
+        for i, (start, n) in enumerate(self._free):
+            if n >= need:
+                self._free[i:i + 1] = [(start + need, n - need)] if n > need else []
+                self._used += need
+                return Block(start=start, size=need)
+        return None
+
+    def release(self, block: Block) -> bool:
+        """Drop one reference; the slots go back to the free list at the last one (-> True)."""
+        if block.refs <= 0:
+            raise ValueError(f"block at {block.start} of {block.size} slots is already free")
+        block.refs -= 1
+        if block.refs:
+            return False
+        self._used -= block.size
+        runs = sorted(self._free + [(block.start, block.size)])
+        merged: list[tuple[int, int]] = []
+        for start, n in runs:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((start, n))
+        self._free = merged
+        return True

@@ -1,0 +1,453 @@
+"""`kvjax.Engine`: continuous batching of compressed requests over one shared pool.
+
+    engine = kvjax.Engine(model, tokenizer, kv_budget="2GiB", max_running=8,
+                          press=kvjax.SnapKVPress(compression_ratio=0.75))
+    req = engine.submit("a long document ...", question="...", max_new_tokens=64)
+    engine.run()                   # or engine.step() from your own loop, or engine.stream(req)
+    req.result()                   # tokens, text, finish reason
+
+Every request is prefilled and compressed alone through the library's one path
+(`kvjax.plan.plan_request`, `kvjax.prefill`), its question appended, and its kept entries
+written into a block of the pool of exactly the slots they span; then it decodes with every
+other running request in one jitted step (`kvjax.engine.step.decode_slots`). A finished or
+cancelled request returns its block and slot at once, and the next waiting request is
+admitted into them. Shapes never change with the requests: one decode compilation per
+engine, one prefill and one block write per prompt bucket and press.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.buckets import bucket_length
+from kvjax.context import CompressedContext, model_fingerprint, with_tail
+from kvjax.engine.blocks import BlockAllocator
+from kvjax.engine.pool import attach, detach, empty_pool, used_slots, write_block
+from kvjax.engine.request import Request, RequestResult, Status, as_id_list
+from kvjax.engine.step import SlotState, decode_slots, set_slot
+from kvjax.hooks import check_hooks
+from kvjax.loops import MAX_EOS, init_state
+from kvjax.plan import plan_request
+from kvjax.prefill import prefill_prompt, prefill_request
+from kvjax.quant import resolve_kv_quant
+from kvjax.sampling import Greedy
+from kvjax.sharding import mesh_of, store_rows
+
+UNSET = object()
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40, "tb": 10**12}
+
+
+def parse_bytes(value) -> int:
+    """An int of bytes, or a string like "2GiB", "512 MiB", "1.5GB" -> bytes."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_budget={value!r} is not a byte count (an int, or e.g. '2GiB', "
+                         "'512MiB', '1.5GB')")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """running / waiting requests; pool_slots (per store row), slots_used / slots_free;
+    bytes_held: the pool and tails allocated at construction (the budget's share used);
+    bytes_needed: kv bytes of the entries the running requests keep (pool blocks + tail
+    tokens); tokens_generated: since construction."""
+
+    running: int
+    waiting: int
+    pool_slots: int
+    slots_used: int
+    slots_free: int
+    bytes_held: int
+    bytes_needed: int
+    tokens_generated: int
+
+
+class Engine:
+    """Serve many requests with per-request presses over one memory pool.
+
+    Args:
+      model: a model with `kvjax_split()` (e.g. `models.Decoder`).
+      tokenizer: needed for text and compressed-context requests and stop strings.
+      kv_budget: bytes (or "2GiB") for the pool and the per-slot tails together.
+      max_running: slots decoded together in one step.
+      press: the default press of a request (None: the full cache).
+      kv_dtype: None, "int8" or "float8_e4m3fn": the pool stores kept entries quantized
+        (per-entry scales).
+      max_tail: tail slots per running request: question tokens + generated tokens.
+      attn_impl: as in `kvjax.generate`.
+    """
+
+    def __init__(self, model, tokenizer=None, *, kv_budget="2GiB", max_running: int = 8,
+                 press=None, kv_dtype=None, max_tail: int = 512, attn_impl: str = "auto"):
+        for name, val, lo in (("max_running", max_running, 1), ("max_tail", max_tail, 1)):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
+                raise ValueError(f"{name}={val!r} must be an int >= {lo}")
+        check_hooks(press, None)
+        self.fn, self.params = model.kvjax_split()
+        self.tokenizer, self.press = tokenizer, press
+        self.model_id = model_fingerprint(model)
+        self._pipe = None
+        if tokenizer is not None:
+            from kvjax.pipeline import Pipeline
+            self._pipe = Pipeline(model, tokenizer, attn_impl=attn_impl, kv_dtype=kv_dtype)
+        self.quant = resolve_kv_quant(kv_dtype)
+        if self.quant is not None and self.quant.scheme != "token":
+            raise ValueError(f"kv_dtype={kv_dtype!r}: the engine's pool takes per-entry "
+                             "('token') scales only")
+        self.attn_impl = plan_request(self.fn, [[0]], max_new_tokens=0,
+                                      attn_impl=attn_impl).attn_impl
+        self.max_running, self.max_tail = int(max_running), int(max_tail)
+        self.budget = parse_bytes(kv_budget)
+        self._build_pool()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: dict[int, Request] = {}
+        self._free_slots = list(range(self.max_running - 1, -1, -1))
+        self._samplers: list = [Greedy()]
+        self._contexts: dict[int, tuple[CompressedContext, object]] = {}
+        self._next_id, self._steps, self._generated, self._closed = 0, 0, 0, False
+
+    # -- construction ----------------------------------------------------------------
+
+    def _model_shapes(self):
+        """(L, K, H, dtype, V) from an abstract prefill of one token (nothing runs)."""
+        toks = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+        lens = jax.ShapeDtypeStruct((1,), jnp.int32)
+        from kvjax.observation import ObsSpec
+        logits, prompt = jax.eval_shape(
+            lambda p, t, n: prefill_prompt(self.fn, p, t, n, obs_spec=ObsSpec(),
+                                           attn_impl=self.attn_impl), self.params, toks, lens)
+        n_layers = sum(g.n_layers for g in prompt.groups)
+        k = prompt.groups[0].layers.k  # [L_g, B, K, T, H]
+        return n_layers, k.shape[2], k.shape[4], k.dtype, logits.shape[-1]
+
+    def _build_pool(self):
+        n_layers, n_kv, h, dtype, vocab = self._model_shapes()
+        rows = store_rows(mesh_of(self.fn), n_kv)
+        kbytes = jnp.dtype(dtype if self.quant is None else self.quant.dtype).itemsize
+        per_slot = rows * (2 * h * kbytes + 4 + (8 if self.quant is not None else 0))
+        tail_bytes = self.max_running * (2 * n_layers * n_kv * self.max_tail * h
+                                         * jnp.dtype(dtype).itemsize + 4 * self.max_tail)
+        n_slots = (self.budget - tail_bytes) // per_slot
+        if n_slots < 8:
+            raise ValueError(
+                f"kv_budget={self.budget} bytes leaves {max(n_slots, 0)} pool slots after the "
+                f"tails of {self.max_running} running requests ({tail_bytes} bytes for "
+                f"max_tail={self.max_tail}): raise kv_budget or lower max_running/max_tail")
+        self.allocator = BlockAllocator(int(n_slots), align=8)
+        self._shapes = dict(n_layers=n_layers, n_kv=n_kv, head_dim=h, dtype=dtype, rows=rows)
+        self._slot_bytes, self._tail_token_bytes = per_slot, 2 * n_layers * n_kv * h * \
+            jnp.dtype(dtype).itemsize
+        self._bytes_held = self.allocator.n_slots * per_slot + tail_bytes
+        cache = empty_pool(n_layers=n_layers, n_kv=n_kv, rows=rows,
+                           n_slots=self.allocator.n_slots, head_dim=h,
+                           max_running=self.max_running, tail=self.max_tail, dtype=dtype,
+                           quant=self.quant, max_segment=self.fn.max_seq_len)
+        keys = jax.random.split(jax.random.key(0), self.max_running)
+        self._state = SlotState(logits=jnp.zeros((self.max_running, vocab), jnp.float32),
+                                rng=keys, cache=cache)
+
+    # -- submit ----------------------------------------------------------------------
+
+    def submit(self, x, question: str = "", *, question_aware: bool = False, press=UNSET,
+               max_new_tokens: int = 64, sampler=Greedy(), eos_id=UNSET, stop=(),
+               rng=None, answer_prefix: str = "") -> Request:
+        """Queue a request; every check runs here, so a bad request never reaches a step.
+
+        Args:
+          x: token ids (as `kvjax.generate` takes one prompt), a context string (the chat
+            template applied exactly as `Pipeline.run` does), or a `CompressedContext`
+            (answered as `Pipeline.ask` does; its store is held once for all its requests).
+          question, question_aware, answer_prefix: as in `Pipeline.run` (text and contexts).
+          press: this request's press (default: the engine's); not for a compressed context.
+          max_new_tokens: >= 1; sampler: Greedy(), Temperature, TopK, TopP; rng: its key.
+          eos_id: id or ids that end it (default: the tokenizer's for text and contexts, none
+            for token ids, as `kvjax.generate`); stop: strings that end it (text decoded).
+        """
+        if self._closed:
+            raise RuntimeError("submit after shutdown(): this engine accepts no requests")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 1:
+            raise ValueError(f"{max_new_tokens=} must be an int >= 1")
+        if not callable(sampler) or isinstance(sampler, type):
+            raise ValueError(f"{sampler=} must be a sampler instance, e.g. kvjax.Greedy()")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        if stop and self.tokenizer is None:
+            raise ValueError(f"{stop=} needs a tokenizer to decode the text")
+        ids, q_ids, context, plan = self._inputs(x, question, question_aware, answer_prefix,
+                                                 press, int(max_new_tokens))
+        if len(q_ids) + max_new_tokens > self.max_tail:
+            raise ValueError(f"{len(q_ids)} question tokens + {max_new_tokens=} exceed the "
+                             f"engine's max_tail={self.max_tail}")
+        if eos_id is UNSET:
+            eos_id = None if ids is not None and context is None and not isinstance(x, str) \
+                else (self.tokenizer.eos_ids if self.tokenizer is not None else None)
+        eos = () if eos_id is None else ((eos_id,) if isinstance(eos_id, (int, np.integer))
+                                         else tuple(eos_id))
+        if len(eos) > MAX_EOS:
+            raise ValueError(f"{len(eos)=} EOS ids; at most {MAX_EOS} are supported")
+        if sampler not in self._samplers:
+            self._samplers.append(sampler)
+        req = Request(id=self._next_id, ids=ids, question_ids=q_ids, context=context,
+                      plan=plan, max_new_tokens=int(max_new_tokens), sampler=sampler,
+                      eos_ids=tuple(int(e) for e in eos), stop=stop,
+                      rng=jax.random.key(0) if rng is None else rng,
+                      submitted_step=self._steps, submit_time=time.perf_counter(),
+                      _engine=self)
+        self._next_id += 1
+        self._waiting.append(req)
+        return req
+
+    def _inputs(self, x, question, question_aware, answer_prefix, press, max_new_tokens):
+        """(context ids, question ids, CompressedContext or None, plan or None), checked."""
+        if isinstance(x, CompressedContext):
+            return (None, self._context_question(x, question, question_aware, answer_prefix,
+                                                 press), x, None)
+        if isinstance(x, str):
+            if self._pipe is None:
+                raise ValueError("a text request needs a tokenizer: Engine(model, tokenizer)")
+            ids, q_ids = self._pipe.encode(x, question, answer_prefix=answer_prefix,
+                                           question_aware=question_aware)
+        else:
+            ids = as_id_list(x)
+            if ids is None:
+                raise ValueError(f"cannot submit {type(x).__name__}: pass token ids, a "
+                                 "context string or a CompressedContext")
+            if question or question_aware or answer_prefix:
+                raise ValueError("question/question_aware/answer_prefix are for text and "
+                                 "compressed-context requests, not token ids")
+            q_ids = []
+        press = self.press if press is UNSET else press
+        if press is not None and check_hooks(press, None) is not None:
+            raise ValueError(f"{type(press).__name__} brings a decode hook, which the engine "
+                             "does not run yet: use kvjax.generate for it")
+        if press is not None and press.channel_pruner is not None:
+            raise ValueError(f"{type(press).__name__} prunes key channels, which the "
+                             "engine's pool does not hold yet: use kvjax.generate for it")
+        plan = plan_request(self.fn, [ids], max_new_tokens=max_new_tokens, press=press,
+                            kv_dtype=self.quant, tail_extra=len(q_ids),
+                            attn_impl=self.attn_impl, tokenizer=self.tokenizer)
+        return ids, q_ids, None, plan
+
+    def _context_question(self, ctx, question, question_aware, answer_prefix, press):
+        if press is not UNSET:
+            raise ValueError("press= cannot be given with a CompressedContext: it was "
+                             f"compressed already (by {ctx.press})")
+        if question_aware:
+            raise ValueError("question_aware=True needs the context text, not a "
+                             "CompressedContext (compressed question-agnostic)")
+        if self._pipe is None:
+            raise ValueError("a CompressedContext request needs a tokenizer")
+        if ctx.model_id != self.model_id:
+            raise ValueError(f"this context was compressed by model {ctx.model_id}, not the "
+                             f"engine's ({self.model_id})")
+        st = ctx.cache.store
+        if ctx.cache.hook is not None or st.channels is not None:
+            raise ValueError("a context with a decode hook or thin keys cannot join the pool")
+        if st.quant != self.quant or st.rows != self._shapes["rows"]:
+            raise ValueError(f"the context's store (quant={st.quant}, rows={st.rows}) differs "
+                             f"from the engine's pool (quant={self.quant}, "
+                             f"rows={self._shapes['rows']})")
+        used = int(used_slots(st))
+        if self.allocator.rounded(used) > self.allocator.n_slots:
+            raise ValueError(f"the context keeps {used} slots per row; the pool has "
+                             f"{self.allocator.n_slots} (raise kv_budget)")
+        return self._pipe.encode("", question, answer_prefix=answer_prefix)[1]
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Request, int]]:
+        """Admit what fits, then one jitted decode step of every running request.
+
+        Returns the (request, token) pairs generated in this step."""
+        self._admit()
+        if not self._running:
+            return []
+        s = self.max_running
+        active = np.zeros(s, bool)
+        idx = np.zeros(s, np.int32)
+        for slot, req in self._running.items():
+            active[slot], idx[slot] = True, self._samplers.index(req.sampler)
+        tok, self._state, ok = decode_slots(self.fn, self.params, self._state,
+                                            jnp.asarray(active), jnp.asarray(idx),
+                                            samplers=tuple(self._samplers),
+                                            attn_impl=self.attn_impl)
+        tok, ok = np.asarray(tok), np.asarray(ok)
+        self._steps += 1
+        events = []
+        for slot, req in list(self._running.items()):
+            t = int(tok[slot])
+            req.tokens.append(t)
+            self._generated += 1
+            if req.first_token_time is None:
+                req.first_token_time = time.perf_counter()
+            events.append((req, t))
+            reason = self._finish_reason(req, t)
+            if reason is None and not ok[slot]:
+                req.error = "the logits after this token are not finite (NaN or inf)"
+                reason = "error"
+            if reason is not None:
+                self._finish(req, reason)
+        return events
+
+    def _finish_reason(self, req: Request, t: int) -> str | None:
+        if t in req.eos_ids:
+            return "stop"
+        if req.stop:
+            text = self.tokenizer.decode(req.tokens)
+            hits = [text.index(s) for s in req.stop if s in text]
+            if hits:
+                req.text = text[:min(hits)]
+                return "stop"
+        return "length" if len(req.tokens) >= req.max_new_tokens else None
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            req = self._waiting[0]
+            try:
+                admitted = self._admit_one(req, self._free_slots[-1])
+            except Exception as err:  # noqa: BLE001 - the request fails, the engine serves on
+                self._waiting.popleft()
+                req.error = f"{type(err).__name__}: {err}"
+                self._finish(req, "error")
+                continue
+            if not admitted:
+                return
+            self._waiting.popleft()
+
+    def _admit_one(self, req: Request, slot: int) -> bool:
+        """Prefill, compress and attach `req` to `slot`; False when its block does not fit
+        yet (it stays first in line; its compressed cache is kept for the next try)."""
+        if req.context is not None:
+            block, used = self._context_block(req.context)
+            if block is None:
+                return False
+            cache, logits = self._append_question(req.context.cache, req.context.logits,
+                                                  req.question_ids, req.rng, copy=True)
+        else:
+            if getattr(req, "_pending", None) is None:
+                logits, cache = prefill_request(self.fn, self.params, req.plan)
+                req._pending = self._append_question(cache, logits, req.question_ids,
+                                                     req.rng, copy=False)
+            cache, logits = req._pending
+            used = int(used_slots(cache.store))
+            block = self.allocator.allocate(used)
+            if block is None:
+                if not self._running:
+                    raise ValueError(f"the compressed prompt keeps {used} slots per row; the "
+                                     f"pool's largest free run is {self.allocator.largest_free}"
+                                     f" of {self.allocator.n_slots} (raise kv_budget)")
+                return False
+            req._pending = None
+            self._state = dataclasses.replace(
+                self._state, cache=write_block(self._state.cache, cache.store,
+                                               jnp.int32(block.start), jnp.int32(used)))
+        self._free_slots.pop()
+        pool = attach(self._state.cache, cache, jnp.int32(slot), jnp.int32(block.start))
+        self._state = set_slot(dataclasses.replace(self._state, cache=pool), jnp.int32(slot),
+                               logits[0], req.rng)
+        req.status, req.slot, req.block, req.kept = Status.RUNNING, slot, block, used
+        self._running[slot] = req
+        return True
+
+    def _context_block(self, ctx):
+        """The pool block holding `ctx`'s store (written once, shared) -> (block, used)."""
+        used = int(used_slots(ctx.cache.store))
+        if id(ctx) in self._contexts:
+            block = self._contexts[id(ctx)][1]
+            block.refs += 1
+            return block, used
+        block = self.allocator.allocate(used)
+        if block is None:
+            return None, used
+        self._state = dataclasses.replace(
+            self._state, cache=write_block(self._state.cache, ctx.cache.store,
+                                           jnp.int32(block.start), jnp.int32(used)))
+        self._contexts[id(ctx)] = (ctx, block)
+        return block, used
+
+    def _append_question(self, cache, logits, q_ids, rng, *, copy: bool):
+        """(cache, logits [1, V]) after the question ids, as `Pipeline` appends them."""
+        if not q_ids:
+            return cache, logits
+        if copy:  # a compressed context stays untouched (`Pipeline.ask`)
+            cache = jax.tree.map(jnp.copy, cache)
+        need = bucket_length(len(q_ids), minimum=16)
+        if cache.tail.capacity < need:
+            cache = with_tail(cache, need)
+        state = self._pipe.append_tokens(init_state(logits, cache, 1, 1, rng), q_ids)
+        return state.cache, state.logits
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.slot is not None:
+            self._state = dataclasses.replace(
+                self._state, cache=detach(self._state.cache, jnp.int32(req.slot)))
+            del self._running[req.slot]
+            self._free_slots.append(req.slot)
+            req.slot = None
+        if req.block is not None:
+            if self.allocator.release(req.block) and req.context is not None:
+                self._contexts.pop(id(req.context), None)
+            req.block = None
+        req._pending = None
+        req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, \
+            time.perf_counter()
+        if self.tokenizer is not None and req.text is None:
+            req.text = self.tokenizer.decode([t for t in req.tokens if t not in req.eos_ids])
+
+    # -- user API ----------------------------------------------------------------------
+
+    def cancel(self, req: Request) -> None:
+        """Cancel a waiting or running request: its slot and pool block are freed now."""
+        if not isinstance(req, Request) or req._engine is not self:
+            raise ValueError(f"{req!r} is not a request of this engine")
+        if req.done:
+            raise ValueError(f"request {req.id} is already finished ({req.finish_reason})")
+        if req.status is Status.WAITING:
+            self._waiting.remove(req)
+        self._finish(req, "cancelled")
+
+    def run(self) -> None:
+        """Step until every submitted request is done."""
+        while self._waiting or self._running:
+            self.step()
+
+    def stream(self, req: Request):
+        """Yield `req`'s tokens as they are generated (stepping the engine)."""
+        sent = 0
+        while True:
+            while sent < len(req.tokens):
+                sent += 1
+                yield req.tokens[sent - 1]
+            if req.done:
+                return
+            self.step()
+
+    def shutdown(self) -> None:
+        """Accept no more requests; cancel the waiting ones (running ones may finish)."""
+        self._closed = True
+        for req in list(self._waiting):
+            self.cancel(req)
+
+    def stats(self) -> EngineStats:
+        tail_tokens = sum(len(r.question_ids) + len(r.tokens) for r in self._running.values())
+        return EngineStats(
+            running=len(self._running), waiting=len(self._waiting),
+            pool_slots=self.allocator.n_slots, slots_used=self.allocator.used,
+            slots_free=self.allocator.free, bytes_held=self._bytes_held,
+            bytes_needed=self.allocator.used * self._slot_bytes
+            + tail_tokens * self._tail_token_bytes,
+            tokens_generated=self._generated)
+
+
+__all__ = ["Engine", "EngineStats", "Request", "RequestResult", "parse_bytes"]

@@ -1,0 +1,98 @@
+"""The engine's device state: one shared store (the pool) read by `max_running` slots.
+
+The pool is a `KVStore` with batch 1 and `n_slots` slots per row, shared by every slot the
+way `kvjax.context.share` shares a compressed context: the store's slot arrays are batch 1,
+the table (`offset`, `length` [S, L, K]), the tail ([L, S, K, T, H]) and `next_pos` [S] are
+per slot. A request's compressed store is written into one block of the pool
+(`write_block`), and its slot's table points into that block (`attach`), so decode attention
+(`kvjax.dispatch.decode_attention`, the jnp block walk for a shared store) reads every
+request's kept entries in place, with no per-request padding to the longest request.
+
+Shapes: S = max_running slots, L layers, K kv heads, R store rows, P pool slots per row,
+T tail slots per slot (question + generated tokens), Dk / Dv key / value widths.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache import KVCache, KVStore, init_tail
+
+
+def empty_pool(*, n_layers: int, n_kv: int, rows: int, n_slots: int, head_dim: int,
+               max_running: int, tail: int, dtype, quant=None, max_segment: int) -> KVCache:
+    """A pool cache with every slot empty (length 0, tail count 0).
+
+    Args:
+      n_slots: P, pool slots per store row; rows: R (divides n_kv).
+      tail: T, tail slots per running slot; dtype: the compute dtype (keys, values, tail).
+      quant: a "token"-scheme `kvjax.quant.KVQuant` for an int8/fp8 pool, or None.
+      max_segment: static bound on any segment (the model's context length).
+    """
+    kdt = dtype if quant is None else quant.dtype
+    scale = None if quant is None else jnp.zeros((1, rows, n_slots), jnp.float32)
+    store = KVStore(k=jnp.zeros((1, rows, n_slots, head_dim), kdt),
+                    v=jnp.zeros((1, rows, n_slots, head_dim), kdt),
+                    pos=jnp.zeros((1, rows, n_slots), jnp.int32),
+                    offset=jnp.zeros((max_running, n_layers, n_kv), jnp.int32),
+                    length=jnp.zeros((max_running, n_layers, n_kv), jnp.int32),
+                    k_scale=scale, v_scale=scale, max_segment=max_segment, quant=quant)
+    return KVCache(store=store,
+                   tail=init_tail(n_layers, max_running, n_kv, tail, head_dim, dtype),
+                   next_pos=jnp.zeros((max_running,), jnp.int32))
+
+
+def used_slots(store: KVStore) -> jax.Array:
+    """[] int32: the slots of a batch-1 store's row that its segments span (its block size)."""
+    return jnp.max(store.offset[0] + store.length[0])
+
+
+def _put_rows(buf, vals, start, used):
+    """buf [1, R, P, ...] with vals [1, R, M, ...] written at slots [start, start + used)."""
+    j = jnp.arange(vals.shape[2])
+    idx = jnp.where(j < used, start + j, buf.shape[2])  # past the end: dropped
+    return buf.at[0, :, idx].set(jnp.moveaxis(vals[0], 1, 0).astype(buf.dtype), mode="drop")
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def write_block(pool: KVCache, store: KVStore, start, used) -> KVCache:
+    """The pool with a batch-1 compressed store's first `used` slots of every row at
+    [start, start + used) (the block `kvjax.engine.blocks.BlockAllocator` gave it)."""
+    ps = pool.store
+    put = lambda buf, vals: None if buf is None else _put_rows(buf, vals, start, used)
+    new = dict(k=put(ps.k, store.k), v=put(ps.v, store.v), pos=put(ps.pos, store.pos))
+    if ps.k_scale is not None:
+        new.update(k_scale=put(ps.k_scale, store.k_scale), v_scale=put(ps.v_scale, store.v_scale))
+    return KVCache(store=_replace(ps, **new), tail=pool.tail, next_pos=pool.next_pos)
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def attach(pool: KVCache, cache: KVCache, slot, start) -> KVCache:
+    """The pool with slot `slot` reading a batch-1 cache: its table shifted to the block at
+    `start`, its tail (question tokens appended after compression) and its next position."""
+    ps, t, src = pool.store, pool.tail, cache.tail
+    n = src.capacity
+    store = _replace(ps, offset=ps.offset.at[slot].set(cache.store.offset[0] + start),
+                     length=ps.length.at[slot].set(cache.store.length[0]))
+    tail = type(t)(k=t.k.at[:, slot, :, :n].set(src.k[:, 0].astype(t.k.dtype)),
+                   v=t.v.at[:, slot, :, :n].set(src.v[:, 0].astype(t.v.dtype)),
+                   pos=t.pos.at[slot, :n].set(src.pos[0]),
+                   count=t.count.at[slot].set(src.count[0]))
+    return KVCache(store=store, tail=tail, next_pos=pool.next_pos.at[slot].set(cache.next_pos[0]))
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def detach(pool: KVCache, slot) -> KVCache:
+    """The pool with slot `slot` empty (nothing kept, nothing in its tail)."""
+    ps, t = pool.store, pool.tail
+    store = _replace(ps, length=ps.length.at[slot].set(0))
+    tail = type(t)(k=t.k, v=t.v, pos=t.pos, count=t.count.at[slot].set(0))
+    return KVCache(store=store, tail=tail, next_pos=pool.next_pos)
+
+
+def _replace(store: KVStore, **kw) -> KVStore:
+    import dataclasses
+    return dataclasses.replace(store, **kw)
