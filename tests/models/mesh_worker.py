@@ -66,9 +66,10 @@ def run(model, ids, press, new: int):
     return np.asarray(state.tokens)[:, :new], np.asarray(state.logits), state.cache
 
 
-def big_collectives(model, ids, press) -> list[str]:
-    """all-gather / all-to-all results of a compiled prefill at least one device's share of
-    a layer's keys."""
+def big_collectives(model, ids, press) -> dict:
+    """all-gather / all-to-all ops of a compiled prefill: "big" lists those at least one
+    device's share of a layer's keys, "seen" counts them all (0 on a mesh that only splits
+    the batch; > 0 shows the HLO parse still finds them where heads are split)."""
     fn, params = model.kvjax_split()
     tokens, lengths = loops.pad_prompts(ids)
     text = loops.prefill.lower(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
@@ -77,12 +78,13 @@ def big_collectives(model, ids, press) -> list[str]:
     cfg, mesh = model.config, fn.mesh
     keys = tokens.shape[0] * cfg.n_kv_heads * tokens.shape[1] * cfg.head_dim * 4
     share = keys // mesh.size
-    out = []
+    big, seen = [], 0
     for m in COLLECTIVE.finditer(text):
+        seen += 1
         n = int(np.prod([int(x) for x in m.group(2).split(",") if x])) * ITEMSIZE.get(m.group(1), 4)
         if n >= share:
-            out.append(f"{m.group(3)} {m.group(1)}[{m.group(2)}] ({n} >= {share} bytes)")
-    return out
+            big.append(f"{m.group(3)} {m.group(1)}[{m.group(2)}] ({n} >= {share} bytes)")
+    return {"big": big, "seen": seen}
 
 
 def dev0_bytes(tree) -> int:
@@ -115,8 +117,7 @@ def case(name, model, refs, mesh_shape, press_name, batch, first: bool):
             "store_rows": cache.store.rows,
             "prefill_compiles": loops.prefill._cache_size() - before[0],
             "decode_compiles": loops.decode._cache_size() - before[1],
-            "big_collectives": big_collectives(model, ids, press) if press_name == "snapkv"
-            else []}
+            "big_collectives": big_collectives(model, ids, press)}
 
 
 def cases(name: str, meshes: list[tuple], presses: list[str], batch: int):
