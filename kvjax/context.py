@@ -4,11 +4,11 @@
 (store + the tail the press left, e.g. ThinK's recent window), the logits after the context,
 the context's token ids, the press and a fingerprint of the model. `Pipeline.ask` answers
 from it without touching the context again; `save` / `load` keep it on disk with orbax (the
-arrays) and a JSON file (the rest), and `load` refuses another model.
+arrays) and a JSON file (the rest), and `load` refuses another model (`kvjax.fingerprint`),
+another dtype, and a context.json or arrays that do not fit the model.
 """
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import KVCache, KVStore, Tail
+from kvjax.fingerprint import id_dtype, model_fingerprint
 from kvjax.hooks import RingDecode
 from kvjax.quant import KVQuant
 
 FORMAT = "kvjax-compressed-context"
-VERSION = 1
+VERSION = 2  # 2: the fingerprint covers every parameter leaf and the dtype
 _META = "context.json"
 _ARRAYS = "arrays"
 
@@ -73,41 +74,29 @@ class CompressedContext:
     def load(cls, path: str | Path, model=None, *, model_id: str | None = None
              ) -> "CompressedContext":
         """Read a context written by `save`; `model` (or its `model_id`) must be the one that
-        made it. Raises ValueError for a foreign model, FileNotFoundError / ValueError for a
-        missing or truncated checkpoint."""
+        made it, in the same dtype. Raises ValueError for a foreign model or dtype, a
+        context.json that is not valid or arrays whose shapes do not fit the model's config;
+        FileNotFoundError / ValueError for a missing or truncated checkpoint."""
         import orbax.checkpoint as ocp
         path = Path(path).absolute()
         meta = _read_meta(path)
-        want = model_id if model is None else model_fingerprint(model)
-        if want is not None and want != meta["model_id"]:
-            raise ValueError(f"{str(path)!r} was compressed by model {meta['model_id']}, not "
-                             f"this one ({want}): load it with the model that made it")
+        _check_model(path, meta["model_id"], model_id if model is None else
+                     model_fingerprint(model))
         try:
             with ocp.StandardCheckpointer() as ckptr:
                 arrays = ckptr.restore(path / _ARRAYS)
         except Exception as e:  # orbax raises its own types for missing or partial files
             raise ValueError(f"cannot read the arrays of {str(path)!r} (truncated or not a "
                              f"kvjax compressed context): {e}") from e
-        for name, (shape, dtype) in meta.get("empty", {}).items():
+        for name, (shape, dtype) in meta["empty"].items():
             arrays[name] = np.zeros(shape, dtype)
+        _check_shapes(path, arrays, getattr(model, "config", None), meta)
         return _from_arrays(arrays, meta)
 
 
 def read_info(path: str | Path) -> dict:
     """The `info` a context was saved with (without reading its arrays)."""
     return _read_meta(Path(path).absolute()).get("info", {})
-
-
-def model_fingerprint(model) -> str:
-    """A short id of a model: its config and a sample of its weights (same model = same id)."""
-    cfg = getattr(model, "config", None)
-    cfg_text = json.dumps(dataclasses.asdict(cfg), default=str) if dataclasses.is_dataclass(
-        cfg) else repr(cfg)
-    h = hashlib.sha256(cfg_text.encode())
-    _, params = model.kvjax_split()
-    for leaf in jax.tree.leaves(params)[:4]:
-        h.update(np.asarray(leaf).ravel()[:64].astype(np.float32).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _arrays(ctx: CompressedContext) -> dict:
@@ -140,15 +129,103 @@ def _from_arrays(a: dict, meta: dict) -> CompressedContext:
                              model_id=meta["model_id"])
 
 
+# context.json: every key `save` writes and its JSON type(s)
+_META_TYPES = dict(format=str, version=int, model_id=str, press=(str, type(None)), empty=dict,
+                   context_ids=list, hook=(dict, type(None)), max_segment=int, info=dict,
+                   quant=(dict, type(None)))
+
+
 def _read_meta(path: Path) -> dict:
-    if not (path / _META).is_file():
-        raise FileNotFoundError(f"{str(path / _META)!r} not found: not a kvjax compressed "
+    """context.json of the context at `path`, checked: valid JSON, this format and version,
+    every key of `_META_TYPES` with its type. ValueError names the file and the field."""
+    file = path / _META
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} not found: not a kvjax compressed "
                                 "context (written by CompressedContext.save)")
-    meta = json.loads((path / _META).read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(file)!r} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(file)!r} holds a {type(meta).__name__}, not a JSON object")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{str(path)!r} is {meta.get('format')!r} version "
                          f"{meta.get('version')!r}, not {FORMAT!r} version {VERSION}")
+    missing = sorted(set(_META_TYPES) - set(meta))
+    if missing:
+        raise ValueError(f"{str(file)!r} lacks the field(s) {missing}")
+    for key, types in _META_TYPES.items():
+        if not isinstance(meta[key], types) or isinstance(meta[key], bool):
+            raise ValueError(f"{str(file)!r}: field {key!r} is {meta[key]!r}, not "
+                             f"{_type_names(types)}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in meta["context_ids"]):
+        raise ValueError(f"{str(file)!r}: field 'context_ids' must hold token ids (ints)")
+    for name, entry in meta["empty"].items():
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+                and all(isinstance(d, int) for d in entry[0]) and isinstance(entry[1], str)):
+            raise ValueError(f"{str(file)!r}: field 'empty.{name}' is {entry!r}, not "
+                             "[shape, dtype]")
     return meta
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check_model(path: Path, saved: str, want: str | None) -> None:
+    """ValueError unless the fingerprint `want` of the loading model (None: unchecked) is
+    `saved`, the one in context.json; a different dtype is named as such."""
+    if want is None or want == saved:
+        return
+    if id_dtype(saved) != id_dtype(want):
+        raise ValueError(f"{str(path)!r} was compressed by a model with dtype "
+                         f"{id_dtype(saved)}, this model's dtype is {id_dtype(want)}: load "
+                         f"the model in {id_dtype(saved)} (or compress again)")
+    raise ValueError(f"{str(path)!r} was compressed by model {saved}, not this one "
+                     f"({want}): load it with the model that made it")
+
+
+# Every array's shape: 1 is the batch; L, K, H, V come from the model's config; the other
+# letters from the first array that has them (Dk = Dv = H without ThinK's channels).
+_SHAPES = dict(k="1 R P Dk", v="1 R P Dv", pos="1 R P", offset="1 L K", length="1 L K",
+               channels="1 L K Dk", value_channels="1 L K Dv", extra="1 R P E",
+               v_scale="1 R P", tail_k="L 1 K S H", tail_v="L 1 K S H", tail_pos="1 S",
+               tail_count="1", next_pos="1", logits="1 V")
+_CONFIG_DIMS = dict(L="n_layers", K="n_kv_heads", H="head_dim", V="vocab_size")
+
+
+def _check_shapes(path: Path, arrays: dict, config, meta: dict) -> None:
+    """ValueError naming the first array whose shape disagrees with `_SHAPES` under the
+    model's `config` (None: only with each other) and the file it came from (context.json
+    for the zero-size arrays it records)."""
+    dims = {d: getattr(config, f) for d, f in _CONFIG_DIMS.items() if hasattr(config, f)}
+    if "channels" not in arrays and "H" in dims:
+        dims["Dk"] = dims["H"]
+    if "value_channels" not in arrays and "H" in dims:
+        dims["Dv"] = dims["H"]
+    kivi = (meta["quant"] or {}).get("scheme") == "kivi"
+    specs = dict(_SHAPES, k_scale="1 R G Dk" if kivi else "1 R P")
+    for name, spec in specs.items():
+        if name in arrays:
+            file = path / (_META if name in meta["empty"] else _ARRAYS)
+            _match_shape(file, name, tuple(arrays[name].shape), spec.split(), dims)
+    if "K" in dims and "R" in dims and dims["K"] % dims["R"]:
+        raise ValueError(f"{str(path)!r}: array 'k' has {dims['R']} rows, which do not "
+                         f"divide the model's {dims['K']} kv heads")
+
+
+def _match_shape(file: Path, name: str, shape: tuple, spec: list, dims: dict) -> None:
+    """Check `shape` against `spec` (ints and letters), binding new letters in `dims`."""
+    known = {d: dims[d] for d in spec if d in dims}
+    ok = len(shape) == len(spec)
+    for n, d in zip(shape, spec) if ok else ():
+        want = int(d) if d.isdigit() else dims.setdefault(d, n)
+        ok = ok and n == want
+    if not ok:
+        got = ", ".join(f"{d}={v}" for d, v in known.items())
+        raise ValueError(f"{str(file)!r}: array {name!r} has shape {list(shape)}, "
+                         f"not [{', '.join(spec)}]" + (f" with {got}" if got else ""))
 
 
 def _hook_to_json(hook) -> dict | None:
