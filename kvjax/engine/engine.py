@@ -29,12 +29,12 @@ import numpy as np
 from kvjax.buckets import bucket_length
 from kvjax.context import CompressedContext, model_fingerprint, with_tail
 from kvjax.engine.blocks import BlockAllocator
-from kvjax.engine.pool import attach, detach, empty_pool, used_slots, write_block
+from kvjax.engine.pool import (attach, compact_store, detach, empty_pool, used_slots,
+                               write_block)
 from kvjax.engine.request import Request, RequestResult, Status, as_id_list
 from kvjax.engine.step import SlotState, decode_slots, set_slot
-from kvjax.hooks import check_hooks
 from kvjax.loops import MAX_EOS, init_state
-from kvjax.plan import plan_request
+from kvjax.plan import check_hooks, plan_request
 from kvjax.prefill import prefill_prompt, prefill_request
 from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
@@ -114,7 +114,7 @@ class Engine:
         self._running: dict[int, Request] = {}
         self._free_slots = list(range(self.max_running - 1, -1, -1))
         self._samplers: list = [Greedy()]
-        self._contexts: dict[int, tuple[CompressedContext, object]] = {}
+        self._contexts: dict[int, tuple] = {}  # id -> (context, block, packed store)
         self._next_id, self._steps, self._generated, self._closed = 0, 0, 0, False
 
     # -- construction ----------------------------------------------------------------
@@ -258,7 +258,7 @@ class Engine:
             raise ValueError(f"the context's store (quant={st.quant}, rows={st.rows}) differs "
                              f"from the engine's pool (quant={self.quant}, "
                              f"rows={self._shapes['rows']})")
-        used = int(used_slots(st))
+        used = int(used_slots(compact_store(st)))
         if self.allocator.rounded(used) > self.allocator.n_slots:
             raise ValueError(f"the context keeps {used} slots per row; the pool has "
                              f"{self.allocator.n_slots} (raise kv_budget)")
@@ -329,16 +329,20 @@ class Engine:
         """Prefill, compress and attach `req` to `slot`; False when its block does not fit
         yet (it stays first in line; its compressed cache is kept for the next try)."""
         if req.context is not None:
-            block, used = self._context_block(req.context)
+            block, store = self._context_block(req.context)
             if block is None:
                 return False
+            req.block, used = block, int(used_slots(store))  # _finish releases it on failure
             cache, logits = self._append_question(req.context.cache, req.context.logits,
                                                   req.question_ids, req.rng, copy=True)
+            cache = dataclasses.replace(cache, store=store)  # the packed table of the block
         else:
             if getattr(req, "_pending", None) is None:
                 logits, cache = prefill_request(self.fn, self.params, req.plan)
-                req._pending = self._append_question(cache, logits, req.question_ids,
-                                                     req.rng, copy=False)
+                cache, logits = self._append_question(cache, logits, req.question_ids,
+                                                      req.rng, copy=False)
+                req._pending = (dataclasses.replace(cache, store=compact_store(cache.store)),
+                                logits)
             cache, logits = req._pending
             used = int(used_slots(cache.store))
             block = self.allocator.allocate(used)
@@ -348,33 +352,35 @@ class Engine:
                                      f"pool's largest free run is {self.allocator.largest_free}"
                                      f" of {self.allocator.n_slots} (raise kv_budget)")
                 return False
-            req._pending = None
+            req._pending, req.block = None, block  # released by _finish if a write fails
             self._state = dataclasses.replace(
                 self._state, cache=write_block(self._state.cache, cache.store,
                                                jnp.int32(block.start), jnp.int32(used)))
-        self._free_slots.pop()
         pool = attach(self._state.cache, cache, jnp.int32(slot), jnp.int32(block.start))
         self._state = set_slot(dataclasses.replace(self._state, cache=pool), jnp.int32(slot),
                                logits[0], req.rng)
-        req.status, req.slot, req.block, req.kept = Status.RUNNING, slot, block, used
+        self._free_slots.pop()
+        req.status, req.slot, req.kept = Status.RUNNING, slot, used
         self._running[slot] = req
         return True
 
     def _context_block(self, ctx):
-        """The pool block holding `ctx`'s store (written once, shared) -> (block, used)."""
-        used = int(used_slots(ctx.cache.store))
+        """The pool block holding `ctx`'s store (written once, shared, packed by
+        `compact_store`) -> (block or None when it does not fit yet, packed store)."""
         if id(ctx) in self._contexts:
-            block = self._contexts[id(ctx)][1]
+            _, block, store = self._contexts[id(ctx)]
             block.refs += 1
-            return block, used
+            return block, store
+        store = compact_store(ctx.cache.store)
+        used = int(used_slots(store))
         block = self.allocator.allocate(used)
         if block is None:
-            return None, used
+            return None, store
         self._state = dataclasses.replace(
-            self._state, cache=write_block(self._state.cache, ctx.cache.store,
-                                           jnp.int32(block.start), jnp.int32(used)))
-        self._contexts[id(ctx)] = (ctx, block)
-        return block, used
+            self._state, cache=write_block(self._state.cache, store, jnp.int32(block.start),
+                                           jnp.int32(used)))
+        self._contexts[id(ctx)] = (ctx, block, store)
+        return block, store
 
     def _append_question(self, cache, logits, q_ids, rng, *, copy: bool):
         """(cache, logits [1, V]) after the question ids, as `Pipeline` appends them."""

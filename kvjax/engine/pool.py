@@ -14,12 +14,14 @@ T tail slots per slot (question + generated tokens), Dk / Dv key / value widths.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from kvjax.cache import KVCache, KVStore, init_tail
+from kvjax.writer import segment_offsets
 
 
 def empty_pool(*, n_layers: int, n_kv: int, rows: int, n_slots: int, head_dim: int,
@@ -33,16 +35,50 @@ def empty_pool(*, n_layers: int, n_kv: int, rows: int, n_slots: int, head_dim: i
       max_segment: static bound on any segment (the model's context length).
     """
     kdt = dtype if quant is None else quant.dtype
-    scale = None if quant is None else jnp.zeros((1, rows, n_slots), jnp.float32)
+    scale = lambda: None if quant is None else jnp.zeros((1, rows, n_slots), jnp.float32)
     store = KVStore(k=jnp.zeros((1, rows, n_slots, head_dim), kdt),
                     v=jnp.zeros((1, rows, n_slots, head_dim), kdt),
                     pos=jnp.zeros((1, rows, n_slots), jnp.int32),
                     offset=jnp.zeros((max_running, n_layers, n_kv), jnp.int32),
                     length=jnp.zeros((max_running, n_layers, n_kv), jnp.int32),
-                    k_scale=scale, v_scale=scale, max_segment=max_segment, quant=quant)
+                    k_scale=scale(), v_scale=scale(), max_segment=max_segment, quant=quant)
     return KVCache(store=store,
                    tail=init_tail(n_layers, max_running, n_kv, tail, head_dim, dtype),
                    next_pos=jnp.zeros((max_running,), jnp.int32))
+
+
+def _by_row(x: jax.Array, rows: int) -> jax.Array:
+    """[L, K] -> [R, L * K / R]: each row's segments in (layer, head) order."""
+    n_layers, n_kv = x.shape
+    return x.reshape(n_layers, rows, n_kv // rows).transpose(1, 0, 2).reshape(rows, -1)
+
+
+@jax.jit
+def compact_store(store: KVStore) -> KVStore:
+    """A batch-1 store with its segments packed end to end in every row.
+
+    A uniform press's store lays segment s at a fixed stride of its static bound, so a row
+    spans more slots than it keeps; packed (offsets from `kvjax.writer.segment_offsets`, the
+    writer's own packed layout) a row's first `sum(length)` slots are exactly its kept
+    entries, which is what the pool copies (`used_slots`, `write_block`).
+    """
+    rows = store.k.shape[1]
+    new = segment_offsets(store.length, rows)  # [1, L, K]
+    old_r, new_r = _by_row(store.offset[0], rows), _by_row(new[0], rows)
+    len_r = _by_row(store.length[0], rows)
+    j = jnp.arange(store.k.shape[2])
+
+    def row_index(old, start, n):  # [S] each -> [P] source slot of every destination slot
+        ends = start + n
+        s = jnp.clip(jnp.searchsorted(ends, j, side="right"), 0, ends.shape[0] - 1)
+        return jnp.where(j < ends[-1], old[s] + j - start[s], j)
+
+    src = jax.vmap(row_index)(old_r, new_r, len_r)  # [R, P]
+    take = lambda x: None if x is None else jax.vmap(
+        lambda row, ix: jnp.take(row, ix, axis=0))(x[0], src)[None]
+    return dataclasses.replace(store, k=take(store.k), v=take(store.v), pos=take(store.pos),
+                               extra=take(store.extra), k_scale=take(store.k_scale),
+                               v_scale=take(store.v_scale), offset=new)
 
 
 def used_slots(store: KVStore) -> jax.Array:
@@ -74,12 +110,12 @@ def attach(pool: KVCache, cache: KVCache, slot, start) -> KVCache:
     """The pool with slot `slot` reading a batch-1 cache: its table shifted to the block at
     `start`, its tail (question tokens appended after compression) and its next position."""
     ps, t, src = pool.store, pool.tail, cache.tail
-    n = src.capacity
+    n = min(src.capacity, t.capacity)  # the engine checked count <= the pool's tail at submit
     store = _replace(ps, offset=ps.offset.at[slot].set(cache.store.offset[0] + start),
                      length=ps.length.at[slot].set(cache.store.length[0]))
-    tail = type(t)(k=t.k.at[:, slot, :, :n].set(src.k[:, 0].astype(t.k.dtype)),
-                   v=t.v.at[:, slot, :, :n].set(src.v[:, 0].astype(t.v.dtype)),
-                   pos=t.pos.at[slot, :n].set(src.pos[0]),
+    tail = type(t)(k=t.k.at[:, slot, :, :n].set(src.k[:, 0, :, :n].astype(t.k.dtype)),
+                   v=t.v.at[:, slot, :, :n].set(src.v[:, 0, :, :n].astype(t.v.dtype)),
+                   pos=t.pos.at[slot, :n].set(src.pos[0, :n]),
                    count=t.count.at[slot].set(src.count[0]))
     return KVCache(store=store, tail=tail, next_pos=pool.next_pos.at[slot].set(cache.next_pos[0]))
 
@@ -94,5 +130,4 @@ def detach(pool: KVCache, slot) -> KVCache:
 
 
 def _replace(store: KVStore, **kw) -> KVStore:
-    import dataclasses
     return dataclasses.replace(store, **kw)

@@ -1,0 +1,240 @@
+"""kvjax.Engine against the single-request paths it must reproduce.
+
+References: `kvjax.generate` of each prompt alone (same press, kv_dtype, sampler and key),
+`Pipeline.run` / `Pipeline.ask` for text and compressed-context requests, and the kept
+counts of a plain `loops.prefill` of each prompt for the pool's bookkeeping."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kvjax
+import models
+from kvjax import loops
+from kvjax.engine.blocks import BlockAllocator
+from kvjax.engine.step import decode_slots
+from kvjax.presses import PRESSES, make_press, press_names
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+from eval_helpers import char_tokenizer  # noqa: E402
+
+VOCAB = 101
+SERVED = [n for n in press_names() if n != "think"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = models.ModelConfig.tiny(n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=VOCAB)
+    return models.Decoder(cfg, rngs=nnx.Rngs(1))
+
+
+def _prompts(n, seed=0, lo=30, hi=120):
+    rng = np.random.RandomState(seed)
+    return [list(rng.randint(1, VOCAB, int(m))) for m in rng.randint(lo, hi, n)]
+
+
+def _press(name, ratio=0.5):
+    return make_press(name, ratio, **PRESSES[name][1])
+
+
+def _generate(model, ids, n, press=None, **kw):
+    out = kvjax.generate(model, [ids], max_new_tokens=n, press=press, **kw)
+    return out.tokens[0, :out.lengths[0]].tolist()
+
+
+def _kept_slots(model, ids, press, quant=None):
+    """Slots of the store row the prompt's kept entries span, from a plain prefill."""
+    fn, params = model.kvjax_split()
+    t, n = loops.pad_prompts([ids])
+    _, cache = loops.prefill(fn, params, jnp.asarray(t), jnp.asarray(n), tail_capacity=0,
+                             press=press, quant=quant)
+    kept = [len(kvjax.kept_positions(cache, layer)[0][h]) for layer in range(cache.n_layers)
+            for h in range(cache.store.n_kv_heads)]
+    return sum(kept)
+
+
+def test_every_press_mixed_staggered_and_reusing_freed_blocks(model):
+    """All registered presses (but ThinK), one request each, 3 slots, arriving over time
+    with mixed lengths and output budgets: every request's greedy tokens are those of
+    `generate` alone, later requests land in blocks freed by earlier ones, and the pool is
+    empty at the end."""
+    eng = kvjax.Engine(model, kv_budget=2 * 2**20, max_running=3, max_tail=32)
+    prompts = _prompts(len(SERVED) + 1)
+    news = [3 + (i * 5) % 11 for i in range(len(prompts))]
+    presses = [None] + [_press(n) for n in SERVED]
+    reqs, first_blocks = [], {}
+    for i, (ids, press, n) in enumerate(zip(prompts, presses, news)):
+        reqs.append(eng.submit(ids, press=press, max_new_tokens=n))
+        for _ in range(i % 3):  # staggered: a few steps between arrivals
+            eng.step()
+        for r in reqs:
+            if r.block is not None:
+                first_blocks.setdefault(r.id, r.block.start)
+    eng.run()
+    for req, ids, press, n in zip(reqs, prompts, presses, news):
+        assert req.result().tokens == _generate(model, ids, n, press), (req.id, press)
+        assert req.result().finish_reason == "length"
+    starts = list(first_blocks.values())
+    assert len(starts) > len(set(starts)), "no request reused a freed block"
+    stats = eng.stats()
+    assert (stats.running, stats.waiting, stats.slots_used) == (0, 0, 0)
+
+
+def test_pool_holds_exactly_the_kept_entries(model):
+    """While requests run, the pool's used slots are the sum over them of their kept
+    entries (from `kept_positions` of a plain prefill), each rounded to the 8-slot unit."""
+    eng = kvjax.Engine(model, kv_budget=2 * 2**20, max_running=4, max_tail=32)
+    prompts = _prompts(4, seed=3)
+    presses = [None, _press("snapkv", 0.75), _press("adakv", 0.5), _press("zigzagkv", 0.6)]
+    reqs = [eng.submit(ids, press=p, max_new_tokens=20) for ids, p in zip(prompts, presses)]
+    eng.step()
+    assert all(r.slot is not None for r in reqs)
+    unit = BlockAllocator(8).rounded
+    expected = sum(unit(_kept_slots(model, ids, p)) for ids, p in zip(prompts, presses))
+    assert eng.stats().slots_used == expected
+    eng.cancel(reqs[1])
+    assert eng.stats().slots_used == expected - unit(_kept_slots(model, prompts[1],
+                                                                 presses[1]))
+    eng.run()
+    assert eng.stats().slots_used == 0
+
+
+def test_int8_pool_and_seeded_sampling_equal_generate(model):
+    eng = kvjax.Engine(model, kv_budget=2**20, max_running=2, kv_dtype="int8", max_tail=32)
+    prompts = _prompts(3, seed=5)
+    press = _press("snapkv")
+    key = jax.random.key(7)
+    greedy = [eng.submit(ids, press=press, max_new_tokens=6) for ids in prompts[:2]]
+    sampled = eng.submit(prompts[2], press=press, max_new_tokens=8,
+                         sampler=kvjax.TopK(k=20), rng=key)
+    eng.run()
+    for req, ids in zip(greedy, prompts):
+        assert req.result().tokens == _generate(model, ids, 6, press, kv_dtype="int8")
+    ref = _generate(model, prompts[2], 8, press, kv_dtype="int8", sampler=kvjax.TopK(k=20),
+                    rng=key)
+    assert sampled.result().tokens == ref
+
+
+def test_one_decode_compilation_across_a_workload(model):
+    eng = kvjax.Engine(model, kv_budget=2**20, max_running=2, max_tail=32)
+    before = decode_slots._cache_size()
+    for i, ids in enumerate(_prompts(5, seed=9)):
+        eng.submit(ids, press=None if i % 2 else _press("knorm"), max_new_tokens=2 + i)
+    eng.run()
+    assert decode_slots._cache_size() - before == 1
+
+
+def test_eos_and_stop_end_a_request(model):
+    ids = _prompts(1, seed=11)[0]
+    ref = _generate(model, ids, 8)
+    eng = kvjax.Engine(model, kv_budget=2**20, max_running=2, max_tail=32)
+    req = eng.submit(ids, max_new_tokens=8, eos_id=ref[2])
+    assert req.result().tokens == ref[:ref.index(ref[2]) + 1]
+    assert req.result().finish_reason == "stop"
+
+
+def test_text_and_compressed_context_requests_equal_pipeline():
+    tok = char_tokenizer()
+    model = models.Decoder(models.ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    pipe = kvjax.Pipeline(model, tok)
+    press = kvjax.SnapKVPress(compression_ratio=0.5, window_size=8)
+    context = "The code is 4711. " + "Grass is green and the sky is blue. " * 4
+    questions = ["What is the code?", "What colour is the sky?", "Say hi."]
+    eng = kvjax.Engine(model, tok, kv_budget=2**20, max_running=3, max_tail=64, press=press)
+    text = [eng.submit(context, q, max_new_tokens=8) for q in questions[:2]]
+    aware = eng.submit(context, questions[0], question_aware=True, max_new_tokens=8)
+    eng.run()
+    for req, q in zip(text, questions):
+        assert req.result().tokens == pipe.run(context, q, press=press, max_new_tokens=8).tokens
+    assert aware.result().tokens == pipe.run(context, questions[0], press=press,
+                                             question_aware=True, max_new_tokens=8).tokens
+    # N questions on one compressed context hold its store once
+    ctx = pipe.compress(context, press=press)
+    asks = [eng.submit(ctx, q, max_new_tokens=8) for q in questions]
+    eng.step()
+    unit = BlockAllocator(8).rounded
+    assert eng.stats().slots_used == unit(int(np.asarray(ctx.cache.store.length).sum()))
+    eng.run()
+    for req, q in zip(asks, questions):
+        assert req.result().tokens == pipe.ask(ctx, q, max_new_tokens=8).tokens
+        assert req.result().text == pipe.ask(ctx, q, max_new_tokens=8).text
+    assert eng.stats().slots_used == 0
+
+
+def test_stream_yields_the_result_tokens(model):
+    eng = kvjax.Engine(model, kv_budget=2**20, max_running=2, max_tail=32)
+    ids = _prompts(1, seed=13)[0]
+    req = eng.submit(ids, max_new_tokens=6)
+    assert list(eng.stream(req)) == req.result().tokens == _generate(model, ids, 6)
+
+
+def test_a_prompt_too_big_for_the_pool_fails_alone(model):
+    """A request whose kept entries exceed the whole pool fails with a reason at admission;
+    the engine serves the next one."""
+    eng = kvjax.Engine(model, kv_budget=100_000, max_running=2, max_tail=16)
+    n = eng.allocator.n_slots
+    big = eng.submit(list(np.arange(1, n // 3 + 2) % (VOCAB - 1) + 1), max_new_tokens=2)
+    small = eng.submit(_prompts(1, lo=10, hi=12)[0], max_new_tokens=3)
+    eng.run()
+    assert big.result().finish_reason == "error" and "raise kv_budget" in big.result().error
+    assert small.result().finish_reason == "length"
+    assert eng.stats().slots_used == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(x=[1, 2, 500], max_new_tokens=2), "token id 500"),
+    (dict(x=[1.5, 2.0], max_new_tokens=2), "must be integers"),
+    (dict(x=[1, 2], max_new_tokens=0), "max_new_tokens=0"),
+    (dict(x=[1, 2], max_new_tokens=40), "max_tail=32"),
+    (dict(x=[1] * 600, max_new_tokens=2), "exceeds the model's context"),
+    (dict(x=[1, 2], max_new_tokens=2, press="snapkv"), "make_press"),
+    (dict(x=[1, 2], max_new_tokens=2, press=kvjax.ThinKPress(
+        key_channel_compression_ratio=0.5)), "prunes key channels"),
+    (dict(x=[1, 2], max_new_tokens=2, stop=["x"]), "needs a tokenizer"),
+    (dict(x="text", max_new_tokens=2), "needs a tokenizer"),
+])
+def test_bad_requests_are_refused_at_submit(model, kwargs, match):
+    eng = kvjax.Engine(model, kv_budget=2**20, max_running=2, max_tail=32)
+    x = kwargs.pop("x")
+    with pytest.raises((ValueError, TypeError), match=match):
+        eng.submit(x, **kwargs)
+    ok = eng.submit([1, 2, 3], max_new_tokens=2)  # the engine still serves
+    assert ok.result().tokens == _generate(model, [1, 2, 3], 2)
+
+
+def test_bad_engine_arguments_and_lifecycle(model):
+    with pytest.raises(ValueError, match="kv_budget='2 parsecs'"):
+        kvjax.Engine(model, kv_budget="2 parsecs")
+    with pytest.raises(ValueError, match="raise kv_budget"):
+        kvjax.Engine(model, kv_budget=1000, max_running=2, max_tail=32)
+    with pytest.raises(ValueError, match="max_running=0"):
+        kvjax.Engine(model, max_running=0)
+    eng = kvjax.Engine(model, kv_budget=2**20, max_running=2, max_tail=32)
+    req = eng.submit([1, 2, 3], max_new_tokens=2)
+    req.result()
+    with pytest.raises(ValueError, match="already finished"):
+        eng.cancel(req)
+    other = kvjax.Engine(model, kv_budget=2**20, max_running=2, max_tail=32)
+    with pytest.raises(ValueError, match="not a request of this engine"):
+        other.cancel(req)
+    eng.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        eng.submit([1, 2], max_new_tokens=2)
+
+
+def test_context_from_another_model_is_refused():
+    tok = char_tokenizer()
+    a = models.Decoder(models.ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    b = models.Decoder(models.ModelConfig.tiny(), rngs=nnx.Rngs(1))
+    ctx = kvjax.Pipeline(a, tok).compress("Some context here. " * 3)
+    eng = kvjax.Engine(b, tok, kv_budget=2**20, max_running=2, max_tail=32)
+    with pytest.raises(ValueError, match="compressed by model"):
+        eng.submit(ctx, "question?")
+    with pytest.raises(ValueError, match="press= cannot be given"):
+        kvjax.Engine(a, tok, kv_budget=2**20, max_tail=32).submit(
+            ctx, "q?", press=kvjax.SnapKVPress(compression_ratio=0.5))
