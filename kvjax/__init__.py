@@ -6,7 +6,8 @@ from kvjax.cache import (KVCache, KVStore, LayerTail, LayerView, Tail, kept_posi
 from kvjax.compress import compress
 from kvjax.context import CompressedContext
 from kvjax.compress import obs_spec_for as compress_obs_spec
-from kvjax.hooks import DecodeHook, RingDecode
+from kvjax.hooks import DecodeHook
+from kvjax.presses.ring import RingDecode
 from kvjax.kvzip import RepeatPrompt
 from kvjax.layer import begin_decode, decode_layer, decode_positions, prefill_layer
 from kvjax.prompt import LayerPrompt, Prompt, PromptGroup, single_group

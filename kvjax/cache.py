@@ -20,12 +20,16 @@ A quantized store (`kvjax.quant`) holds k and v in int8 / float8_e4m3fn with f32
 """
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.quant import KVQuant, dequantize, expand_groups, quantize_groups, quantize_token
+
+if TYPE_CHECKING:  # the hook protocol imports this module
+    from kvjax.hooks import DecodeHook
 
 
 @jax.tree_util.register_dataclass
@@ -163,7 +167,7 @@ class KVCache:
     store: KVStore
     tail: Tail
     next_pos: jax.Array
-    hook: object = dataclasses.field(metadata=dict(static=True), default=None)
+    hook: "DecodeHook | None" = dataclasses.field(metadata=dict(static=True), default=None)
 
     @property
     def n_layers(self) -> int:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from kvjax.cache import KVCache, LayerView, init_tail, quantize_store
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
-from kvjax.presses.base import LayerContext
+from kvjax.presses.base import LayerContext, check_press_arg
 from kvjax.presses.parts import StaticSize
 from kvjax.prompt import Prompt
 from kvjax.writer import Selection, aligned_slots, write_store
@@ -150,6 +150,7 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None
     Returns:
       KVCache whose store holds exactly the kept entries (plus alignment).
     """
+    check_press_arg(press)
     groups, first = [], 0
     for group in prompt.groups:
         groups.append(_Group(group, first))

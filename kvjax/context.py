@@ -18,7 +18,7 @@ import numpy as np
 
 from kvjax.cache import KVCache, KVStore, Tail
 from kvjax.fingerprint import id_dtype, model_fingerprint
-from kvjax.hooks import RingDecode
+from kvjax.presses.registry import DECODE_HOOKS
 from kvjax.quant import KVQuant
 
 FORMAT = "kvjax-compressed-context"
@@ -232,18 +232,21 @@ def _hook_to_json(hook) -> dict | None:
     """The decode hook a compressed cache carries (a press's own: UNComp's ring decode)."""
     if hook is None:
         return None
-    if isinstance(hook, RingDecode):
-        return {"type": "RingDecode", **dataclasses.asdict(hook)}
-    raise ValueError(f"cannot save a cache carrying {type(hook).__name__}")
+    name = type(hook).__name__
+    if DECODE_HOOKS.get(name) is not type(hook):
+        raise ValueError(f"cannot save a cache carrying {name}: the savable decode hooks "
+                         f"are {sorted(DECODE_HOOKS)} (kvjax/presses/registry.py)")
+    return {"type": name, **dataclasses.asdict(hook)}
 
 
 def _hook_from_json(d: dict | None):
     if d is None:
         return None
     d = dict(d)
-    if d.pop("type") != "RingDecode":
-        raise ValueError(f"unknown decode hook {d!r}")
-    return RingDecode(**d)
+    kind = DECODE_HOOKS.get(d.pop("type", None))
+    if kind is None:
+        raise ValueError(f"unknown decode hook {d!r}; known: {sorted(DECODE_HOOKS)}")
+    return kind(**d)
 
 
 def with_tail(cache: KVCache, capacity: int) -> KVCache:

@@ -18,11 +18,11 @@ import numpy as np
 from kvjax.attention import resolve_attn_impl
 from kvjax.buckets import BUCKET_STEP, MIN_BUCKET, bucket_length, pad_prompts  # noqa: F401
 from kvjax.cache import KVCache
-from kvjax.hooks import DecodeHook
-from kvjax.plan import check_budget, plan_request  # noqa: F401
+from kvjax.hooks import hook_or_default
+from kvjax.plan import check_budget, plan_request, split_model  # noqa: F401
 from kvjax.prefill import (compress_prompt, observe_prompt, prefill, prefill_prompt,  # noqa: F401
                            prefill_request)
-from kvjax.sampling import Greedy
+from kvjax.sampling import Greedy, check_sampler
 from kvjax.sharding import constrain_cache, mesh_context, mesh_of, to_host
 
 MAX_EOS = 8
@@ -87,7 +87,7 @@ def _step(fn, params, state: DecodeState, eos_ids, sampler, attn_impl, pad_id) -
 def _room(state: DecodeState) -> jax.Array:
     """Room for one more token: in the output buffer and in the cache (the hook decides: a
     DecodingPress merges before the tail fills, the ring decode has no tail)."""
-    hook = state.cache.hook or DecodeHook()
+    hook = hook_or_default(state.cache.hook)
     return hook.room(state.cache) & (state.step < state.tokens.shape[1])
 
 
@@ -116,11 +116,27 @@ def decode_step(fn, params, state, eos_ids, *, sampler, attn_impl="auto", pad_id
     return _step(fn, params, state, eos_ids, sampler, attn_impl, pad_id)
 
 
-def eos_array(eos_id) -> jax.Array:
-    """EOS ids as a fixed-size int32 array (padded with -1) so changing them never recompiles."""
-    ids = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
+def eos_ids(eos_id, vocab_size: int | None = None) -> tuple[int, ...]:
+    """`eos_id` (None, an id or ids) as a tuple of ints.
+
+    ValueError on a non-integer id, one outside [0, vocab_size) (it could never match), or more
+    than MAX_EOS ids."""
+    ids = () if eos_id is None else (
+        (eos_id,) if isinstance(eos_id, (int, np.integer)) else tuple(eos_id))
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 or (
+                vocab_size is not None and i >= vocab_size):
+            raise ValueError(f"{eos_id=}: EOS ids must be ints in [0, vocab_size="
+                             f"{vocab_size}); {i!r} is not")
     if len(ids) > MAX_EOS:
         raise ValueError(f"{len(ids)=} EOS ids; at most {MAX_EOS} are supported")
+    return tuple(int(i) for i in ids)
+
+
+def eos_array(eos_id, vocab_size: int | None = None) -> jax.Array:
+    """EOS ids (checked by `eos_ids`) as a fixed-size int32 array (padded with -1) so changing
+    them never recompiles."""
+    ids = list(eos_ids(eos_id, vocab_size))
     return jnp.asarray(ids + [-1] * (MAX_EOS - len(ids)), jnp.int32)
 
 
@@ -170,11 +186,13 @@ def generate(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), eos_id=
     Returns:
       GenerateOutput(tokens [B, max_new_tokens], lengths [B], cache).
     """
-    fn, params = model.kvjax_split()
+    fn, params = split_model(model)
+    check_sampler(sampler)
+    eos = eos_array(eos_id, getattr(fn, "vocab_size", None))
     state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
                      attn_impl=attn_impl, rng=rng, decoding_press=decoding_press,
                      kv_dtype=kv_dtype)
-    state = decode(fn, params, state, jnp.int32(max_new_tokens), eos_array(eos_id),
+    state = decode(fn, params, state, jnp.int32(max_new_tokens), eos,
                    sampler=sampler, attn_impl=resolve_attn_impl(attn_impl), pad_id=pad_id)
     return GenerateOutput(tokens=to_host(state.tokens)[:, :max_new_tokens],
                           lengths=to_host(state.lengths), cache=state.cache)
@@ -184,7 +202,8 @@ def stream_state(fn, params, state: DecodeState, *, max_new_tokens: int, sampler
                  eos_id=None, attn_impl: str = "auto", pad_id: int = 0
                  ) -> Iterator[tuple[np.ndarray, DecodeState]]:
     """Yield (tokens [B] of this step, state) one step at a time with the jitted step."""
-    eos = eos_array(eos_id)
+    check_sampler(sampler)
+    eos = eos_array(eos_id, getattr(fn, "vocab_size", None))
     attn_impl = resolve_attn_impl(attn_impl)
     for _ in range(max_new_tokens):
         if bool(jnp.all(state.done)) or not bool(_room(state)):
@@ -200,7 +219,7 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, sampler=Greedy(), 
                     kv_dtype=None) -> Iterator[np.ndarray]:
     """Streaming variant of `generate` (same arguments): yields the new token of every
     sequence, step by step; the same tokens as `generate`."""
-    fn, params = model.kvjax_split()
+    fn, params = split_model(model)
     state, _ = start(fn, params, input_ids, max_new_tokens=max_new_tokens, press=press,
                      attn_impl=attn_impl, rng=rng, decoding_press=decoding_press,
                      kv_dtype=kv_dtype)

@@ -23,8 +23,8 @@ import numpy as np
 from kvjax import loops as gen
 from kvjax.cache import KVCache
 from kvjax.context import CompressedContext, for_batch, model_fingerprint, with_tail
-from kvjax.hooks import DecodeHook
-from kvjax.plan import plan_request
+from kvjax.hooks import hook_or_default
+from kvjax.plan import plan_request, split_model
 from kvjax.prefill import prefill_request
 from kvjax.quant import resolve_kv_quant
 from kvjax.sampling import Greedy
@@ -59,7 +59,7 @@ class Pipeline:
         """`kv_dtype`: None, "int8" or "float8_e4m3fn" (or a `kvjax.quant.KVQuant`): the
         compressed store of every call is kept quantized (`kvjax.quant`)."""
         check_tokenizer(tokenizer)
-        self.fn, self.params = model.kvjax_split()
+        self.fn, self.params = split_model(model)
         self.tokenizer = tokenizer
         self.attn_impl = gen.resolve_attn_impl(attn_impl)
         self.kv_quant = resolve_kv_quant(kv_dtype)
@@ -68,6 +68,7 @@ class Pipeline:
     def encode(self, context: str, question: str = "", *, answer_prefix: str = "",
                question_aware: bool = False) -> tuple[list[int], list[int]]:
         """Split the chat prompt into (context ids to compress, ids appended after)."""
+        check_text(context=context, question=question, answer_prefix=answer_prefix)
         if question_aware:
             context, question = context + question, ""
         if self.tokenizer.chat_template is None:  # plain LM: bos + context, question on a new line
@@ -200,6 +201,9 @@ class Pipeline:
         """Answer several questions in one batched decode; their sequences share the
         compressed store (one copy of it in memory; see `kvjax.context.share`), except under
         a press whose decode hook rewrites the store (UNComp's ring decode): one copy each."""
+        if isinstance(questions, str):
+            raise TypeError(f"questions={questions[:40]!r} is one string: pass a list of "
+                            "questions, or call ask() for one")
         if not questions:
             raise ValueError("questions is empty")
         return self._answer(compressed, list(questions), max_new_tokens, answer_prefix,
@@ -207,6 +211,10 @@ class Pipeline:
 
     def _answer(self, compressed, questions, max_new_tokens, answer_prefix, sampler, rng,
                 decoding_press) -> list[PipelineResult]:
+        if not isinstance(compressed, CompressedContext):
+            raise TypeError(f"compressed of type {type(compressed).__name__} is not a "
+                            "CompressedContext: make one with Pipeline.compress(context) or "
+                            "CompressedContext.load(path)")
         if compressed.model_id != self.model_id:
             raise ValueError(f"this context was compressed by model {compressed.model_id}, "
                              f"not this pipeline's ({self.model_id})")
@@ -215,7 +223,7 @@ class Pipeline:
         gen.check_budget(self.fn, compressed.n_context + n_q, max_new_tokens)
         cache = _with_hook(compressed.cache, decoding_press)
         out_len = gen.bucket_length(max_new_tokens + n_q)
-        tail = (cache.hook or DecodeHook()).tail_slots(out_len, n_q)
+        tail = hook_or_default(cache.hook).tail_slots(out_len, n_q)
         cache = with_tail(jax.tree.map(jnp.copy, cache), tail + cache.tail.capacity)
         cache = for_batch(cache, len(questions))
         t0 = time.perf_counter()
@@ -235,6 +243,13 @@ class Pipeline:
                                n_context=compressed.n_context, n_question=len(q_ids[i]),
                                prefill_s=t1 - t0, decode_s=t2 - t1)
                 for i in range(len(questions))]
+
+
+def check_text(**named) -> None:
+    """TypeError naming the first argument that is not a str (a context, question, ...)."""
+    for name, value in named.items():
+        if not isinstance(value, str):
+            raise TypeError(f"{name}={value!r:.60} must be a str")
 
 
 def check_tokenizer(tokenizer) -> None:

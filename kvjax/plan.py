@@ -3,7 +3,7 @@
 `plan_request` is the single place where a request's inputs are validated and turned into
 the static choices of the two jitted primitives (`kvjax.prefill.prefill_prompt` and
 `compress_prompt`): token ids (integer dtype, inside the vocabulary), the press and decode
-hook (`kvjax.hooks.check_hooks`), the batch against the mesh, the context length, the press's
+hook (`check_hooks`), the batch against the mesh, the context length, the press's
 own prompt-length requirement, the store's quantization and the tail's size. `generate`,
 `generate_stream`, `Pipeline`, `kvjax eval`, the KVzap trainer and the serving engine all
 plan through it.
@@ -19,7 +19,8 @@ import numpy as np
 from kvjax.attention import resolve_attn_impl
 from kvjax.buckets import as_rows, bucket_length, pad_prompts
 from kvjax.compress import obs_spec_for
-from kvjax.hooks import DecodeHook, check_hooks
+from kvjax.hooks import DecodeHook, hook_or_default
+from kvjax.presses.base import check_press_arg
 from kvjax.quant import resolve_kv_quant
 from kvjax.sharding import check_batch, mesh_of
 
@@ -63,12 +64,42 @@ class RequestPlan:
                     mesh=self.mesh)
 
 
+def check_hooks(press, decoding_press):
+    """The one decode hook of a generate call: the press's or `decoding_press`, not both.
+
+    Raises ValueError when either is not an instance (a class or a registry name)."""
+    check_press_arg(press)
+    if decoding_press is not None and not isinstance(decoding_press, DecodeHook):
+        raise ValueError(f"decoding_press={decoding_press!r} is not a decode hook (e.g. "
+                         "kvjax.DecodingPress(press=kvjax.KnormPress(...)))")
+    own = None if press is None else press.decode_hook
+    if own is not None and decoding_press is not None:
+        raise ValueError(f"{type(press).__name__} brings its own decode hook "
+                         f"({type(own).__name__}); it cannot be combined with "
+                         f"{type(decoding_press).__name__}")
+    hook = own if own is not None else decoding_press
+    if hook is not None:
+        hook.check_press(press)
+    return hook
+
+
 def prefill_parts(press, hook=None, *, observer: bool = True) -> dict:
     """What a press (and the cache's decode hook) needs from the prefill: the observation
     spec, the between-layers hook and (unless `observer=False`) the prompt observer."""
     return dict(obs_spec=obs_spec_for(press, hook),
                 between=None if press is None else press.between_layers,
                 observer=None if press is None or not observer else press.prompt_observer)
+
+
+def split_model(model):
+    """`model.kvjax_split()` -> (fn, params); TypeError naming the object when it is not a
+    kvjax model (e.g. a transformers model, a path, or None: load one with `models.load`)."""
+    split = getattr(model, "kvjax_split", None)
+    if not callable(split):
+        raise TypeError(f"model of type {type(model).__name__} has no kvjax_split(): pass a "
+                        "model from models.load(...) or one implementing the contract in "
+                        "docs/loading.md")
+    return split()
 
 
 def check_token_ids(rows, vocab_size: int | None) -> None:
@@ -145,7 +176,7 @@ def plan_request(fn, input_ids, *, max_new_tokens: int, press=None, decoding_pre
         press.check_prompt(int(lengths.min()))
     if decode:
         out_len = bucket_length(max_new_tokens + tail_extra)
-        tail = (hook or DecodeHook()).tail_slots(out_len, tail_extra)
+        tail = hook_or_default(hook).tail_slots(out_len, tail_extra)
     else:
         out_len = tail = 0
     return RequestPlan(tokens=tokens, lengths=lengths, press=press, hook=hook,

@@ -27,12 +27,29 @@ from kvjax.prompt import Prompt
 from kvjax.sharding import constrain_batch, constrain_cache, mesh_context, mesh_of, store_rows
 
 
+def check_between_ran(between, prompt: Prompt, n_tokens: int) -> None:
+    """ValueError unless the model split its layer scan where the between-layers hook asks.
+
+    A model that accepts `between=` and ignores it (one layer group, every token kept) would
+    make UNComp's `prefill_keep` silently prune nothing; checked from static shapes."""
+    want = len(between.starts(n_tokens)) + 1
+    if len(prompt.groups) != want:
+        raise ValueError(
+            f"the model's prefill returned {len(prompt.groups)} layer group(s), but the "
+            f"between-layers hook {type(between).__name__} prunes before layers "
+            f"{between.starts(n_tokens)} ({want} groups): a model must run "
+            "`between(layer, h, positions, lengths, prev)` at `between.starts(T)` and return "
+            "one PromptGroup per segment (docs/loading.md), or the press prunes nothing")
+
+
 def _prefill_body(fn, params, tokens, lengths, obs_spec, attn_impl, between, observer):
     mesh = mesh_of(fn)
     tokens, lengths = constrain_batch(tokens, mesh), constrain_batch(lengths, mesh)
     with mesh_context(mesh):
         logits, prompt = fn.prefill(params, tokens, lengths, obs_spec=obs_spec,
                                     attn_impl=attn_impl, between=between)
+        if between is not None:
+            check_between_ran(between, prompt, tokens.shape[1])
         if observer is not None:
             prompt = observer(fn, params, tokens, prompt, resolve_attn_impl(attn_impl))
     return logits, prompt
@@ -85,7 +102,7 @@ def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl
             hook=None, quant=None):
     """`prefill_prompt` then `compress_prompt` in one jitted call -> (logits [B, V], KVCache).
 
-    `hook` is the decode hook the cache will carry (`kvjax.hooks.check_hooks`); None: the
+    `hook` is the decode hook the cache will carry (`kvjax.plan.check_hooks`); None: the
     press's own (UNComp's ring decode), if any. `quant` (`kvjax.quant.KVQuant`) stores the
     kept entries quantized."""
     if hook is None and press is not None:

@@ -72,3 +72,12 @@ class TopP:
         kept = jnp.where(mass_before < self.p, sorted_logits, -jnp.inf)
         choice = jax.random.categorical(key, kept, axis=-1)
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def check_sampler(sampler) -> None:
+    """ValueError unless `sampler` is a sampler instance: a callable (logits, key) -> ids,
+    not a class or a name (kvjax.Greedy(), Temperature(t), TopK(k), TopP(p))."""
+    if isinstance(sampler, type) or isinstance(sampler, str) or not callable(sampler):
+        raise ValueError(f"{sampler=} must be a sampler instance, e.g. kvjax.Greedy() or "
+                         "kvjax.TopK(k=50)")
+

@@ -66,7 +66,7 @@ def decoder_from_tensors(cfg: ModelConfig, tensors, *, dtype=jnp.float32, mesh=N
     """
     source = as_source(tensors)
     if mesh is not None:
-        check_mesh(mesh)
+        mesh = check_mesh(mesh)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = nnx.to_pure_dict(state)

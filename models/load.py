@@ -18,6 +18,18 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
+def check_dtype(dtype) -> jnp.dtype:
+    """The parameter dtype as a jnp.dtype; ValueError unless it is a floating dtype."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"{dtype=} is not a dtype (use e.g. jnp.bfloat16 or 'float32')") from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype={dt.name}: parameters need a floating dtype (float32, "
+                         "bfloat16, float16); int8 KV caches are kv_dtype='int8' in kvjax")
+    return dt
+
+
 def load(source: str | Path, *, dtype=None, mesh=None, progress: bool = True):
     """Load a model and its tokenizer.
 
@@ -38,9 +50,9 @@ def load(source: str | Path, *, dtype=None, mesh=None, progress: bool = True):
     Returns:
       (Decoder, Tokenizer).
     """
-    dtype = default_dtype() if dtype is None else dtype
+    dtype = check_dtype(default_dtype() if dtype is None else dtype)
     if mesh is not None:
-        check_mesh(mesh)
+        mesh = check_mesh(mesh)
     if str(source) in EMBEDDED_MODELS:
         from models.smollm2 import find_smollm2
         source = find_smollm2()

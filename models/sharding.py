@@ -28,13 +28,22 @@ from models.config import ModelConfig
 MESH_AXES = ("data", "model")
 
 
-def check_mesh(mesh: Mesh) -> None:
-    """Raise unless `mesh` has exactly the axes ("data", "model")."""
+def check_mesh(mesh: Mesh) -> Mesh:
+    """Raise unless `mesh` has exactly the axes ("data", "model"); return it with Auto axes.
+
+    kvjax places arrays with sharding constraints, which need Auto axes. `jax.make_mesh`
+    makes Explicit axes by default in recent jax: such a mesh is accepted and rebuilt with
+    Auto axes over the same devices (sharding-in-types is not used here).
+    """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if tuple(mesh.axis_names) != MESH_AXES:
         raise ValueError(f"mesh axes {tuple(mesh.axis_names)} must be {MESH_AXES} (e.g. "
-                         "jax.make_mesh((2, 4), ('data', 'model')))")
+                         "models.make_mesh(data=2, model=4))")
+    auto = jax.sharding.AxisType.Auto
+    if all(t == auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
 
 
 def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:

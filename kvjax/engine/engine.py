@@ -33,11 +33,11 @@ from kvjax.engine.pool import (attach, compact_store, detach, empty_pool, used_s
                                write_block)
 from kvjax.engine.request import Request, RequestResult, Status, as_id_list
 from kvjax.engine.step import SlotState, decode_slots, set_slot
-from kvjax.loops import MAX_EOS, init_state
-from kvjax.plan import check_hooks, plan_request
+from kvjax.loops import eos_ids, init_state
+from kvjax.plan import check_hooks, plan_request, split_model
 from kvjax.prefill import prefill_prompt, prefill_request
 from kvjax.quant import resolve_kv_quant
-from kvjax.sampling import Greedy
+from kvjax.sampling import Greedy, check_sampler
 from kvjax.sharding import mesh_of, store_rows
 
 UNSET = object()
@@ -48,12 +48,16 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "m
 def parse_bytes(value) -> int:
     """An int of bytes, or a string like "2GiB", "512 MiB", "1.5GB" -> bytes."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"kv_budget={value!r} is not a byte count (an int, or e.g. '2GiB', "
-                         "'512MiB', '1.5GB')")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"kv_budget={value!r} is not a byte count (an int, or e.g. "
+                             "'2GiB', '512MiB', '1.5GB')")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"kv_budget={value!r} must be a positive number of bytes")
+    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +98,7 @@ class Engine:
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
                 raise ValueError(f"{name}={val!r} must be an int >= {lo}")
         check_hooks(press, None)
-        self.fn, self.params = model.kvjax_split()
+        self.fn, self.params = split_model(model)
         self.tokenizer, self.press = tokenizer, press
         self.model_id = model_fingerprint(model)
         self._pipe = None
@@ -179,8 +183,7 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 1:
             raise ValueError(f"{max_new_tokens=} must be an int >= 1")
-        if not callable(sampler) or isinstance(sampler, type):
-            raise ValueError(f"{sampler=} must be a sampler instance, e.g. kvjax.Greedy()")
+        check_sampler(sampler)
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         if stop and self.tokenizer is None:
             raise ValueError(f"{stop=} needs a tokenizer to decode the text")
@@ -192,15 +195,12 @@ class Engine:
         if eos_id is UNSET:
             eos_id = None if ids is not None and context is None and not isinstance(x, str) \
                 else (self.tokenizer.eos_ids if self.tokenizer is not None else None)
-        eos = () if eos_id is None else ((eos_id,) if isinstance(eos_id, (int, np.integer))
-                                         else tuple(eos_id))
-        if len(eos) > MAX_EOS:
-            raise ValueError(f"{len(eos)=} EOS ids; at most {MAX_EOS} are supported")
+        eos = eos_ids(eos_id, getattr(self.fn, "vocab_size", None))
         if sampler not in self._samplers:
             self._samplers.append(sampler)
         req = Request(id=self._next_id, ids=ids, question_ids=q_ids, context=context,
                       plan=plan, max_new_tokens=int(max_new_tokens), sampler=sampler,
-                      eos_ids=tuple(int(e) for e in eos), stop=stop,
+                      eos_ids=eos, stop=stop,
                       rng=jax.random.key(0) if rng is None else rng,
                       submitted_step=self._steps, submit_time=time.perf_counter(),
                       _engine=self)

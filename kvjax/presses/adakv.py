@@ -5,7 +5,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.presses import select
-from kvjax.presses.base import Press
+from kvjax.presses.base import Press, derive_ratio
+from kvjax.presses.parts import check_fields
 from kvjax.presses.parts import Allocator, LayerwiseAllocator, Stage, StaticSize
 
 _SAFE = float(jnp.finfo(jnp.float32).max)
@@ -64,8 +65,10 @@ class AdaKVPress(Press):
 
     press: Press
     alpha_safeguard: float = 0.2
+    compression_ratio: float | None = None  # the wrapped press's (derive_ratio)
 
     def __post_init__(self):
+        check_fields(self)
         from kvjax.presses.base import ScorerPress
         if not isinstance(self.press, ScorerPress):
             raise ValueError(f"AdaKVPress needs a ScorerPress, got {type(self.press).__name__}")
@@ -74,7 +77,7 @@ class AdaKVPress(Press):
                              f"{type(self.press).__name__} (its allocator is not per layer)")
         if not 0.0 <= self.alpha_safeguard <= 1.0:
             raise ValueError(f"{self.alpha_safeguard=} must be in [0, 1]")
-        object.__setattr__(self, "compression_ratio", self.press.compression_ratio)
+        derive_ratio(self, self.press.compression_ratio)
         super().__post_init__()
 
     @property

@@ -3,7 +3,8 @@
 from kvjax.observation import ObsSpec
 from kvjax.presses.base import ScorerPress
 from kvjax.presses.parts import Stage
-from kvjax.presses.snapkv import POOLINGS, SnapKVPress, check_window
+from kvjax.presses.snapkv import SnapKVPress, check_window
+from kvjax.presses.window import check_window_args
 
 
 class ScoredAllocation:
@@ -12,9 +13,9 @@ class ScoredAllocation:
     layer or head are picked by `scorer`, SnapKV with the press's window by default."""
 
     def check_scorer(self) -> None:
-        """Raise ValueError on a bad pooling or a scorer that is not a ScorerPress."""
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.pooling=} is not one of {POOLINGS}")
+        """Raise ValueError on a bad window, kernel or pooling, or a scorer that is not a
+        ScorerPress."""
+        check_window_args(self)
         if self.scorer is not None and not isinstance(self.scorer, ScorerPress):
             raise ValueError(f"scorer={self.scorer!r} is not a ScorerPress")
 

@@ -14,7 +14,8 @@ import dataclasses
 import jax
 
 from kvjax.observation import ObsSpec
-from kvjax.presses.parts import Stage, StaticSize, TopK, Uniform, validate_ratio
+from kvjax.presses.parts import (Stage, StaticSize, TopK, Uniform, check_fields,
+                                  validate_ratio)
 
 
 @jax.tree_util.register_dataclass
@@ -33,6 +34,21 @@ class LayerContext:
     n_layers: int = dataclasses.field(metadata=dict(static=True), default=1)
 
 
+def derive_ratio(press, derived: float) -> None:
+    """Set a wrapper press's `compression_ratio` to the one its inner presses give.
+
+    A wrapper's own field defaults to None; a value the user passed must equal the derived
+    one, else ValueError (it would be silently replaced). Call it first in `__post_init__`.
+    """
+    given = press.compression_ratio
+    if given is not None and (isinstance(given, bool) or not isinstance(given, (int, float))
+                              or not abs(given - derived) <= 1e-9):  # NaN too
+        raise ValueError(f"{type(press).__name__}(compression_ratio={given!r}): a wrapper's "
+                         f"ratio is its inner presses' ({derived:g}); set compression_ratio "
+                         "on the press it wraps")
+    object.__setattr__(press, "compression_ratio", derived)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Press(abc.ABC):
     """Base class of every press: the token stages and the optional parts and hooks.
@@ -44,6 +60,7 @@ class Press(abc.ABC):
     compression_ratio: float = 0.0
 
     def __post_init__(self):
+        check_fields(self)
         validate_ratio(self.compression_ratio)
 
     @property
@@ -125,3 +142,17 @@ class ScorerPress(Press):
         if self.compression_ratio == 0:
             return ()
         return (Stage(scorer=self, allocator=self.allocator(), selector=self.selector()),)
+
+
+def check_press_arg(press, name: str = "press") -> None:
+    """ValueError unless `press` is None or a press instance (not its class or its name)."""
+    if press is None or isinstance(press, Press):
+        return
+    if isinstance(press, type) and issubclass(press, Press):
+        raise ValueError(f"{name}={press.__name__} is a press class: pass an instance, e.g. "
+                         f"{press.__name__}(compression_ratio=0.5), or "
+                         "kvjax.presses.make_press(name, ratio)")
+    if isinstance(press, str):
+        raise ValueError(f"{name}={press!r} is a name: build the press with "
+                         f"kvjax.presses.make_press({press!r}, compression_ratio)")
+    raise ValueError(f"{name}={press!r} is not a press (a kvjax Press instance or None)")

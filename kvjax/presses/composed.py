@@ -5,7 +5,7 @@ import functools
 import math
 
 from kvjax.observation import ObsSpec
-from kvjax.presses.base import Press
+from kvjax.presses.base import Press, derive_ratio
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -17,6 +17,7 @@ class ComposedPress(Press):
     """
 
     presses: tuple[Press, ...]
+    compression_ratio: float | None = None  # derived from the presses (derive_ratio)
 
     def __post_init__(self):
         if not isinstance(self.presses, tuple) or not self.presses:
@@ -35,7 +36,7 @@ class ComposedPress(Press):
         if self.between_layers is not None:
             self.between_layers.check_obs(self.obs_spec)
         kept = math.prod(1.0 - p.compression_ratio for p in self.presses)
-        object.__setattr__(self, "compression_ratio", 1.0 - kept)
+        derive_ratio(self, 1.0 - kept)
         super().__post_init__()
 
     @property

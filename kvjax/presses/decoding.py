@@ -18,6 +18,7 @@ from kvjax.buckets import bucket_length
 from kvjax.observation import Observation, ObsSpec
 from kvjax.presses import select
 from kvjax.presses.base import LayerContext, ScorerPress
+from kvjax.presses.parts import check_fields
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,7 @@ class DecodingPress(DecodeHook):
     compression_interval: int = 64
 
     def __post_init__(self):
+        check_fields(self)
         if not isinstance(self.press, ScorerPress):
             raise ValueError(f"DecodingPress needs a ScorerPress, got {type(self.press).__name__}")
         if self.press.obs_spec != ObsSpec():

@@ -59,6 +59,8 @@ class ExpectedAttentionPress(ScorerPress):
             raise ValueError(f"{self.n_future_positions=} must be >= 1")
         if self.n_sink < 0:
             raise ValueError(f"{self.n_sink=} must be >= 0")
+        if self.epsilon < 0:
+            raise ValueError(f"{self.epsilon=} must be >= 0")
 
     @property
     def obs_spec(self):

@@ -9,12 +9,52 @@ letters: B batch, L layers, K kv heads, C slots of a layer's view.
 import abc
 import dataclasses
 import math
+import numbers
+import types
+import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.presses import select
+
+
+def _kinds(hint) -> set:
+    """The plain types a field annotation allows: int | None -> {int, NoneType}."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return set(typing.get_args(hint))
+    return {hint}
+
+
+def check_fields(obj) -> None:
+    """Raise ValueError on a dataclass field whose value does not match its annotation.
+
+    Fields annotated `int` take an integer (not a bool or a float) >= 0 (a field named `seed`
+    any integer), `float` a finite real number (not a bool), `bool` a bool; `X | None` also
+    takes None. Range checks beyond these are the class's own. Called first in every press's
+    and hook's `__post_init__`, so a bad value never reaches jit.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        value, kinds = getattr(obj, field.name), _kinds(hints.get(field.name))
+        where = f"{type(obj).__name__}({field.name}={value!r})"
+        if value is None and type(None) in kinds:
+            continue
+        plain = kinds - {type(None)}
+        if plain == {int}:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{where}: {field.name} must be an int")
+            if value < 0 and field.name != "seed":
+                raise ValueError(f"{where}: {field.name} must be >= 0")
+        elif plain in ({float}, {int, float}):
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                    or not math.isfinite(value)):
+                raise ValueError(f"{where}: {field.name} must be a finite number")
+        elif plain == {bool} and not isinstance(value, bool):
+            raise ValueError(f"{where}: {field.name} must be True or False")
+        elif plain == {str} and not isinstance(value, str):
+            raise ValueError(f"{where}: {field.name} must be a string")
 
 
 def validate_ratio(compression_ratio: float) -> None:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
+from kvjax.presses.parts import check_fields
 from kvjax.presses.window import window_attention
 from kvjax.prompt import LayerPrompt, PromptGroup
 
@@ -32,6 +33,9 @@ class HiddenPruning:
     window: int = 8
 
     def __post_init__(self):
+        check_fields(self)
+        if self.window < 1:
+            raise ValueError(f"{self.window=} must be >= 1")
         if not isinstance(self.keep, tuple) or not self.keep:
             raise ValueError(f"keep={self.keep!r} must be a non-empty tuple")
         if self.keep[0] is not None:

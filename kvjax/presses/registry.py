@@ -12,6 +12,7 @@ from kvjax.presses.knorm import KnormPress
 from kvjax.presses.nacl import NACLPress
 from kvjax.presses.observed_attention import ObservedAttentionPress
 from kvjax.presses.pyramidkv import PyramidKVPress
+from kvjax.presses.ring import RingDecode
 from kvjax.presses.random import RandomPress
 from kvjax.presses.snapkv import SnapKVPress
 from kvjax.presses.streaming_llm import StreamingLLMPress
@@ -85,6 +86,11 @@ PRESSES = {
                "SnapKV inside heads (arXiv 2410.03090; calibration=FILE|smollm2)"),
     "snapkv_knorm": (_snap_knorm, dict(window_size=8), "ComposedPress: SnapKV then KNorm"),
 }
+
+
+# Decode hooks a saved compressed context may carry, by class name (kvjax/context.py): a hook
+# of plain int/str fields, rebuilt from them
+DECODE_HOOKS = {"RingDecode": RingDecode}
 
 
 def press_names() -> list[str]:

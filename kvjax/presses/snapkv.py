@@ -6,9 +6,10 @@ import jax.numpy as jnp
 
 from kvjax.observation import ObsSpec
 from kvjax.presses.base import ScorerPress
-from kvjax.presses.window import in_window, pool1d, window_attention
+from kvjax.presses.window import (POOLINGS, check_window_args, in_window, pool1d,
+                                  window_attention)
 
-POOLINGS = ("avg", "max")
+__all__ = ["POOLINGS", "SnapKVPress", "check_window"]
 
 
 def check_window(press, min_prompt_len: int) -> None:
@@ -33,12 +34,7 @@ class SnapKVPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.window_size < 1:
-            raise ValueError(f"{self.window_size=} must be >= 1")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"{self.kernel_size=} must be a positive odd int")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"{self.pooling=} is not one of {POOLINGS}")
+        check_window_args(self)
 
     @property
     def obs_spec(self):

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from kvjax.cache import LayerView
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
-from kvjax.presses.base import Press
-from kvjax.presses.parts import StaticSize
+from kvjax.presses.base import Press, derive_ratio
+from kvjax.presses.parts import StaticSize, check_fields
 from kvjax.presses.window import window_attention
 
 
@@ -95,8 +95,10 @@ class ThinKPress(Press):
     window_size: int = 32
     press: Press | None = None
     value_channel_compression_ratio: float = 0.0
+    compression_ratio: float | None = None  # the token press's (derive_ratio)
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("key_channel_compression_ratio", "value_channel_compression_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
@@ -114,8 +116,7 @@ class ThinKPress(Press):
         if self.press is not None and self.press.between_layers is not None:
             raise ValueError(f"ThinKPress cannot wrap {type(self.press).__name__} with "
                              "hidden-state pruning: the recent window must reach every layer")
-        object.__setattr__(self, "compression_ratio",
-                           0.0 if self.press is None else self.press.compression_ratio)
+        derive_ratio(self, 0.0 if self.press is None else self.press.compression_ratio)
         super().__post_init__()
 
     @property

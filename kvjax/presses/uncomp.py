@@ -127,7 +127,7 @@ class UNCompPress(ScoredAllocation, Press):
         groups kv heads by index (a placeholder for models without a calibration, not
         UNComp's entropy ranking).
       decode: "tail" (new tokens go to the dense tail, nothing is evicted while decoding) or
-        "ring" (the official decode, `kvjax.hooks.RingDecode`: every (layer, head) segment
+        "ring" (the official decode, `kvjax.presses.ring.RingDecode`: every (layer, head) segment
         holds exactly its budget; each new token enters and the segment re-selects with the
         attention of the last `window_size` queries).
       prefill_keep: UNComp's hidden-state token pruning during prefill (`HiddenPruning`):
@@ -151,8 +151,6 @@ class UNCompPress(ScoredAllocation, Press):
             raise ValueError(f"{self.decode=} is not one of {DECODE_MODES}")
         if self.groups < 1 or self.group_budget_ratio < 1.0:
             raise ValueError(f"{self.groups=} must be >= 1 and {self.group_budget_ratio=} >= 1")
-        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"{self.window_size=} must be >= 1, {self.kernel_size=} odd")
         if self.calibration is not None and not isinstance(self.calibration, UNCompCalibration):
             object.__setattr__(self, "calibration", load_calibration(self.calibration))
         if self.calibration is not None and self.calibration.n_groups != self.groups:
@@ -167,7 +165,7 @@ class UNCompPress(ScoredAllocation, Press):
     def decode_hook(self):
         if self.decode != "ring":
             return None
-        from kvjax.hooks import RingDecode
+        from kvjax.presses.ring import RingDecode
         return RingDecode(window_size=self.window_size, kernel_size=self.kernel_size,
                           pooling=self.pooling)
 

@@ -11,6 +11,19 @@ from kvjax.attention import default_scale
 from kvjax.cache import LayerView
 from kvjax.observation import Observation
 
+POOLINGS = ("avg", "max")
+
+
+def check_window_args(obj) -> None:
+    """ValueError unless obj.window_size >= 1, obj.kernel_size is a positive odd int and
+    obj.pooling is one of POOLINGS (SnapKV, ZigZagKV, UNComp, the ring decode)."""
+    if obj.window_size < 1:
+        raise ValueError(f"{obj.window_size=} must be >= 1")
+    if obj.kernel_size < 1 or obj.kernel_size % 2 == 0:
+        raise ValueError(f"{obj.kernel_size=} must be a positive odd int")
+    if obj.pooling not in POOLINGS:
+        raise ValueError(f"{obj.pooling=} is not one of {POOLINGS}")
+
 
 def window_positions(prompt_len: jax.Array, window: int) -> jax.Array:
     """[B] prompt lengths -> [B, W] positions of the observation window."""

@@ -68,6 +68,23 @@ def test_batched_questions_equal_separate_asks(tiny, name):
     assert store.k.shape[1:] == compressed.cache.store.k.shape[1:]
 
 
+def test_ring_decode_batched_and_saved(tiny, tmp_path):
+    """UNComp's ring decode rewrites the store while decoding: `ask_many` gives each question
+    its own copy and the tokens of `run`; a saved context keeps the hook and its answers."""
+    _, model, _, pipe = tiny
+    press = kvjax.UNCompPress(compression_ratio=0.5, window_size=8, decode="ring")
+    compressed = pipe.compress(CONTEXT, press=press)
+    assert isinstance(compressed.cache.hook, kvjax.RingDecode)
+    want = [pipe.run(CONTEXT, q, press=press, max_new_tokens=N_NEW).tokens for q in QUESTIONS]
+    batched = pipe.ask_many(compressed, QUESTIONS, max_new_tokens=N_NEW)
+    assert [r.tokens for r in batched] == want
+    assert batched[0].cache.store.k.shape[0] == len(QUESTIONS)  # one store copy each
+    assert batched[0].cache.tail.k.shape[-2] == 0  # the ring keeps no tail
+    loaded = kvjax.CompressedContext.load(compressed.save(tmp_path / "ring"), model)
+    assert loaded.cache.hook == compressed.cache.hook
+    assert [r.tokens for r in pipe.ask_many(loaded, QUESTIONS, max_new_tokens=N_NEW)] == want
+
+
 def test_save_then_load_in_a_fresh_process(tiny, tmp_path):
     path, model, _, pipe = tiny
     press = make_press("snapkv", 0.5, **PRESSES["snapkv"][1])

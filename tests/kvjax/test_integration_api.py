@@ -1,7 +1,10 @@
 """The integration API on a decoder we did not write for it: a GPT-J-style block (parallel
 attention and MLP, LayerNorm, partial rotary) wired to kvjax with prefill_layer/decode_layer.
 Full-cache logits equal a plain dense reference of the same decoder; every registered press
-runs on it inside jit; generate works."""
+runs on it inside jit and keeps the
+entries its budget gives (a hand count), in a store smaller than the full cache's."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +135,31 @@ def test_every_press_runs_in_jit_on_foreign_decoder(foreign, name):
                list(np.random.RandomState(2).randint(0, V, 29))]
     out = kvjax.generate(foreign, prompts, max_new_tokens=4, press=press)
     assert out.lengths.tolist() == [4, 4]
-    assert kvjax.memory_report(out.cache).kv_bytes_needed > 0
+    for row, prompt in enumerate(prompts):  # prompt entries kept, over every layer and head
+        n = len(prompt)
+        kept = sum(int((np.asarray(head) < n).sum()) for layer in range(L)
+                   for head in kvjax.kept_positions(out.cache, layer)[row])
+        lo, hi = expected_kept(press, n)
+        assert lo <= kept <= hi, (name, row, kept, lo, hi)
+    full = kvjax.generate(foreign, prompts, max_new_tokens=4)
+    held, full_held = (kvjax.memory_report(c).prefix_kv_bytes_held for c in (out.cache,
+                                                                           full.cache))
+    # the store is sized by the press's bound on the 64-token bucket (rounded up per segment)
+    assert held <= (1 - press.compression_ratio + 0.05) * full_held, (held, full_held)
+
+
+def expected_kept(press, n):
+    """(min, max) prompt entries one sequence keeps over L layers and K heads, by hand: a
+    fixed per-head budget keeps ceil(n * (1 - r)) per head; a press that moves budget between
+    heads or layers keeps the same total up to rounding, ceil(L * K * n * (1 - r)); a
+    composed press applies each inner press to what the previous one kept."""
+    if isinstance(press, kvjax.ComposedPress):
+        m = n
+        for inner in press.presses:
+            m = math.ceil(m * (1 - inner.compression_ratio))
+        return L * K * m, L * K * m
+    keep = 1 - press.compression_ratio
+    return math.ceil(L * K * n * keep), L * K * math.ceil(n * keep)
 
 
 def test_averaged_rotation_matches_explicit_interleaved_rope():

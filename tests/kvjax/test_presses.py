@@ -101,17 +101,37 @@ def test_kept_counts_and_indices(model, prompts, name, ratio):
                 assert (np.diff(kept) > 0).all() and kept.min() >= 0 and kept.max() < n
 
 
-@pytest.mark.parametrize("name, protected", [
-    ("streaming_llm", lambda n: [0, 1, 2, 3, n - 1]),
-    ("snapkv", lambda n: range(n - 8, n)),
-    ("pyramidkv", lambda n: range(n - 8, n)),
-    ("tova", lambda n: [n - 1]),
-    ("expected_attention", lambda n: range(4)),
-    ("zigzagkv", lambda n: range(n - 8, n)),
-    ("kvzip", lambda n: range(4)),
-    ("kvzap", lambda n: range(4)),
-])
-def test_protected_tokens_kept(model, prompts, name, protected):
+def _window(n):
+    return range(n - 8, n)  # the registry's window_size=8
+
+
+# What each registered press keeps by definition (registry arguments, ratio 0.7); a new
+# press must say here what it protects (test_protected_table_covers_the_registry)
+PROTECTED = {
+    "streaming_llm": lambda n: [0, 1, 2, 3, n - 1],
+    "snapkv": _window, "pyramidkv": _window, "adakv": _window, "think": _window,
+    "zigzagkv": _window, "uncomp": _window,
+    "tova": lambda n: [n - 1],
+    "expected_attention": lambda n: range(4), "kvzip": lambda n: range(4),
+    "kvzap": lambda n: range(4),
+    "nacl": lambda n: [0, 1] + list(range(n - round(0.05 * n), n)),  # n_sink=2, recent 5%
+    # scorers with no sinks or window: nothing is kept by definition
+    "observed_attention": None, "knorm": None, "keydiff": None, "random": None,
+    "snapkv_knorm": None,  # KNorm after SnapKV may drop SnapKV's window
+}
+
+
+def test_protected_table_covers_the_registry():
+    assert sorted(PROTECTED) == press_names()
+    for name, protected in PROTECTED.items():  # a press without a table entry has no guard
+        press = _press(name, 0.5)
+        if protected is None and name != "snapkv_knorm":
+            assert not any(hasattr(press, f) for f in ("n_sink", "window_size")), name
+
+
+@pytest.mark.parametrize("name", [n for n, p in PROTECTED.items() if p is not None])
+def test_protected_tokens_kept(model, prompts, name):
+    protected = PROTECTED[name]
     _, cache = _prefill(model, prompts, _press(name, 0.7))
     for layer in range(cache.n_layers):
         for b, n in enumerate(LENGTHS):
@@ -173,6 +193,22 @@ def test_random_press_deterministic_given_seed(model, prompts):
     assert _kept(a, 1, 0, 0).tolist() == _kept(b, 1, 0, 0).tolist()
     assert _kept(a, 1, 0, 0).tolist() != _kept(c, 1, 0, 0).tolist()
     assert _kept(a, 0, 0, 0).tolist() != _kept(a, 1, 0, 0).tolist()
+
+
+@pytest.mark.parametrize("name", press_names())
+def test_deterministic_and_store_shrinks(model, prompts, name):
+    """Two runs keep the same entries (a seeded press included); at ratio 0.75 the store
+    holds fewer bytes than the full cache and every layer keeps fewer prompt tokens."""
+    _, a = _prefill(model, prompts, _press(name, 0.75))
+    _, b = _prefill(model, prompts, _press(name, 0.75))
+    for layer in range(a.n_layers):
+        for ka, kb in zip(kvjax.kept_positions(a, layer), kvjax.kept_positions(b, layer)):
+            for ha, hb in zip(ka, kb):
+                np.testing.assert_array_equal(ha, hb)
+    _, full = _prefill(model, prompts, None)
+    rf, rc = kvjax.memory_report(full), kvjax.memory_report(a)
+    assert rc.bytes_held < rf.bytes_held, (rc, rf)
+    assert all(c < f for c, f in zip(rc.prefix_tokens, rf.prefix_tokens)), (rc, rf)
 
 
 def test_memory_really_saved(model, prompts):

@@ -171,6 +171,24 @@ def check_errors() -> dict:
             "parse": error_of(lambda: models.parse_mesh("data=2,modl=4"))}
 
 
+def axis_type_tokens() -> dict:
+    """Greedy tokens (SnapKV 0.5) of the tiny model on one device and on (2, 4) meshes made
+    by `jax.make_mesh` with its default axis types, with Explicit and with Auto axes."""
+    auto, explicit = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
+    meshes = {"default": jax.make_mesh((2, 4), ("data", "model")),
+              "explicit": jax.make_mesh((2, 4), ("data", "model"), axis_types=(explicit,) * 2),
+              "auto": jax.make_mesh((2, 4), ("data", "model"), axis_types=(auto,) * 2)}
+    ids = prompts(256, 4, 3)
+    press = kvjax.SnapKVPress(compression_ratio=0.5, window_size=8)
+    out = {"single": kvjax.generate(load("tiny", None), ids, max_new_tokens=4,
+                                    press=press).tokens.tolist(),
+           "default_types": [str(t) for t in meshes["default"].axis_types]}
+    for name, mesh in meshes.items():
+        out[name] = kvjax.generate(load("tiny", mesh), ids, max_new_tokens=4,
+                                   press=press).tokens.tolist()
+    return out
+
+
 def pipeline_texts(mesh_shape, tmp: str) -> dict:
     """SmolLM2 Pipeline answers (run, compress + save + load + ask) on one device and on a
     mesh, with SnapKV 0.5: the texts must agree."""
@@ -197,6 +215,7 @@ def main():
     ap.add_argument("--pipeline", default=None, metavar="TMPDIR")
     ap.add_argument("--check-errors", action="store_true")
     ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--axis-types", action="store_true")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--meshes", default="1x8,2x4,8x1,2x3")
     ap.add_argument("--presses", default="full,snapkv,adakv,zigzagkv,think")
@@ -208,6 +227,9 @@ def main():
     if args.kernels:
         print(json.dumps(kernel_tokens([((2, 4), "pallas_tpu"), ((1, 1), "pallas_gpu")],
                                         4)))
+        return
+    if args.axis_types:
+        print(json.dumps(axis_type_tokens()))
         return
     if args.check_errors:
         print(json.dumps(check_errors()))

@@ -62,5 +62,10 @@ def test_bf16_close_to_f32(tiny_hf_dirs):
     ids = jnp.asarray(np.random.RandomState(4).randint(0, 128, (1, 16)))
     a, b = np.asarray(m32(ids)), np.asarray(m16(ids))
     assert m16.embed_tokens.embedding[...].dtype == jnp.bfloat16
-    assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
-    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.8
+    err = np.abs(a - b).max()
+    assert err < 0.015 * np.abs(a).max()  # measured 0.0046 to 0.0072 over 6 prompts: 2x margin
+    # where f32's top-1 leads its top-2 by more than twice the bf16 error, bf16 cannot flip it
+    top2 = np.sort(a, -1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] > 2 * err
+    assert decided.mean() > 0.5  # the check below covers most positions
+    np.testing.assert_array_equal(a.argmax(-1)[decided], b.argmax(-1)[decided])

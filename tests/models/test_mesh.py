@@ -132,6 +132,15 @@ def test_bad_meshes_and_batches():
     assert "--mesh 'data=2,modl=4'" in result["parse"]
 
 
+def test_explicit_and_auto_axis_meshes_give_one_device_tokens():
+    """`jax.make_mesh` (Explicit axes by default in this jax) works as models.make_mesh does:
+    the parameters load, generate runs, and the tokens are the one-device tokens."""
+    out = _run_worker("--axis-types")
+    assert "AxisType.Explicit" in out["default_types"], out["default_types"]
+    for name in ("default", "explicit", "auto"):
+        assert out[name] == out["single"], name
+
+
 def test_missing_checkpoint_shard_is_named(tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(
         (2).to_bytes(8, "little") + b"{}")

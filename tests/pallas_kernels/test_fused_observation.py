@@ -17,7 +17,10 @@ IMPLS = [pytest.param("pallas_tpu"),
          pytest.param("pallas_gpu", marks=pytest.mark.skipif(
              _interpret.GPU_INTERPRET_UNAVAILABLE is not None,
              reason=str(_interpret.GPU_INTERPRET_UNAVAILABLE)))]
-TOL = {"pallas_tpu": 1e-5, "pallas_gpu": 2e-2}  # the GPU kernel feeds WGMMA bf16 inputs
+# (output atol, column-sum atol). The GPU kernel feeds WGMMA bf16 operands: measured in
+# interpret mode on this case over 3 seeds, outputs within 0.0099 and column sums (up to 5.9)
+# within 0.0061; the tolerances are 2x and 2.5x that.
+TOL = {"pallas_tpu": (1e-5, 1e-4), "pallas_gpu": (2e-2, 1.5e-2)}
 
 
 def numpy_column_sums(q, k, lengths, window):
@@ -74,9 +77,9 @@ def test_prefill_layer_column_sums_from_kernel(impl, window):
                                    want[row, :, :n_valid], atol=1e-4, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(obs.column_sums)[row, :, :n_valid],
                                    np.asarray(ref.column_sums)[row, :, :n_valid],
-                                   atol=TOL[impl] * 10, rtol=TOL[impl])
+                                   atol=TOL[impl][1], rtol=0)
         np.testing.assert_allclose(np.asarray(out)[row, :n_valid],
-                                   np.asarray(ref_out)[row, :n_valid], atol=TOL[impl])
+                                   np.asarray(ref_out)[row, :n_valid], atol=TOL[impl][0])
 
 
 def test_observed_attention_keeps_the_same_tokens_with_the_kernel():

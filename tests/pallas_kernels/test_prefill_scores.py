@@ -129,8 +129,10 @@ class TestPrefillTPUInterpret(TestPrefillTPU):
 class TestPrefillGPU(PrefillChecks):
     """Mosaic GPU kernels, compiled (skips without a GPU)."""
 
+    # the kernel feeds WGMMA bf16 operands; measured in interpret mode over CASES: outputs
+    # within 0.012 (values up to 3), column sums within 0.0028 (sums up to 4.8): 2x margins
     OUT_ATOL = {jnp.float32: 2e-2, jnp.bfloat16: 2e-2}
-    COL_TOL = (2e-2, 2e-2)
+    COL_TOL = (6e-3, 0)
 
     @pytest.fixture(autouse=True)
     def _backend(self):

@@ -1,4 +1,5 @@
-"""Hidden-state token pruning (UNComp) as a between-layers hook:
+"""Hidden-state token pruning (UNComp) as a between-layers hook (its logits equal transformers
+run over the gathered hidden states):
 `models.Decoder.prefill(between=HiddenPruning(keep=...))`, one PromptGroup per stage."""
 
 import jax
@@ -158,3 +159,31 @@ def test_prefill_refuses_observations_pruning_may_have_removed(setup):
     with pytest.raises(ValueError, match="at most the last"):
         model.prefill(toks, lens, obs_spec=ObsSpec(window=32),
                       between=HiddenPruning(keep=(None, None, 32, None)))
+
+
+def test_pruned_logits_equal_transformers_over_the_gathered_hidden_states(tiny_hf_dirs):
+    """Pruning before layer 1 of a 2-layer model equals, in transformers: layer 0 over the
+    whole prompt, then the kept tokens' layer-0 hidden states (at their original positions)
+    through a one-layer model holding layer 1's weights, the final norm and the head."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    hf, path = tiny_hf_dirs["llama_gqa4_untied"]
+    model, _ = models.load(path, progress=False, dtype=jnp.float32)
+    n, keep = 40, 16
+    ids = np.random.RandomState(3).randint(0, 128, (1, n))
+    logits, prompt = model.prefill(jnp.asarray(ids), jnp.asarray([n]), all_logits=True,
+                                   between=HiddenPruning(keep=(None, keep)))
+    kept = np.array(prompt.groups[1].positions[0, :keep])
+    assert len(set(kept.tolist())) == keep and kept.max() == n - 1
+
+    with torch.no_grad():
+        h0 = hf(torch.tensor(ids), output_hidden_states=True).hidden_states[1]  # after layer 0
+        cfg = hf.config.to_dict() | dict(num_hidden_layers=1)
+        second = LlamaForCausalLM(type(hf.config)(**cfg)).eval()
+        state = {k.replace("layers.1.", "layers.0."): v for k, v in hf.state_dict().items()
+                 if "layers.0." not in k}
+        second.load_state_dict(state)
+        want = second(inputs_embeds=h0[:, kept],
+                      position_ids=torch.tensor(kept)[None]).logits[0].numpy()
+    np.testing.assert_allclose(np.asarray(logits)[0, :keep], want, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,5 @@
 """Decode over the store's segments: UNComp's tail mode reads the packed one-row store like a
-per-head layout; ring decode (`kvjax.hooks.RingDecode`) equals a numpy re-implementation over
+per-head layout; ring decode (`kvjax.presses.ring.RingDecode`) equals a numpy re-implementation over
 any allocator's table (uniform SnapKV, AdaKV, ZigZagKV, PyramidKV, UNComp head groups) and
 keeps every segment at exactly its length."""
 
@@ -17,7 +17,7 @@ import models
 from kvjax import loops
 from kvjax.cache import KVCache, KVStore, Tail
 from kvjax.compress import static_prompt_size
-from kvjax.hooks import RingDecode
+from kvjax.presses.ring import RingDecode
 from kvjax.presses.uncomp import UNCompPress
 from kvjax.uncomp.calibration import UNCompCalibration
 from kvjax.writer import aligned_slots
