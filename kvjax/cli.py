@@ -1,4 +1,4 @@
-"""The `kvjax` command: generate, demo, presses (and eval, when installed).
+"""The `kvjax` command: generate, demo, presses, serve (and eval, when installed).
 
 The one place in kvjax that imports `models` (lazily, inside the handlers).
 """
@@ -100,8 +100,10 @@ def _add_optional_subcommands(sub) -> None:
     from kvjax.context_cli import add_context_parsers
     from kvjax.kvzap.cli import add_train_scorer_parser
     from kvjax.presses.zigzag_profile import add_zigzag_parser
+    from kvjax.serve.cli import add_serve_parser
     from kvjax.uncomp.cli import add_uncomp_parser
     add_context_parsers(sub)
+    add_serve_parser(sub)
     add_zigzag_parser(sub)
     add_uncomp_parser(sub)
     add_train_scorer_parser(sub)

@@ -71,20 +71,7 @@ class Pipeline:
         check_text(context=context, question=question, answer_prefix=answer_prefix)
         if question_aware:
             context, question = context + question, ""
-        if self.tokenizer.chat_template is None:  # plain LM: bos + context, question on a new line
-            bos = self.tokenizer.bos_id
-            ctx_text = ("" if bos is None else self.tokenizer.id_to_token(bos)) + context
-            suffix = "\n"
-        else:
-            sep = _SEPARATOR_CHAR * (len(context) + 10)  # as kvpress: split the template there
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": context + sep}], add_generation_prompt=True)
-            if text.count(sep) != 1:
-                raise ValueError("the chat template altered the context separator")
-            ctx_text, suffix = text.split(sep)
-        ctx_ids = self.tokenizer.encode(ctx_text, add_bos=False)
-        q_ids = self.tokenizer.encode(question + suffix + answer_prefix, add_bos=False)
-        return ctx_ids, q_ids
+        return chat_ids(self.tokenizer, [], context, question, answer_prefix)
 
     def run(self, context: str, question: str = "", *, max_new_tokens: int = 64, press=None,
             answer_prefix: str = "", question_aware: bool = False, sampler=Greedy(),
@@ -243,6 +230,34 @@ class Pipeline:
                                n_context=compressed.n_context, n_question=len(q_ids[i]),
                                prefill_s=t1 - t0, decode_s=t2 - t1)
                 for i in range(len(questions))]
+
+
+def chat_ids(tokenizer, history, context: str, question: str = "",
+             answer_prefix: str = "") -> tuple[list[int], list[int]]:
+    """The chat prompt of `history` (earlier messages) and one user turn `context + question`,
+    split into (ids to compress: the prompt up to the end of `context`, ids appended after:
+    the question, the template's generation prompt and `answer_prefix`).
+
+    A tokenizer without a chat template (a plain LM) gives bos + context, then the question
+    on a new line; it takes no history."""
+    if tokenizer.chat_template is None:
+        if history:
+            raise ValueError("this tokenizer has no chat template: earlier messages cannot "
+                             "be rendered (send the prompt as a completion)")
+        bos = tokenizer.bos_id
+        ctx_text = ("" if bos is None else tokenizer.id_to_token(bos)) + context
+        suffix = "\n"
+    else:
+        sep = _SEPARATOR_CHAR * (len(context) + 10)  # as kvpress: split the template there
+        text = tokenizer.apply_chat_template(
+            list(history) + [{"role": "user", "content": context + sep}],
+            add_generation_prompt=True)
+        if text.count(sep) != 1:
+            raise ValueError("the chat template altered the context separator")
+        ctx_text, suffix = text.split(sep)
+    ctx_ids = tokenizer.encode(ctx_text, add_bos=False)
+    q_ids = tokenizer.encode(question + suffix + answer_prefix, add_bos=False)
+    return ctx_ids, q_ids
 
 
 def check_text(**named) -> None:

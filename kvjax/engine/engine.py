@@ -34,10 +34,10 @@ from kvjax.engine.pool import (attach, compact_store, detach, empty_pool, used_s
 from kvjax.engine.request import Request, RequestResult, Status, as_id_list
 from kvjax.engine.step import SlotState, decode_slots, set_slot
 from kvjax.loops import eos_ids, init_state
-from kvjax.plan import check_hooks, plan_request, split_model
+from kvjax.plan import check_hooks, check_token_ids, plan_request, split_model
 from kvjax.prefill import prefill_prompt, prefill_request
 from kvjax.quant import resolve_kv_quant
-from kvjax.sampling import Greedy, check_sampler
+from kvjax.sampling import MAX_TRACED, Greedy, check_sampler, sampler_family
 from kvjax.sharding import mesh_of, store_rows
 
 UNSET = object()
@@ -65,7 +65,8 @@ class EngineStats:
     """running / waiting requests; pool_slots (per store row), slots_used / slots_free;
     bytes_held: the pool and tails allocated at construction (the budget's share used);
     bytes_needed: kv bytes of the entries the running requests keep (pool blocks + tail
-    tokens); tokens_generated: since construction."""
+    tokens); tokens_generated: since construction; contexts_held: contexts pinned by
+    `Engine.hold`."""
 
     running: int
     waiting: int
@@ -75,6 +76,7 @@ class EngineStats:
     bytes_held: int
     bytes_needed: int
     tokens_generated: int
+    contexts_held: int = 0
 
 
 class Engine:
@@ -117,8 +119,9 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}
         self._free_slots = list(range(self.max_running - 1, -1, -1))
-        self._samplers: list = [Greedy()]
+        self._samplers: list = [Greedy()]  # sampler families (kvjax.sampling.sampler_family)
         self._contexts: dict[int, tuple] = {}  # id -> (context, block, packed store)
+        self._held: dict[int, CompressedContext] = {}  # contexts pinned by hold()
         self._next_id, self._steps, self._generated, self._closed = 0, 0, 0, False
 
     # -- construction ----------------------------------------------------------------
@@ -172,7 +175,8 @@ class Engine:
           x: token ids (as `kvjax.generate` takes one prompt), a context string (the chat
             template applied exactly as `Pipeline.run` does), or a `CompressedContext`
             (answered as `Pipeline.ask` does; its store is held once for all its requests).
-          question, question_aware, answer_prefix: as in `Pipeline.run` (text and contexts).
+          question, question_aware, answer_prefix: as in `Pipeline.run` (text and contexts);
+            for token ids, `question` may be ids appended after compression.
           press: this request's press (default: the engine's); not for a compressed context.
           max_new_tokens: >= 1; sampler: Greedy(), Temperature, TopK, TopP; rng: its key.
           eos_id: id or ids that end it (default: the tokenizer's for text and contexts, none
@@ -196,8 +200,9 @@ class Engine:
             eos_id = None if ids is not None and context is None and not isinstance(x, str) \
                 else (self.tokenizer.eos_ids if self.tokenizer is not None else None)
         eos = eos_ids(eos_id, getattr(self.fn, "vocab_size", None))
-        if sampler not in self._samplers:
-            self._samplers.append(sampler)
+        family, _ = sampler_family(sampler)
+        if family not in self._samplers:
+            self._samplers.append(family)
         req = Request(id=self._next_id, ids=ids, question_ids=q_ids, context=context,
                       plan=plan, max_new_tokens=int(max_new_tokens), sampler=sampler,
                       eos_ids=eos, stop=stop,
@@ -223,10 +228,23 @@ class Engine:
             if ids is None:
                 raise ValueError(f"cannot submit {type(x).__name__}: pass token ids, a "
                                  "context string or a CompressedContext")
-            if question or question_aware or answer_prefix:
-                raise ValueError("question/question_aware/answer_prefix are for text and "
-                                 "compressed-context requests, not token ids")
-            q_ids = []
+            if isinstance(question, str) and question or question_aware or answer_prefix:
+                raise ValueError("a token-id request takes its question as token ids "
+                                 "(question=[...]); question_aware/answer_prefix are for text")
+            q_ids = [] if isinstance(question, str) else as_id_list(question)
+            if q_ids is None:
+                raise ValueError(f"question of type {type(question).__name__}: a token-id "
+                                 "request takes its question as a list of ids")
+            check_token_ids([q_ids], getattr(self.fn, "vocab_size", None))
+        press = self._press(press)
+        plan = plan_request(self.fn, [ids], max_new_tokens=max_new_tokens, press=press,
+                            kv_dtype=self.quant, tail_extra=len(q_ids),
+                            attn_impl=self.attn_impl, tokenizer=self.tokenizer)
+        return ids, q_ids, None, plan
+
+    def _press(self, press):
+        """The request's press (the engine's default for UNSET), refused if the pool cannot
+        hold what it makes."""
         press = self.press if press is UNSET else press
         if press is not None and check_hooks(press, None) is not None:
             raise ValueError(f"{type(press).__name__} brings a decode hook, which the engine "
@@ -234,10 +252,19 @@ class Engine:
         if press is not None and press.channel_pruner is not None:
             raise ValueError(f"{type(press).__name__} prunes key channels, which the "
                              "engine's pool does not hold yet: use kvjax.generate for it")
-        plan = plan_request(self.fn, [ids], max_new_tokens=max_new_tokens, press=press,
-                            kv_dtype=self.quant, tail_extra=len(q_ids),
-                            attn_impl=self.attn_impl, tokenizer=self.tokenizer)
-        return ids, q_ids, None, plan
+        return press
+
+    def compress(self, context: str, *, press=UNSET) -> CompressedContext:
+        """Compress `context` once, question-agnostic, as `Pipeline.compress` does (the
+        engine's press and kv dtype by default), for `hold` and compressed-context requests."""
+        if self._pipe is None:
+            raise ValueError("compress() needs a tokenizer: Engine(model, tokenizer)")
+        return self._pipe.compress(context, press=self._press(press))
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one pool slot over every store row (keys, values, positions, scales)."""
+        return self._slot_bytes
 
     def _context_question(self, ctx, question, question_aware, answer_prefix, press):
         if press is not UNSET:
@@ -248,6 +275,11 @@ class Engine:
                              "CompressedContext (compressed question-agnostic)")
         if self._pipe is None:
             raise ValueError("a CompressedContext request needs a tokenizer")
+        self._check_context(ctx)
+        return self._pipe.encode("", question, answer_prefix=answer_prefix)[1]
+
+    def _check_context(self, ctx) -> None:
+        """ValueError unless `ctx` can join the pool (model, layout, size)."""
         if ctx.model_id != self.model_id:
             raise ValueError(f"this context was compressed by model {ctx.model_id}, not the "
                              f"engine's ({self.model_id})")
@@ -262,7 +294,6 @@ class Engine:
         if self.allocator.rounded(used) > self.allocator.n_slots:
             raise ValueError(f"the context keeps {used} slots per row; the pool has "
                              f"{self.allocator.n_slots} (raise kv_budget)")
-        return self._pipe.encode("", question, answer_prefix=answer_prefix)[1]
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -276,10 +307,14 @@ class Engine:
         s = self.max_running
         active = np.zeros(s, bool)
         idx = np.zeros(s, np.int32)
+        values = np.ones((s, MAX_TRACED), np.float32)
         for slot, req in self._running.items():
-            active[slot], idx[slot] = True, self._samplers.index(req.sampler)
+            family, vals = sampler_family(req.sampler)
+            active[slot], idx[slot] = True, self._samplers.index(family)
+            values[slot, :len(vals)] = vals
         tok, self._state, ok = decode_slots(self.fn, self.params, self._state,
                                             jnp.asarray(active), jnp.asarray(idx),
+                                            jnp.asarray(values),
                                             samplers=tuple(self._samplers),
                                             attn_impl=self.attn_impl)
         tok, ok = np.asarray(tok), np.asarray(ok)
@@ -361,6 +396,7 @@ class Engine:
                                logits[0], req.rng)
         self._free_slots.pop()
         req.status, req.slot, req.kept = Status.RUNNING, slot, used
+        req.kv_bytes = self.allocator.rounded(used) * self._slot_bytes
         self._running[slot] = req
         return True
 
@@ -413,6 +449,31 @@ class Engine:
 
     # -- user API ----------------------------------------------------------------------
 
+    def hold(self, ctx: CompressedContext) -> int:
+        """Write `ctx`'s store into the pool now and keep it there until `release(ctx)`,
+        however many requests use it meanwhile -> the pool slots it spans.
+
+        Raises ValueError when it cannot join the pool or no free block is large enough."""
+        if not isinstance(ctx, CompressedContext):
+            raise TypeError(f"hold() takes a CompressedContext, not {type(ctx).__name__}")
+        if id(ctx) in self._held:
+            raise ValueError("this context is held already")
+        self._check_context(ctx)
+        block, store = self._context_block(ctx)
+        if block is None:
+            raise ValueError(f"no free block of {int(used_slots(store))} slots in the pool "
+                             f"({self.allocator.free} of {self.allocator.n_slots} free)")
+        self._held[id(ctx)] = ctx
+        return block.size
+
+    def release(self, ctx: CompressedContext) -> None:
+        """Drop `hold(ctx)`: its block returns to the pool when no running request reads it."""
+        if self._held.pop(id(ctx), None) is None:
+            raise ValueError("this context is not held (hold(ctx) first)")
+        _, block, _ = self._contexts[id(ctx)]
+        if self.allocator.release(block):
+            self._contexts.pop(id(ctx), None)
+
     def cancel(self, req: Request) -> None:
         """Cancel a waiting or running request: its slot and pool block are freed now."""
         if not isinstance(req, Request) or req._engine is not self:
@@ -453,7 +514,7 @@ class Engine:
             slots_free=self.allocator.free, bytes_held=self._bytes_held,
             bytes_needed=self.allocator.used * self._slot_bytes
             + tail_tokens * self._tail_token_bytes,
-            tokens_generated=self._generated)
+            tokens_generated=self._generated, contexts_held=len(self._held))
 
 
 __all__ = ["Engine", "EngineStats", "Request", "RequestResult", "parse_bytes"]

@@ -38,7 +38,8 @@ class Request:
       `kvjax.plan.RequestPlan` (None for a compressed context); max_new_tokens; sampler;
       eos_ids [MAX_EOS]; stop: stop strings; rng: its PRNG key.
       status, slot, tokens (generated so far), finish_reason, error, kept (pool slots its
-      compressed store spans; a shared context counts once in the pool).
+      compressed store spans; a shared context counts once in the pool), kv_bytes (bytes of
+      the pool block holding them).
     """
 
     id: int
@@ -59,6 +60,7 @@ class Request:
     error: str = ""
     text: str | None = None
     kept: int = 0
+    kv_bytes: int = 0
     submitted_step: int = 0
     first_token_time: float | None = None
     submit_time: float = 0.0

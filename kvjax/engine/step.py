@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache import KVCache
+from kvjax.sampling import sample_family
 from kvjax.sharding import constrain_cache, mesh_context, mesh_of
 
 
@@ -33,27 +34,31 @@ class SlotState:
     cache: KVCache
 
 
-def sample_slots(logits, keys, sampler_idx, samplers: tuple) -> jax.Array:
-    """[S] tokens: slot s sampled by `samplers[sampler_idx[s]]` from its own logits and key,
-    exactly as that sampler draws for a batch of one."""
-    one = lambda sampler: jax.vmap(lambda lg, k: sampler(lg[None], k)[0])(logits, keys)
-    toks = jnp.stack([one(s) for s in samplers])  # [n_samplers, S]
+def sample_slots(logits, keys, sampler_idx, values, samplers: tuple) -> jax.Array:
+    """[S] tokens: slot s sampled by the family `samplers[sampler_idx[s]]` with its values
+    `values[s]` ([S, MAX_TRACED] f32: temperature, top-p) from its own logits and key,
+    exactly as that sampler draws for a batch of one (`kvjax.sampling.sampler_family`)."""
+    one = lambda fam: jax.vmap(lambda lg, k, v: sample_family(fam, lg[None], k, v)[0])(
+        logits, keys, values)
+    toks = jnp.stack([one(s) for s in samplers])  # [n_families, S]
     return jnp.take_along_axis(toks, sampler_idx[None, :], axis=0)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "samplers", "attn_impl", "pad_id"),
                    donate_argnames=("state",))
-def decode_slots(fn, params, state: SlotState, active, sampler_idx, *, samplers: tuple,
-                 attn_impl: str, pad_id: int = 0):
+def decode_slots(fn, params, state: SlotState, active, sampler_idx, sampler_values, *,
+                 samplers: tuple, attn_impl: str, pad_id: int = 0):
     """Sample one token per running slot and feed it to the model
     -> (tokens [S], state, finite [S]: the slot's next logits are all finite).
 
     Args:
-      active: [S] bool, the slots that run this step; sampler_idx: [S] int32 into `samplers`.
+      active: [S] bool, the slots that run this step; sampler_idx: [S] int32 into `samplers`
+        (sampler families); sampler_values: [S, MAX_TRACED] f32, each slot's sampler values.
     """
     split = jax.vmap(jax.random.split)(state.rng)  # [S, 2]
     rng, keys = split[:, 0], split[:, 1]
-    tok = jnp.where(active, sample_slots(state.logits, keys, sampler_idx, samplers), pad_id)
+    tok = jnp.where(active, sample_slots(state.logits, keys, sampler_idx, sampler_values,
+                                         samplers), pad_id)
     with mesh_context(mesh_of(fn)):
         logits, cache = fn.decode(params, tok[:, None], active.astype(jnp.int32), state.cache,
                                   attn_impl=attn_impl)

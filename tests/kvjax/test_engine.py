@@ -238,3 +238,51 @@ def test_context_from_another_model_is_refused():
     with pytest.raises(ValueError, match="press= cannot be given"):
         kvjax.Engine(a, tok, kv_budget=2**20, max_tail=32).submit(
             ctx, "q?", press=kvjax.SnapKVPress(compression_ratio=0.5))
+
+
+def test_temperatures_and_top_p_are_data_one_compilation(model):
+    """Requests with different temperatures and top-p values share one decode compilation
+    and each draws what `kvjax.generate` draws with its sampler and key."""
+    samplers = [kvjax.Temperature(0.7), kvjax.Temperature(1.3), kvjax.TopP(0.8, 0.9),
+                kvjax.TopP(0.95, 1.1)]
+    prompts = _prompts(len(samplers), seed=21)
+    eng = kvjax.Engine(model, kv_budget=2**20, max_running=4, max_tail=32)
+    eng.submit(prompts[0], max_new_tokens=2, sampler=samplers[0]).result()  # warm up
+    before = decode_slots._cache_size()
+    reqs = [eng.submit(ids, max_new_tokens=6, sampler=s, rng=jax.random.key(i))
+            for i, (ids, s) in enumerate(zip(prompts, samplers))]
+    eng.run()
+    assert decode_slots._cache_size() - before == 1  # the TopP family joins once
+    for i, (req, ids, s) in enumerate(zip(reqs, prompts, samplers)):
+        assert req.result().tokens == _generate(model, ids, 6, sampler=s,
+                                                rng=jax.random.key(i)), s
+
+
+def test_token_id_question_and_held_context_equal_pipeline():
+    tok = char_tokenizer()
+    model = models.Decoder(models.ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    pipe = kvjax.Pipeline(model, tok)
+    press = kvjax.SnapKVPress(compression_ratio=0.5, window_size=8)
+    context = "The code is 4711. " + "Grass is green and the sky is blue. " * 4
+    eng = kvjax.Engine(model, tok, kv_budget=2**20, max_running=2, max_tail=64)
+    ids, q_ids = pipe.encode(context, "What is the code?")
+    req = eng.submit(ids, question=q_ids, press=press, max_new_tokens=8, eos_id=tok.eos_ids)
+    assert req.result().tokens == pipe.run(context, "What is the code?", press=press,
+                                           max_new_tokens=8).tokens
+    # a held context stays in the pool between its requests, and leaves at release
+    ctx = pipe.compress(context, press=press)
+    unit = BlockAllocator(8).rounded
+    held = unit(int(np.asarray(ctx.cache.store.length).sum()))
+    assert eng.hold(ctx) == held and eng.stats().slots_used == held
+    for q in ("What is the code?", "Say hi."):
+        assert eng.submit(ctx, q, max_new_tokens=8).result().tokens == pipe.ask(
+            ctx, q, max_new_tokens=8).tokens
+        assert eng.stats().slots_used == held and eng.stats().contexts_held == 1
+    with pytest.raises(ValueError, match="held already"):
+        eng.hold(ctx)
+    eng.release(ctx)
+    assert eng.stats().slots_used == 0 and eng.stats().contexts_held == 0
+    with pytest.raises(ValueError, match="not held"):
+        eng.release(ctx)
+    with pytest.raises(ValueError, match="question as a list of ids|token ids"):
+        eng.submit(ids, question="text", max_new_tokens=2)
