@@ -12,13 +12,13 @@ from kvjax.kvzip import RepeatPrompt
 from kvjax.layer import begin_decode, decode_layer, decode_positions, prefill_layer
 from kvjax.prompt import LayerPrompt, Prompt, PromptGroup, single_group
 from kvjax.loops import GenerateOutput, generate, generate_stream
-from kvjax.memory import MemoryReport, memory_report
+from kvjax.memory import MemoryReport, achieved_ratio, memory_report
 from kvjax.observation import Observation, ObsSpec
 from kvjax.pipeline import Pipeline, PipelineResult
 from kvjax.presses import (AdaKVPress, ComposedPress, DecodingPress, ExpectedAttentionPress,
                            KeyDiffPress, KnormPress, KVzapPress, KVzipPress, NACLPress,
                            ObservedAttentionPress, Press, PyramidKVPress, RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress, ThinKPress,
-                           TOVAPress, UNCompPress, ZigZagKVPress, make_press)
+                           ThresholdPress, TOVAPress, UNCompPress, ZigZagKVPress, make_press)
 from kvjax.sampling import Greedy, Temperature, TopK, TopP
 
 __all__ = [
@@ -26,7 +26,8 @@ __all__ = [
     "AdaKVPress", "ComposedPress", "DecodingPress", "ExpectedAttentionPress", "KeyDiffPress",
     "KnormPress", "KVzapPress", "KVzipPress", "RepeatPrompt",
     "NACLPress", "ObservedAttentionPress", "Press", "PyramidKVPress", "RandomPress",
-    "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "UNCompPress",
+    "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress",
+    "ThresholdPress", "UNCompPress",
     "ZigZagKVPress", "make_press",
     # loops, pipeline, sampling
     "CompressedContext", "GenerateOutput", "Greedy", "Pipeline", "PipelineResult", "Temperature", "TopK", "TopP",
@@ -34,7 +35,7 @@ __all__ = [
     # cache, decode hooks, integration API, memory
     "DecodeHook", "KVCache", "KVStore", "LayerPrompt", "LayerTail", "LayerView", "MemoryReport",
     "Observation", "ObsSpec", "Prompt", "PromptGroup", "RingDecode", "Tail",
-    "begin_decode", "cached_attention_reference", "compress", "compress_obs_spec", "decode_layer",
+    "achieved_ratio", "begin_decode", "cached_attention_reference", "compress", "compress_obs_spec", "decode_layer",
     "decode_positions", "kept_positions", "kv_nbytes_needed", "memory_report",
     "prefill_attention_reference", "prefill_layer", "single_group",
 ]

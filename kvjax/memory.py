@@ -75,3 +75,16 @@ def memory_report(cache: KVCache) -> MemoryReport:
         store_slots=store.rows * store.slots, max_segment=store.max_segment,
         prefix_tokens=tuple(int(x) for x in length.sum(axis=(0, 2))),
         key_width=int(store.k.shape[-1]), kv_dtype=str(store.k.dtype))
+
+
+def achieved_ratio(cache: KVCache, prompt_lengths) -> np.ndarray:
+    """[B] the compression ratio each sequence reached: 1 - (prompt entries its store keeps,
+    over every layer and kv head) / (L * K * prompt length). For a press whose budget follows
+    the input (`kvjax.ThresholdPress`), the ratio it achieved; for a fixed ratio, about it.
+    Call outside jit (reads the table to the host)."""
+    length = np.asarray(cache.store.length)  # [B, L, K]
+    n = np.asarray(prompt_lengths, np.float64).reshape(-1)
+    if n.shape[0] != length.shape[0] or (n < 1).any():
+        raise ValueError(f"prompt_lengths={list(n)} must give one length >= 1 per sequence "
+                         f"(batch {length.shape[0]})")
+    return 1.0 - length.sum(axis=(1, 2)) / (length.shape[1] * length.shape[2] * n)

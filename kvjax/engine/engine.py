@@ -12,7 +12,8 @@ written into a block of the pool of exactly the slots they span; then it decodes
 other running request in one jitted step (`kvjax.engine.step.decode_slots`). A finished or
 cancelled request returns its block and slot at once, and the next waiting request is
 admitted into them. Shapes never change with the requests: one decode compilation per
-engine, one prefill and one block write per prompt bucket and press.
+bucket of running requests (powers of two up to `max_running`), one prefill and one block
+write per prompt bucket and press.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kvjax.engine.blocks import BlockAllocator
 from kvjax.engine.pool import (attach, compact_store, detach, empty_pool, used_slots,
                                write_block)
 from kvjax.engine.request import Request, RequestResult, Status, as_id_list
-from kvjax.engine.step import SlotState, decode_slots, set_slot
+from kvjax.engine.step import SlotState, bucket_slots, decode_slots, set_slot
 from kvjax.loops import eos_ids, init_state
 from kvjax.plan import check_hooks, check_token_ids, plan_request, split_model
 from kvjax.prefill import prefill_prompt, prefill_request
@@ -304,20 +305,26 @@ class Engine:
         self._admit()
         if not self._running:
             return []
-        s = self.max_running
-        active = np.zeros(s, bool)
-        idx = np.zeros(s, np.int32)
-        values = np.ones((s, MAX_TRACED), np.float32)
-        for slot, req in self._running.items():
+        slots = bucket_slots(list(self._running), self.max_running)
+        b = len(slots)
+        active = np.zeros(b, bool)
+        fam = np.zeros(b, np.int32)
+        values = np.ones((b, MAX_TRACED), np.float32)
+        for i, slot in enumerate(slots):
+            req = self._running.get(slot)
+            if req is None:
+                continue
             family, vals = sampler_family(req.sampler)
-            active[slot], idx[slot] = True, self._samplers.index(family)
-            values[slot, :len(vals)] = vals
-        tok, self._state, ok = decode_slots(self.fn, self.params, self._state,
-                                            jnp.asarray(active), jnp.asarray(idx),
-                                            jnp.asarray(values),
-                                            samplers=tuple(self._samplers),
-                                            attn_impl=self.attn_impl)
-        tok, ok = np.asarray(tok), np.asarray(ok)
+            active[i], fam[i] = True, self._samplers.index(family)
+            values[i, :len(vals)] = vals
+        tok_b, self._state, ok_b = decode_slots(self.fn, self.params, self._state,
+                                                jnp.asarray(slots, jnp.int32),
+                                                jnp.asarray(active), jnp.asarray(fam),
+                                                jnp.asarray(values),
+                                                samplers=tuple(self._samplers),
+                                                attn_impl=self.attn_impl)
+        tok = dict(zip(slots, np.asarray(tok_b).tolist()))
+        ok = dict(zip(slots, np.asarray(ok_b).tolist()))
         self._steps += 1
         events = []
         for slot, req in list(self._running.items()):

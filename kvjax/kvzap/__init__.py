@@ -3,8 +3,8 @@ hidden states. `weights` holds the weights type (with the shipped SmolLM2 file),
 optax training on kvjax's own KVzip repeat pass, `cli` the `kvjax train-scorer` command; the
 press is `kvjax.presses.kvzap.KVzapPress`."""
 
-from kvjax.kvzap.weights import (KVzapWeights, UntrainedWeights, apply_params, load_dir,
+from kvjax.kvzap.weights import (KVzapWeights, ShippedWeights, UntrainedWeights, apply_params, load_dir,
                                  load_weights, save_dir, shipped_weights)
 
-__all__ = ["KVzapWeights", "UntrainedWeights", "apply_params", "load_dir", "load_weights",
+__all__ = ["KVzapWeights", "ShippedWeights", "UntrainedWeights", "apply_params", "load_dir", "load_weights",
            "save_dir", "shipped_weights"]

@@ -274,6 +274,30 @@ def _init_cached(kind, n_layers, d_model, n_kv_heads, hidden_dim, seed):
                              seed=seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShippedWeights:
+    """The shipped weights that fit the model the press meets, matched by its shapes
+    (n_layers, d_model, n_kv_heads) at trace time: KVzapPress's default. A model no shipped
+    weights fit is a ValueError naming its shapes and how to train weights for it."""
+
+    def resolve(self, n_layers: int, d_model: int, n_kv_heads: int) -> KVzapWeights:
+        got = (int(n_layers), int(d_model), int(n_kv_heads))
+        for name in sorted(SHIPPED):
+            weights = _shipped_cached(name)
+            if weights.signature == got:
+                return weights
+        have = ", ".join(f"{n} {_shipped_cached(n).signature}" for n in sorted(SHIPPED))
+        raise ValueError(
+            f"no shipped KVzap weights fit this model ((n_layers, d_model, n_kv_heads) = "
+            f"{got}; shipped: {have}): train weights with `kvjax train-scorer --model ... "
+            "--out DIR` and pass KVzapPress(weights=DIR)")
+
+
+@functools.lru_cache(maxsize=4)
+def _shipped_cached(name: str) -> KVzapWeights:
+    return shipped_weights(name)
+
+
 def shipped_weights(name: str = "smollm2") -> KVzapWeights:
     """The KVzap weights shipped inside kvjax (SmolLM2-135M-Instruct, linear)."""
     if name not in SHIPPED:
@@ -287,7 +311,9 @@ def load_weights(source) -> KVzapWeights | UntrainedWeights:
     """KVzap weights from a `KVzapWeights` / `UntrainedWeights` (passed through), a shipped
     name ("smollm2"), a directory written by `kvjax train-scorer --out DIR` (its orbax
     checkpoint) or a `.npz` file (`KVzapWeights.save_npz`, the shipped format)."""
-    if isinstance(source, (KVzapWeights, UntrainedWeights)):
+    if source is None:
+        return ShippedWeights()
+    if isinstance(source, (KVzapWeights, UntrainedWeights, ShippedWeights)):
         return source
     if not isinstance(source, (str, Path)):
         raise ValueError(f"weights={source!r}: expected KVzapWeights, 'smollm2', a directory "

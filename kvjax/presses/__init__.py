@@ -17,6 +17,7 @@ from kvjax.presses.registry import PRESSES, make_press, press_names
 from kvjax.presses.snapkv import SnapKVPress
 from kvjax.presses.streaming_llm import StreamingLLMPress
 from kvjax.presses.think import ThinKPress
+from kvjax.presses.threshold import ThresholdPress
 from kvjax.presses.tova import TOVAPress
 from kvjax.presses.uncomp import UNCompPress
 from kvjax.presses.zigzag import ZigZagKVPress
@@ -26,5 +27,5 @@ __all__ = [
     "KnormPress", "KVzapPress", "KVzipPress",
     "LayerContext", "NACLPress", "ObservedAttentionPress", "PRESSES", "Press", "PyramidKVPress",
     "RandomPress", "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress",
-    "UNCompPress", "ZigZagKVPress", "make_press", "press_names",
+    "ThresholdPress", "UNCompPress", "ZigZagKVPress", "make_press", "press_names",
 ]

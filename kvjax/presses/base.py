@@ -10,6 +10,7 @@ parts and writes one selection into the store.
 
 import abc
 import dataclasses
+import typing
 
 import jax
 
@@ -123,7 +124,11 @@ class ScorerPress(Press):
     (itself, `allocator()`, `selector()`); uniform top-ceil((1 - r) n) by default.
 
     Subclasses implement `score`; allocators take any ScorerPress as their scorer.
+    `score_scale` says what a score means beyond its ranking (`kvjax.presses.threshold`):
+    "log" (calibrated log scores: KVzap), "attention" (attention received), or None.
     """
+
+    score_scale: typing.ClassVar[str | None] = None
 
     @abc.abstractmethod
     def score(self, prefix, obs, ctx: LayerContext) -> jax.Array:

@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.kvzap.weights import KVzapWeights, UntrainedWeights, load_weights
+from kvjax.kvzap.weights import KVzapWeights, ShippedWeights, UntrainedWeights, load_weights
 from kvjax.observation import ObsSpec
 from kvjax.presses.base import ScorerPress
 from kvjax.presses.kvzip import GlobalTopK
@@ -38,14 +38,19 @@ class KVzapPress(ScorerPress):
     token), a small fraction of the prefill, instead of KVzip's two extra prefills.
 
     Attributes:
-      weights: "smollm2" (the shipped linear weights for SmolLM2-135M-Instruct), a directory
+      weights: None (the default: the shipped weights that fit the model, matched at trace
+        time by its (n_layers, d_model, n_kv_heads), `kvjax.kvzap.ShippedWeights`; a model
+        none fit is a ValueError naming its shapes), "smollm2" (the shipped linear weights
+        for SmolLM2-135M-Instruct), a directory
         written by `kvjax train-scorer --out DIR`, a `.npz` file (`KVzapWeights.save_npz`), a
         `kvjax.kvzap.KVzapWeights`, or a `kvjax.kvzap.UntrainedWeights` (a random projection,
         for tests only). Weights made for another model are a ValueError at trace time naming
         both (n_layers, d_model, n_kv_heads).
     """
 
-    weights: KVzapWeights | UntrainedWeights | str | None = None
+    score_scale = "log"
+
+    weights: KVzapWeights | UntrainedWeights | ShippedWeights | str | None = None
     allocation: str = "global"
     n_sink: int = 4
 
@@ -55,10 +60,6 @@ class KVzapPress(ScorerPress):
             raise ValueError(f"{self.allocation=} must be one of {ALLOCATIONS}")
         if self.n_sink < 0:
             raise ValueError(f"{self.n_sink=} must be >= 0")
-        if self.weights is None:
-            raise ValueError("KVzapPress needs weights=: 'smollm2' (shipped), a directory "
-                             "written by `kvjax train-scorer --out DIR`, a .npz file or a "
-                             "kvjax.kvzap.KVzapWeights")
         object.__setattr__(self, "weights", load_weights(self.weights))
 
     @property

@@ -18,6 +18,8 @@ class ObservedAttentionPress(ScorerPress):
     are computed in key chunks during prefill; the T x T matrix is never materialised.
     """
 
+    score_scale = "attention"
+
     @property
     def obs_spec(self):
         return ObsSpec(column_sums=True)

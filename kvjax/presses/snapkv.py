@@ -28,6 +28,8 @@ class SnapKVPress(ScorerPress):
     query heads of each kv group. The window itself is always kept. kvpress defaults.
     """
 
+    score_scale = "attention"
+
     window_size: int = 64
     kernel_size: int = 5
     pooling: str = "avg"

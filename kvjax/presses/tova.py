@@ -18,6 +18,8 @@ class TOVAPress(ScorerPress):
     layer, so every kv head keeps the same tokens; the last token is always kept.
     """
 
+    score_scale = "attention"
+
     @property
     def obs_spec(self):
         return ObsSpec(window=1)

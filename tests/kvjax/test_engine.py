@@ -120,13 +120,19 @@ def test_int8_pool_and_seeded_sampling_equal_generate(model):
     assert sampled.result().tokens == ref
 
 
-def test_one_decode_compilation_across_a_workload(model):
+def test_one_decode_compilation_per_bucket_across_a_workload(model):
+    """The running slots are padded to a power of two: with max_running=2, buckets 1 and 2,
+    and a second workload of other lengths, presses and budgets compiles nothing new."""
     eng = kvjax.Engine(model, kv_budget=2**20, max_running=2, max_tail=32)
     before = decode_slots._cache_size()
     for i, ids in enumerate(_prompts(5, seed=9)):
         eng.submit(ids, press=None if i % 2 else _press("knorm"), max_new_tokens=2 + i)
     eng.run()
-    assert decode_slots._cache_size() - before == 1
+    assert decode_slots._cache_size() - before == 2
+    for i, ids in enumerate(_prompts(4, seed=10)):
+        eng.submit(ids, press=_press("snapkv") if i % 2 else None, max_new_tokens=5 - i)
+    eng.run()
+    assert decode_slots._cache_size() - before == 2
 
 
 def test_eos_and_stop_end_a_request(model):
@@ -241,21 +247,25 @@ def test_context_from_another_model_is_refused():
 
 
 def test_temperatures_and_top_p_are_data_one_compilation(model):
-    """Requests with different temperatures and top-p values share one decode compilation
-    and each draws what `kvjax.generate` draws with its sampler and key."""
-    samplers = [kvjax.Temperature(0.7), kvjax.Temperature(1.3), kvjax.TopP(0.8, 0.9),
-                kvjax.TopP(0.95, 1.1)]
-    prompts = _prompts(len(samplers), seed=21)
+    """Requests with other temperatures and top-p values reuse the compiled steps, and each
+    draws what `kvjax.generate` draws with its sampler and key."""
+    prompts = _prompts(4, seed=21)
     eng = kvjax.Engine(model, kv_budget=2**20, max_running=4, max_tail=32)
-    eng.submit(prompts[0], max_new_tokens=2, sampler=samplers[0]).result()  # warm up
+
+    def workload(samplers):
+        reqs = [eng.submit(ids, max_new_tokens=6, sampler=s, rng=jax.random.key(i))
+                for i, (ids, s) in enumerate(zip(prompts, samplers))]
+        eng.run()
+        for i, (req, ids, s) in enumerate(zip(reqs, prompts, samplers)):
+            assert req.result().tokens == _generate(model, ids, 6, sampler=s,
+                                                    rng=jax.random.key(i)), s
+
+    workload([kvjax.Temperature(0.7), kvjax.TopP(0.8, 0.9), kvjax.Temperature(1.3),
+              kvjax.TopP(0.95, 1.1)])
     before = decode_slots._cache_size()
-    reqs = [eng.submit(ids, max_new_tokens=6, sampler=s, rng=jax.random.key(i))
-            for i, (ids, s) in enumerate(zip(prompts, samplers))]
-    eng.run()
-    assert decode_slots._cache_size() - before == 1  # the TopP family joins once
-    for i, (req, ids, s) in enumerate(zip(reqs, prompts, samplers)):
-        assert req.result().tokens == _generate(model, ids, 6, sampler=s,
-                                                rng=jax.random.key(i)), s
+    workload([kvjax.TopP(0.5, 0.6), kvjax.Temperature(2.0), kvjax.TopP(0.99, 1.5),
+              kvjax.Temperature(0.4)])
+    assert decode_slots._cache_size() == before
 
 
 def test_token_id_question_and_held_context_equal_pipeline():

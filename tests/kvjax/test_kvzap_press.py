@@ -152,9 +152,14 @@ def test_bad_ratio(ratio):
         kvjax.KVzapPress(compression_ratio=ratio, weights="smollm2")
 
 
+def test_default_weights_refuse_a_model_no_shipped_file_fits(setup):
+    _, model, ids = setup
+    with pytest.raises(ValueError, match=r"no shipped KVzap weights fit this model .*\(3, 96, "
+                                         r"2\).*smollm2 \(30, 576, 3\).*train-scorer"):
+        _kept(model, ids, kvjax.KVzapPress(compression_ratio=0.5))
+
+
 def test_bad_weights(tmp_path):
-    with pytest.raises(ValueError, match="needs weights="):
-        kvjax.KVzapPress(compression_ratio=0.5)
     with pytest.raises(FileNotFoundError, match="no such file"):
         kvjax.KVzapPress(compression_ratio=0.5, weights=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="not a KVzap weights directory"):

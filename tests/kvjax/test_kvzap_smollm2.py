@@ -52,3 +52,18 @@ def test_shipped_press_in_pipeline(smollm2):
     kept = [int((p < n_ctx).sum()) for layer in range(30)
             for p in kvjax.kept_positions(out.cache, layer)[0]]
     assert sum(kept) == -(-(30 * 3 * n_ctx) // 2) and len(set(kept)) > 1  # one global top-k
+
+
+def test_default_weights_are_the_shipped_ones_for_smollm2(smollm2):
+    """KVzapPress(compression_ratio=r) with no weights finds the shipped SmolLM2 file: the
+    same answer and kept entries as weights="smollm2"."""
+    model, tok = smollm2
+    from kvjax.eval.haystack import corpus_paragraphs
+    context = " ".join(corpus_paragraphs()[:2])
+    pipe = kvjax.Pipeline(model, tok)
+    runs = [pipe.run(context, "What is this text about?", max_new_tokens=4, press=p)
+            for p in (kvjax.KVzapPress(compression_ratio=0.75),
+                      kvjax.KVzapPress(compression_ratio=0.75, weights="smollm2"))]
+    assert runs[0].tokens == runs[1].tokens
+    np.testing.assert_array_equal(np.asarray(runs[0].cache.store.length),
+                                  np.asarray(runs[1].cache.store.length))
