@@ -102,6 +102,11 @@ class Engine:
                 raise ValueError(f"{name}={val!r} must be an int >= {lo}")
         check_hooks(press, None)
         self.fn, self.params = split_model(model)
+        mesh = mesh_of(self.fn)
+        if mesh is not None and mesh.shape.get("data", 1) > 1:
+            raise ValueError(f"a mesh with data={mesh.shape['data']}: the engine shards heads "
+                             "over 'model' and keeps one pool, so it runs on data=1 meshes "
+                             "(e.g. models.make_mesh(1, 8)); run one engine per data shard")
         self.tokenizer, self.press = tokenizer, press
         self.model_id = model_fingerprint(model)
         self._pipe = None
