@@ -144,12 +144,21 @@ def test_eos_and_stop_end_a_request(model):
     assert req.result().finish_reason == "stop"
 
 
-def test_text_and_compressed_context_requests_equal_pipeline():
+CONTEXT = "The code is 4711. " + "Grass is green and the sky is blue. " * 4
+
+
+@pytest.fixture(scope="module")
+def text():
+    """(tokenizer, tiny model, its Pipeline, SnapKV 0.5 with an 8-token window)."""
     tok = char_tokenizer()
     model = models.Decoder(models.ModelConfig.tiny(), rngs=nnx.Rngs(0))
-    pipe = kvjax.Pipeline(model, tok)
-    press = kvjax.SnapKVPress(compression_ratio=0.5, window_size=8)
-    context = "The code is 4711. " + "Grass is green and the sky is blue. " * 4
+    return tok, model, kvjax.Pipeline(model, tok), kvjax.SnapKVPress(compression_ratio=0.5,
+                                                                      window_size=8)
+
+
+def test_text_and_compressed_context_requests_equal_pipeline(text):
+    tok, model, pipe, press = text
+    context = CONTEXT
     questions = ["What is the code?", "What colour is the sky?", "Say hi."]
     eng = kvjax.Engine(model, tok, kv_budget=2**20, max_running=3, max_tail=64, press=press)
     text = [eng.submit(context, q, max_new_tokens=8) for q in questions[:2]]
@@ -268,12 +277,9 @@ def test_temperatures_and_top_p_are_data_one_compilation(model):
     assert decode_slots._cache_size() == before
 
 
-def test_token_id_question_and_held_context_equal_pipeline():
-    tok = char_tokenizer()
-    model = models.Decoder(models.ModelConfig.tiny(), rngs=nnx.Rngs(0))
-    pipe = kvjax.Pipeline(model, tok)
-    press = kvjax.SnapKVPress(compression_ratio=0.5, window_size=8)
-    context = "The code is 4711. " + "Grass is green and the sky is blue. " * 4
+def test_token_id_question_and_held_context_equal_pipeline(text):
+    tok, model, pipe, press = text
+    context = CONTEXT
     eng = kvjax.Engine(model, tok, kv_budget=2**20, max_running=2, max_tail=64)
     ids, q_ids = pipe.encode(context, "What is the code?")
     req = eng.submit(ids, question=q_ids, press=press, max_new_tokens=8, eos_id=tok.eos_ids)
