@@ -1,10 +1,8 @@
 """Jitted prefill / compress / decode loops over any model exposing `kvjax_split()`.
 
-A model plugs in by returning `(fn, params)` from `kvjax_split()`, where `fn` is hashable (a
-static jit argument) and has `fn.prefill(params, tokens, lengths, *, obs_spec, attn_impl,
-between=None) -> (logits [B, V], kvjax.prompt.Prompt)`, `fn.decode(params, tokens, n_new,
-cache, *, attn_impl) -> (logits [B, T, V], KVCache)` and an int `fn.max_seq_len`.
-`models.Decoder` does this with `nnx.split` / `nnx.merge`; kvjax itself never imports flax.
+A model plugs in by returning `(fn, params)` from `kvjax_split()`, where `fn` satisfies
+`kvjax.model.ModelFunction` (the contract, with shapes). `models.Decoder` does this with
+`nnx.split` / `nnx.merge`; kvjax itself never imports flax.
 """
 
 import dataclasses

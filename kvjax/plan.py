@@ -20,6 +20,7 @@ from kvjax.attention import resolve_attn_impl
 from kvjax.buckets import as_rows, bucket_length, pad_prompts
 from kvjax.compress import obs_spec_for
 from kvjax.hooks import DecodeHook, hook_or_default
+from kvjax.model import check_hook_support, check_model_fn
 from kvjax.presses.base import check_press_arg
 from kvjax.quant import resolve_kv_quant
 from kvjax.sharding import check_batch, mesh_of
@@ -99,7 +100,9 @@ def split_model(model):
         raise TypeError(f"model of type {type(model).__name__} has no kvjax_split(): pass a "
                         "model from models.load(...) or one implementing the contract in "
                         "docs/loading.md")
-    return split()
+    fn, params = split()
+    check_model_fn(fn)
+    return fn, params
 
 
 def check_token_ids(rows, vocab_size: int | None) -> None:
@@ -161,6 +164,7 @@ def plan_request(fn, input_ids, *, max_new_tokens: int, press=None, decoding_pre
       RequestPlan.
     """
     hook = check_hooks(press, decoding_press)
+    check_hook_support(fn, press)
     if tokenizer is not None and press is not None:
         press = press.with_tokenizer(tokenizer)
     if isinstance(tail_extra, bool) or not isinstance(tail_extra, (int, np.integer)) \

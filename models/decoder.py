@@ -102,8 +102,11 @@ class Decoder(nnx.Module):
     """A Llama-architecture causal LM that keeps its KV cache outside, as a kvjax pytree.
 
     The blocks are one stacked module (parameters with a leading layer axis) that prefill and
-    decode run with `lax.scan`: one layer is compiled whatever the depth.
+    decode run with `lax.scan`: one layer is compiled whatever the depth. Its prefill runs a
+    between-layers hook (UNComp's hidden-state pruning), which it declares to kvjax.
     """
+
+    supports_between = True
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg

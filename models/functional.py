@@ -20,6 +20,7 @@ class NNXFunctional:
     max_seq_len: int
     mesh: Any = None  # the jax.sharding.Mesh the parameters live on (kvjax.sharding), or None
     vocab_size: int | None = None  # token ids must lie in [0, vocab_size) (kvjax.plan)
+    supports_between: bool = False  # prefill runs a between-layers hook (kvjax.model)
 
     def prefill(self, params, *args, **kwargs):
         return nnx.merge(self.graphdef, params).prefill(*args, **kwargs)
@@ -34,11 +35,14 @@ def split_model(model, max_seq_len: int | None = None) -> tuple[NNXFunctional, A
     The module's `prefill(tokens, lengths, *, obs_spec, attn_impl, between=None)` returns
     (last logits [B, V], kvjax.Prompt) and its `decode(tokens, n_new, cache, *, attn_impl)`
     returns (logits [B, T, V], KVCache); see `kvjax.prefill_layer` / `kvjax.decode_layer`. `max_seq_len` defaults to
-    `model.config.max_seq_len`.
+    `model.config.max_seq_len`. A module whose prefill runs the between-layers hook (as
+    `models.Decoder` does) declares it with a class attribute `supports_between = True`
+    (the contract: `kvjax.model.ModelFunction`).
     """
     if max_seq_len is None:
         max_seq_len = model.config.max_seq_len
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     graphdef, params = nnx.split(model)
     return NNXFunctional(graphdef, int(max_seq_len), mesh_of(params),
-                         None if vocab is None else int(vocab)), params
+                         None if vocab is None else int(vocab),
+                         bool(getattr(model, "supports_between", False))), params

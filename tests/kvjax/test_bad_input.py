@@ -207,3 +207,37 @@ def test_generate_and_engine_refuse_bad_samplers_and_eos_ids(tiny, kwargs, says)
 def test_engine_refuses_a_budget_that_is_not_positive_bytes(tiny, budget):
     with pytest.raises(ValueError, match="kv_budget="):
         kvjax.Engine(tiny, kv_budget=budget)
+
+
+def test_a_model_that_does_not_declare_the_between_layers_hook_is_refused_first():
+    """kvjax.model: without supports_between, UNComp's prefill_keep is refused before any
+    prefill runs (the same model without pruning runs)."""
+    from flax import nnx
+
+    class Undeclared(models.Decoder):
+        supports_between = False
+
+    cfg = models.ModelConfig.tiny(n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97)
+    model = Undeclared(cfg, rngs=nnx.Rngs(0))
+    prompt = [list(np.arange(1, 41) % 96 + 1)]
+    with pytest.raises(ValueError, match="does not declare that its prefill runs such a hook"):
+        kvjax.generate(model, prompt, max_new_tokens=2, press=kvjax.UNCompPress(
+            compression_ratio=0.5, window_size=8, prefill_keep=(None, 24)))
+    out = kvjax.generate(model, prompt, max_new_tokens=2,
+                         press=kvjax.UNCompPress(compression_ratio=0.5, window_size=8))
+    assert out.tokens.shape == (1, 2)
+
+
+class _NoDecode:
+    """A model whose functional half lacks decode and max_seq_len."""
+
+    def kvjax_split(self):
+        class Fn:
+            def prefill(self, *a, **k):
+                raise AssertionError("never called")
+        return Fn(), {}
+
+
+def test_a_functional_model_missing_the_contract_is_a_type_error():
+    with pytest.raises(TypeError, match=r"lacks decode, max_seq_len \(an int\)"):
+        kvjax.generate(_NoDecode(), [[1, 2, 3]], max_new_tokens=2)

@@ -172,3 +172,11 @@ def test_averaged_rotation_matches_explicit_interleaved_rope():
     rot = averaged_rotation(jnp.asarray(INV_FREQ, jnp.float32), jnp.array([start]), f,
                             interleaved=True)
     np.testing.assert_allclose(np.asarray(rot[0] @ x[0, 0, 0]), explicit, atol=1e-5)
+
+
+def test_a_decoder_that_declares_no_between_layers_hook_refuses_hidden_state_pruning(foreign):
+    """This decoder accepts `between=` and ignores it (as notebook 03's does): UNComp's
+    prefill_keep is refused by name before anything runs (kvjax.model)."""
+    press = kvjax.UNCompPress(compression_ratio=0.5, window_size=8, prefill_keep=(None, 20))
+    with pytest.raises(ValueError, match="does not declare"):
+        kvjax.generate(foreign, [list(range(1, 41))], max_new_tokens=2, press=press)
