@@ -25,14 +25,14 @@ class Server:
     """A running `kvjax serve` process: `url` ("http://127.0.0.1:PORT"), `base` (its /v1),
     `model` (the name it serves)."""
 
-    def __init__(self, model_path, *args: str):
+    def __init__(self, model_path, *args: str, env: dict | None = None):
         self.model = str(model_path)  # the served model name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base = self.url + "/v1"
         cmd = [sys.executable, "-m", "kvjax.cli", "serve", "--model", str(model_path),
                "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **(env or {}))
         self._log = tempfile.TemporaryFile("w+")  # a file, so a chatty server never blocks
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      text=True, env=env)

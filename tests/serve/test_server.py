@@ -356,3 +356,19 @@ def test_the_example_client_runs_against_the_server(server):
                           "--max-tokens", "4"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "context ctx-" in res.stdout and "kvjax_pool_slots_used 0" in res.stdout
+
+
+def test_a_server_on_a_mesh_answers_as_one_device(tiny, offline):
+    """--mesh data=1,model=2 on 2 fake CPU devices: heads and the pool over "model", the
+    answers of the one-device offline engine."""
+    srv = Server(tiny[0], *FLAGS, "--mesh", "data=1,model=2",
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    try:
+        client = _client(srv)
+        for q in QUESTIONS[:2]:
+            r = _chat(client, srv, CONTEXT + q, max_tokens=6, temperature=0,
+                      extra_body={"kvjax": SNAP})
+            want = offline.submit(CONTEXT + q, max_new_tokens=6, press=_snap()).result()
+            assert r.choices[0].message.content == want.text
+    finally:
+        srv.stop()
