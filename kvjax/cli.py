@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_optional_subcommands(sub) -> None:
     from kvjax.context_cli import add_context_parsers
     from kvjax.kvzap.cli import add_train_scorer_parser
-    from kvjax.presses.zigzag_profile import add_zigzag_parser
+    from kvjax.zigzag_profile import add_zigzag_parser
     from kvjax.serve.cli import add_serve_parser
     from kvjax.uncomp.cli import add_uncomp_parser
     add_context_parsers(sub)
