@@ -144,7 +144,7 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B
     # the prefix row (of R per sequence) that holds kv head `row - b * K`'s segments
     prow = b * n_rows + jax.lax.div(row - b * n_kv, n_kv // n_rows)
     length, count, q_pos = len_ref[row], cnt_ref[b], qpos_ref[b]
-    offset = off_ref[row]  # the prefix is slots [offset, offset + length) (0 unless pooled)
+    offset = off_ref[row]  # the prefix is slots [offset, offset + length) of its row
     base = jax.lax.div(offset, 8) * 8
     plgpu.copy_gmem_to_smem(qp_ref.at[row], qp_smem, q_bar.at[0])
     plgpu.copy_gmem_to_smem(qt_ref.at[row], qt_smem, q_bar.at[1])
@@ -316,7 +316,7 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     offsets, max_len = check_prefix_window(prefix_offset, max_prefix_len, prefix_len,
                                            prefix_k.shape[2])
     splits = bs.num_splits or max(1, min(32, pl.cdiv(max_len, 512)))
-    # a pooled segment starts up to 7 slots after its 8-aligned first TMA row
+    # a segment at an offset starts up to 7 slots after its 8-aligned first TMA row
     span = max_len if prefix_offset is None else min(max_len + 7, prefix_k.shape[2])
 
     def i32(x):

@@ -89,19 +89,19 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
             qt_ref,  # [G, H] full-width queries (for the tail)
             pk_ref,  # [bp, Dk] prefix keys
             pv_ref,  # [bp, Hv] prefix values
-            ppos_ref,  # [1, bp] prefix positions ([R, bp], all store rows, when pooled)
-            *refs,  # quantized: ks_ref, vs_ref [1, bp] ([R, bp] pooled) f32 scales; then:
+            ppos_ref,  # [1, bp] prefix positions ([R, bp], all store rows, when segmented)
+            *refs,  # quantized: ks_ref, vs_ref [1, bp] ([R, bp] segmented) f32 scales; then:
             # tk_ref, tv_ref [bt, H] tail keys / values; tpos_ref [1, bt] tail positions;
             # op_ref [G, Hv], ot_ref [G, H] f32 prefix / tail parts of the output (normalised);
             # scratch m_ref, l_ref [G, 1], accp_ref [G, Hv], acct_ref [G, H] f32
-            scale, n_kv, per_row, n_prefix_blocks, bp, bt, sliding_window, pooled, quantized):
+            scale, n_kv, per_row, n_prefix_blocks, bp, bt, sliding_window, segmented, quantized):
     ks_ref, vs_ref = refs[:2] if quantized else (None, None)
     (tk_ref, tv_ref, tpos_ref, op_ref, ot_ref, m_ref, l_ref, accp_ref,
      acct_ref) = refs[2:] if quantized else refs
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = jax.lax.div(h, per_row)  # the prefix row (of R) holding this head's segments
     length, count, q_pos = len_ref[b * n_kv + h], cnt_ref[b], qpos_ref[b]
-    # The prefix is slots [offset, offset + length) of its arrays (offset 0 unless pooled);
+    # The prefix is slots [offset, offset + length) of its arrays (0 without prefix_offset);
     # its blocks are the array's own blocks, starting with the one holding `offset`.
     offset = off_ref[b * n_kv + h]
     first = jax.lax.div(offset, bp) * bp  # lax.div: offsets are >= 0, no sign fix-up needed
@@ -114,7 +114,7 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
         acct_ref[...] = jnp.zeros(acct_ref.shape, jnp.float32)
 
     def scale_row(ref):  # a quantized prefix's per-slot scales of this head's row: [1, bs]
-        return None if ref is None else (ref[pl.ds(row, 1), :] if pooled else ref[...])
+        return None if ref is None else (ref[pl.ds(row, 1), :] if segmented else ref[...])
 
     def attend(q_ref, k_ref, v_ref, pos_ref, start, lo, limit, causal, acc_ref,
                other_acc_ref, ks_ref=None, vs_ref=None):
@@ -125,13 +125,13 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
         slot = start + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)
         valid = (slot >= lo) & (slot < limit)
         if causal or sliding_window is not None:
-            pos = pos_ref[pl.ds(row, 1), :] if pooled and not causal else pos_ref[...]  # [1, bs]
+            pos = pos_ref[pl.ds(row, 1), :] if segmented and not causal else pos_ref[...]
             if causal:
                 valid &= pos <= q_pos
             if sliding_window is not None:
                 valid &= q_pos - pos < sliding_window
         rows = start + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)
-        # rows outside [lo, limit): past the array (garbage) or another layer's pool segment
+        # rows outside [lo, limit): past the array (garbage) or another head's segment
         v = jnp.where((rows >= lo) & (rows < limit), v_ref[...], 0)
         _online_update(s, valid, v, m_ref, l_ref, acc_ref, other_acc_ref, scale_row(vs_ref))
 
@@ -158,21 +158,22 @@ def _last_block(n_valid, block):
     return jnp.maximum(pl.cdiv(n_valid, block) - 1, 0)
 
 
-def _prefix_blocks(c, bp, max_len, pooled):
-    """Grid steps for the prefix: blocks of a `max_len`-slot window (one more when pooled:
-    a window starting inside a block may straddle one more block), at most the array's."""
-    span = max_len + (bp - 1 if pooled else 0)
+def _prefix_blocks(c, bp, max_len, segmented):
+    """Grid steps for the prefix: blocks of a `max_len`-slot window (one more when segmented:
+    a segment starting inside a block may straddle one more block), at most the array's."""
+    span = max_len + (bp - 1 if segmented else 0)
     return min(pl.cdiv(span, bp), pl.cdiv(c, bp))
 
 
 def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos, *, scale,
-          sliding_window, bp, bt, max_len, pooled, interpret):
-    """`scales`: () or (k_scale, v_scale) laid out like `ppos`."""
+          sliding_window, bp, bt, max_len, segmented, interpret):
+    """`scales`: () or (k_scale, v_scale) laid out like `ppos`; `segmented`: the prefix arrays
+    are the store (ppos [B, R, C]) read at `offs`, else each row from slot 0 (ppos [B, R, 1, C])."""
     b, n_kv, g, dk = qp.shape
     rows = pk.shape[1]
     per_row = n_kv // rows
     c, hv, s, h = pk.shape[2], pv.shape[3], tk.shape[2], qt.shape[3]
-    n_pb, n_tb = _prefix_blocks(c, bp, max_len, pooled), pl.cdiv(s, bt)
+    n_pb, n_tb = _prefix_blocks(c, bp, max_len, segmented), pl.cdiv(s, bt)
 
     def prefix_map(bi, hi, j, len_ref, off_ref, cnt_ref, qpos_ref):
         r = bi * n_kv + hi
@@ -188,11 +189,11 @@ def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos,
         bi, hi, blk, _ = prefix_map(*args)
         return bi, hi, 0, blk
 
-    def pool_pos_map(*args):  # store positions [B, R, P]: all R rows (an R-row block is legal)
+    def store_pos_map(*args):  # store positions [B, R, P]: all R rows (an R-row block is legal)
         bi, _, blk, _ = prefix_map(*args)
         return bi, 0, blk if sliding_window is not None else 0  # unread without a window
 
-    def pool_scale_map(*args):  # store scales [B, R, P]: all R rows, always read
+    def store_scale_map(*args):  # store scales [B, R, P]: all R rows, always read
         bi, _, blk, _ = prefix_map(*args)
         return bi, 0, blk
 
@@ -205,11 +206,11 @@ def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos,
 
     kernel = functools.partial(_kernel, scale=scale, n_kv=n_kv, per_row=per_row,
                                n_prefix_blocks=n_pb, bp=bp, bt=bt,
-                               sliding_window=sliding_window, pooled=pooled,
+                               sliding_window=sliding_window, segmented=segmented,
                                quantized=bool(scales))
-    pos_spec = (pl.BlockSpec((None, rows, bp), pool_pos_map) if pooled
+    pos_spec = (pl.BlockSpec((None, rows, bp), store_pos_map) if segmented
                 else pl.BlockSpec((None, None, 1, bp), ppos_map))
-    scale_spec = (pl.BlockSpec((None, rows, bp), pool_scale_map) if pooled
+    scale_spec = (pl.BlockSpec((None, rows, bp), store_scale_map) if segmented
                   else pl.BlockSpec((None, None, 1, bp), ppos_map))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4, grid=(b, n_kv, n_pb + n_tb),
@@ -291,18 +292,18 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     offsets, max_len = check_prefix_window(prefix_offset, max_prefix_len, prefix_len, c)
     scales = check_prefix_scales(prefix_k, prefix_v, prefix_k_scale, prefix_v_scale)
     bp, bt = min(c, bs.block_prefix), min(s, bs.block_tail)
-    pooled = prefix_offset is not None
+    segmented = prefix_offset is not None
 
     def i32(x):
         return x.astype(jnp.int32)
 
-    # pooled: positions stay [B, R, P] (a [B, R, 1, P] view would copy the whole store)
-    ppos = i32(prefix_pos) if pooled else i32(prefix_pos)[:, :, None, :]
-    scales = tuple(x.astype(jnp.float32) if pooled else x.astype(jnp.float32)[:, :, None, :]
+    # segmented: positions stay [B, R, P] (a [B, R, 1, P] view would copy the whole store)
+    ppos = i32(prefix_pos) if segmented else i32(prefix_pos)[:, :, None, :]
+    scales = tuple(x.astype(jnp.float32) if segmented else x.astype(jnp.float32)[:, :, None, :]
                    for x in scales)
     o_prefix, o_tail = _call(
         qp, qg, prefix_k, prefix_v, ppos, scales, tail_k, tail_v, i32(tail_pos)[:, None, :],
         i32(prefix_len).reshape(-1), offsets, i32(tail_count), i32(q_pos), scale=scale,
-        sliding_window=sliding_window, bp=bp, bt=bt, max_len=max_len, pooled=pooled,
-        interpret=_interpret.tpu_interpret(interpret))
+        sliding_window=sliding_window, bp=bp, bt=bt, max_len=max_len,
+        segmented=segmented, interpret=_interpret.tpu_interpret(interpret))
     return merge_prefix_tail(o_prefix, o_tail, value_channels).reshape(b, n, h).astype(q.dtype)

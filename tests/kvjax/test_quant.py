@@ -30,10 +30,10 @@ from kvjax.store_attention import store_attention
 from pallas_kernels import gpu, tpu
 
 _spec = importlib.util.spec_from_file_location(
-    "pool_cases", Path(__file__).parents[1] / "pallas_kernels" / "test_pool_decode.py")
-pool = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("pool_cases", pool)
-_spec.loader.exec_module(pool)
+    "store_cases", Path(__file__).parents[1] / "pallas_kernels" / "test_store_decode.py")
+store_cases = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("store_cases", store_cases)
+_spec.loader.exec_module(store_cases)
 
 SCHEMES = [KVQuant("int8", "token"), KVQuant("int8", "kivi", group=8),
            KVQuant("float8_e4m3fn", "token"), KVQuant("float8_e4m3fn", "kivi", group=16)]
@@ -41,10 +41,10 @@ IDS = ["int8_token", "int8_kivi", "fp8_token", "fp8_kivi"]
 
 
 def f32_case(case_id="rowsK_g1_h64_f32_odd_store", p=304):
-    """A random f32 store (test_pool_decode's layouts) with P a multiple of every group."""
-    case = next(c for c in pool.CASES if c[0] == case_id)
+    """A random f32 store (test_store_decode's layouts) with P a multiple of every group."""
+    case = next(c for c in store_cases.CASES if c[0] == case_id)
     case = case[:7] + (p,) + case[8:]
-    return pool.make_case(case)
+    return store_cases.make_case(case)
 
 
 def numpy_roundtrip_bound(x: np.ndarray, scale: np.ndarray, quant: KVQuant) -> np.ndarray:
@@ -103,16 +103,16 @@ def test_quantized_attention_equals_attention_over_dequantized(quant):
 def test_tpu_kernel_reads_the_quantized_store(case_id, dtype):
     """The Mosaic TPU kernel (interpret mode) over int8/fp8 entries with per-entry scales
     equals the reference over the dequantized store, in place (`prefix_offset`)."""
-    case = next(c for c in pool.CASES if c[0] == case_id)
-    store, q, q_pos, tail = pool.make_case(case)
+    case = next(c for c in store_cases.CASES if c[0] == case_id)
+    store, q, q_pos, tail = store_cases.make_case(case)
     qs = quantize_store(store, KVQuant(dtype, "token"))
     deq = dequantize_store(qs, store.k.dtype)
     window = case[11]
     atol = 1e-5 if q.dtype == jnp.float32 else 2e-2
     for layer in range(store.n_layers):
-        ref = pool.reference(q, q_pos, layer_view(deq, layer), tail.layer(layer),
-                             sliding_window=window)
-        args, kw = pool.store_args(q, q_pos, qs, layer, tail.layer(layer))
+        ref = store_cases.reference(q, q_pos, layer_view(deq, layer), tail.layer(layer),
+                                    sliding_window=window)
+        args, kw = store_cases.store_args(q, q_pos, qs, layer, tail.layer(layer))
         out = tpu.decode_attention(*args, **kw, prefix_k_scale=qs.k_scale,
                                    prefix_v_scale=qs.v_scale, sliding_window=window,
                                    block_sizes=tpu.DecodeBlockSizes(128, 128), interpret=True)
@@ -123,13 +123,13 @@ def test_tpu_kernel_reads_the_quantized_store(case_id, dtype):
 def test_kernels_reject_bad_scales():
     store, q, q_pos, tail = f32_case()
     qs = quantize_store(store, KVQuant("int8", "token"))
-    args, kw = pool.store_args(q, q_pos, qs, 0, tail.layer(0))
+    args, kw = store_cases.store_args(q, q_pos, qs, 0, tail.layer(0))
     with pytest.raises(ValueError, match="needs prefix_k_scale"):
         tpu.decode_attention(*args, **kw, interpret=True)
     with pytest.raises(ValueError, match="prefix_k_scale.shape"):
         tpu.decode_attention(*args, **kw, prefix_k_scale=qs.k_scale[:, :, :8],
                              prefix_v_scale=qs.v_scale, interpret=True)
-    fargs, fkw = pool.store_args(q, q_pos, store, 0, tail.layer(0))
+    fargs, fkw = store_cases.store_args(q, q_pos, store, 0, tail.layer(0))
     with pytest.raises(ValueError, match="only for int8"):
         tpu.decode_attention(*fargs, **fkw, prefix_k_scale=qs.k_scale,
                              prefix_v_scale=qs.v_scale, interpret=True)

@@ -2,7 +2,7 @@
 
 This file calls the kernels with one prefix row per kv head (R = K) and no `prefix_offset`:
 each head's entries start at slot 0 of its own row, the layout of a `LayerView`. Reading the
-cache's store in place (R | K rows, segments at offsets) is test_pool_decode.py.
+cache's store in place (R | K rows, segments at offsets) is test_store_decode.py.
 
 JAX's pattern: `TestDecodeTPU` / `TestDecodeGPU` run compiled on their backend and skip
 elsewhere; their `...Interpret` subclasses rerun every check in interpret mode on CPU (TPU

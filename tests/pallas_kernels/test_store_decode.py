@@ -6,11 +6,11 @@ store plus the layer's offsets and lengths [B, K] and must read only the head's 
 spec is `cached_attention_reference` over the segment gathered by an independent numpy loop
 (`numpy_view`, also checked against `kvjax.cache.layer_view`).
 
-Layouts covered: R = K (one row per kv head: the former ZigZagKV pool), R = 1 (the flat store
-kvjax writes today) and R = K / 2, with segments that are unaligned, ragged per sequence, out
-of (layer, head) order, separated by poisoned gaps (large keys a leak would make dominate),
-zero-length, and in rows of odd capacity. JAX's pattern as in test_decode_attention.py: the
-compiled classes skip off their backend, the `...Interpret` subclasses run on CPU.
+Layouts covered: R = K (one row per kv head), R = 1 (the flat store kvjax writes) and
+R = K / 2, with segments that are unaligned, ragged per sequence, out of (layer, head) order,
+separated by poisoned gaps (large keys a leak would make dominate), zero-length, and in rows of
+odd capacity. JAX's pattern as in test_decode_attention.py: the compiled classes skip off
+their backend, the `...Interpret` subclasses run on CPU.
 Tolerances as there: TPU f32 1e-5, bf16 2e-2; GPU 2e-2 (WGMMA takes 16-bit inputs).
 """
 
