@@ -1,7 +1,7 @@
 """Compression presses: frozen dataclasses passed to jit as static arguments."""
 
 from kvjax.presses.adakv import AdaKVPress
-from kvjax.presses.base import LayerContext, Press, ScorerPress
+from kvjax.presses.base import LayerContext, Press, ScorerPress, WrapperPress
 from kvjax.presses.composed import ComposedPress
 from kvjax.presses.decoding import DecodingPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
@@ -27,5 +27,6 @@ __all__ = [
     "KnormPress", "KVzapPress", "KVzipPress",
     "LayerContext", "NACLPress", "ObservedAttentionPress", "PRESSES", "Press", "PyramidKVPress",
     "RandomPress", "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress",
-    "ThresholdPress", "UNCompPress", "ZigZagKVPress", "make_press", "press_names",
+    "ThresholdPress", "UNCompPress", "WrapperPress", "ZigZagKVPress", "make_press",
+    "press_names",
 ]

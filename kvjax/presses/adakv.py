@@ -5,7 +5,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.presses import select
-from kvjax.presses.base import Press, derive_ratio
+from kvjax.presses.base import Press, ScorerPress, WrapperPress, derive_ratio
 from kvjax.presses.parts import check_fields
 from kvjax.presses.parts import Allocator, LayerwiseAllocator, Stage, StaticSize
 
@@ -53,14 +53,15 @@ class AdaKV(Allocator):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AdaKVPress(Press):
+class AdaKVPress(WrapperPress):
     """Ada-KV (Feng et al. 2024, arXiv 2407.11550), kvpress's variant, over any scorer.
 
     The layer keeps `K * n_keep` tokens chosen by one top-k over the scores of all its kv
     heads, so heads whose attention is spread out get larger budgets. Safeguard: each head's
     top `alpha_safeguard * n_keep` tokens are always kept. The per-head budgets are segment
     sizes in the store, so the bytes held are the kept entries. `compression_ratio` is the
-    wrapped press's.
+    wrapped press's. A `WrapperPress`: the stage is the wrapped press's with AdaKV as its
+    allocator; every other member forwards to the wrapped press.
     """
 
     press: Press
@@ -69,7 +70,6 @@ class AdaKVPress(Press):
 
     def __post_init__(self):
         check_fields(self)
-        from kvjax.presses.base import ScorerPress
         if not isinstance(self.press, ScorerPress):
             raise ValueError(f"AdaKVPress needs a ScorerPress, got {type(self.press).__name__}")
         if not isinstance(self.press.allocator(), LayerwiseAllocator):
@@ -79,13 +79,6 @@ class AdaKVPress(Press):
             raise ValueError(f"{self.alpha_safeguard=} must be in [0, 1]")
         derive_ratio(self, self.press.compression_ratio)
         super().__post_init__()
-
-    @property
-    def obs_spec(self):
-        return self.press.obs_spec
-
-    def check_prompt(self, min_prompt_len):
-        self.press.check_prompt(min_prompt_len)
 
     def stages(self):
         if self.compression_ratio == 0:

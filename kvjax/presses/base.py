@@ -5,11 +5,14 @@ sequence of token *stages*, each a scorer (scores per kv head) x an allocator (h
 every layer and kv head keeps) x a selector (which slots, given scores and budgets), plus an
 optional channel pruner (ThinK) and optional hooks: a decode-time hook (periodic merge, ring
 decode) and a between-layers hook (UNComp's hidden-state pruning). `kvjax.compress` runs the
-parts and writes one selection into the store.
+parts and writes one selection into the store. Presses over presses (AdaKV, ThinK,
+ComposedPress, ThresholdPress) are `WrapperPress`es: the optional members forward to the
+presses they wrap, and each wrapper overrides only what it changes.
 """
 
 import abc
 import dataclasses
+import functools
 import typing
 
 import jax
@@ -147,6 +150,102 @@ class ScorerPress(Press):
         if self.compression_ratio == 0:
             return ()
         return (Stage(scorer=self, allocator=self.allocator(), selector=self.selector()),)
+
+
+HOOKS = ("decode_hook", "between_layers", "prompt_observer")
+
+
+def check_hooks(presses: tuple[Press, ...]) -> None:
+    """ValueError when two of `presses` bring a hook of the same kind (`HOOKS`): a cache has
+    one decode hook, a prefill one between-layers hook and one prompt observer."""
+    for hook in HOOKS:
+        owners = [type(p).__name__ for p in presses if getattr(p, hook) is not None]
+        if len(owners) > 1:
+            raise ValueError(f"{' and '.join(owners)} both bring a {hook}: compose at most "
+                             "one of them")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WrapperPress(Press):
+    """A press over inner presses: every optional member of `Press` forwards to them.
+
+    `wraps` names the field that holds them (a press, None, or a tuple of presses). Each
+    default merges what the inner presses bring, in order:
+
+      obs_spec        their merge (`ObsSpec.merge`)
+      check_prompt    each one's
+      stages          theirs, chained
+      channel_pruner  the last one's
+      decode_hook, between_layers, prompt_observer
+                      the one inner press that brings it (`check_hooks` refuses two)
+      kept_recent     their minimum (0 without inner presses)
+      with_tokenizer  the wrapper over the inner presses' `with_tokenizer`
+      capacity        over the wrapper's stages, then its channel pruner's `pruned_size`
+
+    A wrapper overrides only what it changes (ThinK adds a channel pruner and its window,
+    AdaKV and ThresholdPress replace the stage's allocator) and derives `compression_ratio`
+    (`derive_ratio`). A member added to `Press` gets its forwarding default here.
+    """
+
+    wraps: typing.ClassVar[str] = "press"
+
+    def inner_presses(self) -> tuple[Press, ...]:
+        """The wrapped presses, in order (empty when the field is None)."""
+        inner = getattr(self, self.wraps)
+        if inner is None:
+            return ()
+        return inner if isinstance(inner, tuple) else (inner,)
+
+    def _inner_hook(self, name: str):
+        """The first non-None `name` hook of the inner presses, or None."""
+        hooks = (getattr(p, name) for p in self.inner_presses())
+        return next((h for h in hooks if h is not None), None)
+
+    @property
+    def obs_spec(self) -> ObsSpec:
+        return functools.reduce(ObsSpec.merge, (p.obs_spec for p in self.inner_presses()),
+                                ObsSpec())
+
+    def check_prompt(self, min_prompt_len: int) -> None:
+        for p in self.inner_presses():
+            p.check_prompt(min_prompt_len)
+
+    def stages(self) -> tuple[Stage, ...]:
+        return tuple(s for p in self.inner_presses() for s in p.stages())
+
+    @property
+    def channel_pruner(self):
+        inner = self.inner_presses()
+        return inner[-1].channel_pruner if inner else None
+
+    @property
+    def decode_hook(self):
+        return self._inner_hook("decode_hook")
+
+    @property
+    def between_layers(self):
+        return self._inner_hook("between_layers")
+
+    @property
+    def prompt_observer(self):
+        return self._inner_hook("prompt_observer")
+
+    @property
+    def kept_recent(self) -> int:
+        return min((p.kept_recent for p in self.inner_presses()), default=0)
+
+    def with_tokenizer(self, tokenizer) -> "Press":
+        inner = getattr(self, self.wraps)
+        if inner is None:
+            return self
+        bound = (tuple(p.with_tokenizer(tokenizer) for p in inner) if isinstance(inner, tuple)
+                 else inner.with_tokenizer(tokenizer))
+        return dataclasses.replace(self, **{self.wraps: bound})
+
+    def capacity(self, prompt: StaticSize, n_kv: int) -> StaticSize:
+        size = super().capacity(prompt, n_kv)
+        pruner = self.channel_pruner
+        return size if pruner is None else pruner.pruned_size(size, n_kv, self.kept_recent)
 
 
 def check_press_arg(press, name: str = "press") -> None:

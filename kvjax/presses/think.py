@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from kvjax.cache import LayerView
 from kvjax.observation import ObsSpec
 from kvjax.presses import select
-from kvjax.presses.base import Press, derive_ratio
+from kvjax.presses.base import Press, WrapperPress, derive_ratio
 from kvjax.presses.parts import StaticSize, check_fields
 from kvjax.presses.window import window_attention
 
@@ -77,7 +77,7 @@ def split_recent(full: LayerView, prompt_len: jax.Array, window: int):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ThinKPress(Press):
+class ThinKPress(WrapperPress):
     """ThinK (Xu et al. 2024, arXiv 2407.21018): thinner keys by query-driven channel pruning.
 
     A channel pruner over any token press. Per layer and kv head, key channels are scored from
@@ -89,6 +89,9 @@ class ThinKPress(Press):
     query channels for the thin part, scale 1/sqrt(H). `press=SnapKVPress(...)` (or any
     press; last in a ComposedPress) picks the tokens; `value_channel_compression_ratio` also
     drops value channels (`value_channel_scores`). `compression_ratio` is the token press's.
+    A `WrapperPress`: it adds its channel pruner (itself), its window to the observation and
+    the prompt check, and keeps the window itself when no token press is given; the rest
+    forwards to `press`.
     """
 
     key_channel_compression_ratio: float = 0.4
@@ -121,49 +124,31 @@ class ThinKPress(Press):
 
     @property
     def obs_spec(self):
-        own = ObsSpec(window=self.window_size)
-        return own if self.press is None else own.merge(self.press.obs_spec)
+        return ObsSpec(window=self.window_size).merge(super().obs_spec)
 
     def check_prompt(self, min_prompt_len):
         if min_prompt_len <= self.window_size:
             raise ValueError(f"prompt length {min_prompt_len} must exceed "
                              f"window_size={self.window_size} of ThinKPress")
-        if self.press is not None:
-            self.press.check_prompt(min_prompt_len)
-
-    def stages(self):
-        return () if self.press is None else self.press.stages()
-
-    def capacity(self, prompt, n_kv):
-        size = prompt if self.press is None else self.press.capacity(prompt, n_kv)
-        return self.pruned_size(size, n_kv, self.kept_recent)
+        super().check_prompt(min_prompt_len)
 
     @property
     def kept_recent(self) -> int:
-        return self.window_size if self.press is None else self.press.kept_recent
+        return self.window_size if self.press is None else super().kept_recent
 
     def pruned_size(self, size: StaticSize, n_kv: int, kept_recent: int) -> StaticSize:
         """Bounds of the store after `prune_layer`, given that the token stages keep the last
-        `kept_recent` prompt tokens of every segment: those of them inside the recent window
-        move to the tail, so a segment of budget b keeps max(b - moved, 0) in the store."""
+        `kept_recent` prompt tokens of every segment whose budget allows: those inside the
+        recent window move to the tail, so a budget b >= kept_recent keeps b - moved in the
+        store. A smaller budget keeps only some of the protected tokens, any of them: at most
+        the `kept_recent - window_size` before the window stay, so a segment bounded by s
+        keeps max(s - moved, min(s, kept_recent - window_size)) at most."""
         moved = min(self.window_size, kept_recent)
         if moved == 0:
             return size
-        segments = tuple(max(s - moved, 0) for s in size.segments)
+        before = kept_recent - moved  # protected tokens before the recent window
+        segments = tuple(max(s - moved, min(s, before)) for s in size.segments)
         return StaticSize(segments, min(size.total, n_kv * sum(segments)))
-
-    @property
-    def decode_hook(self):
-        return None if self.press is None else self.press.decode_hook
-
-    @property
-    def prompt_observer(self):
-        return None if self.press is None else self.press.prompt_observer
-
-    def with_tokenizer(self, tokenizer):
-        if self.press is None:
-            return self
-        return dataclasses.replace(self, press=self.press.with_tokenizer(tokenizer))
 
     @property
     def channel_pruner(self):

@@ -17,7 +17,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.presses.base import Press, ScorerPress
+from kvjax.presses.base import ScorerPress, WrapperPress
 from kvjax.presses.parts import Allocator, Stage, check_fields
 
 SCALES = ("log", "attention")
@@ -54,14 +54,15 @@ class Threshold(Allocator):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ThresholdPress(Press):
+class ThresholdPress(WrapperPress):
     """Keep what `press` scores at or above `threshold` in every layer and kv head.
 
     Budgets are data (a new input or threshold never recompiles) and bounded by the prompt:
     the store `kvjax.compress` writes is sized for the whole prompt (its bytes are the bound),
     while the serving engine's pool (`kvjax.Engine`) and `memory_report(...).prefix_tokens`
     hold and count only the kept entries; `achieved_ratio(cache, prompt_lengths)` reports the
-    ratio reached per request.
+    ratio reached per request. A `WrapperPress`: the stage is `press`'s with `Threshold` as
+    its allocator; every other member forwards to `press`.
 
     Attributes:
       press: a ScorerPress whose `score_scale` is "log" or "attention" (its own
@@ -98,20 +99,6 @@ class ThresholdPress(Press):
             raise ValueError(f"ThresholdPress(compression_ratio={self.compression_ratio}): the "
                              "ratio follows the input; see kvjax.achieved_ratio")
         super().__post_init__()
-
-    @property
-    def obs_spec(self):
-        return self.press.obs_spec
-
-    def check_prompt(self, min_prompt_len):
-        self.press.check_prompt(min_prompt_len)
-
-    @property
-    def kept_recent(self) -> int:
-        return self.press.kept_recent
-
-    def with_tokenizer(self, tokenizer) -> ThresholdPress:
-        return dataclasses.replace(self, press=self.press.with_tokenizer(tokenizer))
 
     def stages(self):
         return (Stage(scorer=self.press,
