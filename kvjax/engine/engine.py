@@ -246,7 +246,20 @@ class Engine:
         plan = plan_request(self.fn, [ids], max_new_tokens=max_new_tokens, press=press,
                             kv_dtype=self.quant, tail_extra=len(q_ids),
                             attn_impl=self.attn_impl, tokenizer=self.tokenizer)
+        self._check_bound(plan.press, len(ids))
         return ids, q_ids, None, plan
+
+    def _check_bound(self, press, n: int) -> None:
+        """ValueError when a full-cache request of n tokens can never fit the whole pool (a
+        compressed one is checked on its exact count once compressed, at admission)."""
+        if press is not None:
+            return
+        n_layers, n_kv, rows = (self._shapes[k] for k in ("n_layers", "n_kv", "rows"))
+        per_row = n_layers * (n_kv // rows) * n
+        if self.allocator.rounded(per_row) > self.allocator.n_slots:
+            raise ValueError(f"the full cache of a {n}-token prompt keeps {per_row} slots per "
+                             f"store row; the pool has {self.allocator.n_slots} (raise "
+                             "kv_budget or pass a press)")
 
     def _press(self, press):
         """The request's press (the engine's default for UNSET), refused if the pool cannot

@@ -46,12 +46,14 @@ class Progress:
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     """model_name: the id clients send; press: the default `PressSpec`; api_key: required
-    as `Authorization: Bearer <key>` on /v1 routes when set; grace_s: drain time."""
+    as `Authorization: Bearer <key>` on /v1 routes when set; grace_s: drain time;
+    max_body_bytes: a larger request body is a 413."""
 
     model_name: str
     press: P.PressSpec
     api_key: str | None = None
     grace_s: float = 30.0
+    max_body_bytes: int = 16 * 2**20
 
 
 def _error(err: P.ApiError) -> JSONResponse:
@@ -77,8 +79,16 @@ def build_app(worker, contexts, tokenizer, config: ServeConfig) -> Starlette:
 
     async def read_body(request: Request) -> dict:
         check_auth(request)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise P.ApiError(413, f"the body has {declared} bytes; this server takes at most "
+                             f"{config.max_body_bytes} (--max-body-bytes)")
+        raw = await request.body()
+        if len(raw) > config.max_body_bytes:
+            raise P.ApiError(413, f"the body has {len(raw)} bytes; this server takes at most "
+                             f"{config.max_body_bytes} (--max-body-bytes)")
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = json.loads(raw or b"{}")
         except json.JSONDecodeError as e:
             raise P.ApiError(400, f"the body is not valid JSON: {e}") from e
         if not isinstance(body, dict):

@@ -31,6 +31,8 @@ def add_serve_parser(sub) -> None:
                    help="the model id clients send (default: --model)")
     s.add_argument("--contexts-dir", default=None,
                    help="save compressed contexts here and reload them at start-up")
+    s.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+                   help="a larger request body is refused with 413")
     s.add_argument("--grace", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     s.add_argument("--log-level", default="warning")
@@ -67,16 +69,18 @@ def cmd_serve(args) -> int:
                     press=spec.build(), kv_dtype=args.kv_dtype, max_tail=args.max_tail)
     worker = EngineWorker(engine).start()
     contexts = ContextStore(engine, model, args.contexts_dir)
-    loaded = worker.call(contexts.load_all).result()
+    loaded, skipped = worker.call(contexts.load_all).result()
     config = ServeConfig(model_name=args.served_model_name or args.model, press=spec,
-                         api_key=args.api_key, grace_s=args.grace)
+                         api_key=args.api_key, grace_s=args.grace,
+                         max_body_bytes=args.max_body_bytes)
     app = build_app(worker, contexts, tokenizer, config)
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level=args.log_level, lifespan="off"),
                             worker, args.grace)
     print(f"kvjax serve: {config.model_name} on http://{args.host}:{args.port} "
           f"(press {spec.describe()['press']}, {engine.allocator.n_slots} pool slots, "
-          f"{len(loaded)} contexts loaded)", flush=True)
+          f"{len(loaded)} contexts loaded" + (f", {len(skipped)} skipped: {skipped}"
+                                              if skipped else "") + ")", flush=True)
     try:
         server.run()
     finally:

@@ -9,6 +9,7 @@ however many requests read it. With a directory, every context is saved there
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import secrets
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from kvjax.context import CompressedContext, read_info
 
 ID = re.compile(r"ctx-[0-9a-f]{24}")
+log = logging.getLogger("kvjax.serve")
 
 
 @dataclasses.dataclass
@@ -47,17 +49,25 @@ class ContextStore:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
 
-    def load_all(self) -> list[str]:
-        """Hold every context saved in the directory -> their ids (start-up)."""
-        ids = []
+    def load_all(self) -> tuple[list[str], dict[str, str]]:
+        """Hold every context saved in the directory (start-up) -> (ids loaded, {id: why}
+        for those that cannot be: another model, a damaged checkpoint, no room in the pool;
+        they stay on disk, and the server starts without them)."""
+        ids, skipped = [], {}
         for path in sorted(self.directory.iterdir()) if self.directory else ():
-            if path.is_dir() and ID.fullmatch(path.name):
+            if not (path.is_dir() and ID.fullmatch(path.name)):
+                continue
+            try:
                 ctx = CompressedContext.load(path, self.model)
                 info = read_info(path)
                 self._add(path.name, ctx, info.get("press", {"press": ctx.press}),
                           info.get("created", int(time.time())))
-                ids.append(path.name)
-        return ids
+            except (ValueError, OSError) as err:
+                skipped[path.name] = str(err)
+                log.warning("context %s not loaded: %s", path.name, err)
+                continue
+            ids.append(path.name)
+        return ids, skipped
 
     def create(self, text: str, press_spec) -> Entry:
         """Compress `text` (question-agnostic, as `Pipeline.compress`) and hold it."""

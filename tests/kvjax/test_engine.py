@@ -189,11 +189,16 @@ def test_stream_yields_the_result_tokens(model):
 
 
 def test_a_prompt_too_big_for_the_pool_fails_alone(model):
-    """A request whose kept entries exceed the whole pool fails with a reason at admission;
-    the engine serves the next one."""
+    """A full-cache prompt that can never fit the pool is refused at submit; a compressed one
+    whose kept entries exceed the whole pool fails with a reason at admission; the engine
+    serves the next one."""
     eng = kvjax.Engine(model, kv_budget=100_000, max_running=2, max_tail=16)
     n = eng.allocator.n_slots
-    big = eng.submit(list(np.arange(1, n // 3 + 2) % (VOCAB - 1) + 1), max_new_tokens=2)
+    ids = list(np.arange(1, n // 3 + 2) % (VOCAB - 1) + 1)  # 3 layers x 2 heads: ~2n slots
+    with pytest.raises(ValueError, match=f"keeps {6 * len(ids)} slots per store row; the "
+                                         f"pool has {n}"):
+        eng.submit(ids, max_new_tokens=2)
+    big = eng.submit(ids, max_new_tokens=2, press=kvjax.KnormPress(compression_ratio=0.1))
     small = eng.submit(_prompts(1, lo=10, hi=12)[0], max_new_tokens=3)
     eng.run()
     assert big.result().finish_reason == "error" and "raise kv_budget" in big.result().error

@@ -31,7 +31,8 @@ CONTEXT = ("The harbour master kept a ledger of every ship. On the third page, w
 QUESTIONS = ["Which ship never came back?", "What colour was the ink?", "Which page?"]
 SNAP = {"press": "snapkv", "compression_ratio": 0.5, "press_args": {"window_size": 8}}
 ENGINE = dict(kv_budget="4MiB", max_running=4, max_tail=128)
-FLAGS = ("--kv-budget", "4MiB", "--max-running", "4", "--max-tail", "128")
+FLAGS = ("--kv-budget", "4MiB", "--max-running", "4", "--max-tail", "128",
+         "--max-body-bytes", "100000")
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +183,19 @@ def test_a_context_is_held_once_answered_and_freed(server, offline, tiny):
     (dict(messages=[{"role": "assistant", "content": "hi"}]), 400, "must be the user's"),
     (dict(logprobs=True), 400, "logprobs=True is not supported"),
     (dict(max_tokens=200), 400, "max_tail=128"),
+    (dict(messages=[{"role": "user", "content": "x" * 600}]), 400, "exceeds the model's"),
+    (dict(kvjax={"compression_ratio": 1.5}), 400, "compression_ratio=1.5"),
+    (dict(messages=[{"role": "user", "content": "x" * 200_000}]), 413, "at most 100000"),
 ])
 def test_bad_requests_are_refused_by_name(server, body, status, says):
+    """Each bad body is an OpenAI-style error naming the value; none moves the pool."""
+    before = server.metrics()["kvjax_pool_slots_used"]
     req = {"messages": [{"role": "user", "content": CONTEXT}], "max_tokens": 2, **body}
     r = httpx.post(server.base + "/chat/completions", json=req, timeout=60)
     assert r.status_code == status, r.text
-    assert says in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert says in err["message"] and {"message", "type", "param"} <= set(err)
+    assert server.metrics()["kvjax_pool_slots_used"] == before
 
 
 def test_bad_json_and_models_and_health(server):
@@ -281,14 +289,22 @@ def test_restart_keeps_contexts_an_engine_failure_is_a_500_and_the_key_is_checke
         before = [_chat(client, srv, q, max_tokens=6, temperature=0, extra_body={
             "kvjax": {"context_id": made["id"]}}).choices[0].message.content
             for q in QUESTIONS]
-        # a prompt whose full cache exceeds the whole pool fails inside the engine
-        with pytest.raises(openai.InternalServerError, match="raise kv_budget"):
+        # a full cache that can never fit the pool is a 400; a request that fails inside
+        # the engine (KVzap weights made for another model) a 500 with the reason
+        with pytest.raises(openai.BadRequestError, match="raise kv_budget"):
             _chat(client, srv, CONTEXT * 2, max_tokens=2, temperature=0,
                   extra_body={"kvjax": {"press": "full"}})
+        with pytest.raises(openai.InternalServerError, match="KVzap weights are for a model"):
+            _chat(client, srv, CONTEXT, max_tokens=2, temperature=0, extra_body={"kvjax": {
+                "press": "kvzap", "press_args": {"weights": "smollm2"}}})
         assert _chat(client, srv, QUESTIONS[0], max_tokens=2, temperature=0).choices
         code, _ = srv.terminate()
         assert code == 0
+        damaged = tmp_path / "ctx" / ("ctx-" + "0" * 24)  # not a context: skipped, logged
+        damaged.mkdir()
+        (damaged / "context.json").write_text("{not json")
         srv = Server(path, *flags)
+        assert "1 contexts loaded, 1 skipped" in srv.output()
         client = _client(srv, "sekret")
         listed = httpx.get(srv.base + "/contexts",
                            headers={"Authorization": "Bearer sekret"}).json()["data"]
