@@ -40,13 +40,20 @@ def load(args):
     import models
     model, tok = models.load("smollm2", progress=False, dtype=args.dtype) \
         if args.random_model else models.load(args.model, progress=False, dtype=args.dtype)
-    if args.random_model == "8b":
+    if args.random_model:
         from flax import nnx
-        cfg = models.ModelConfig(vocab_size=tok.vocab_size, d_model=4096, n_layers=32,
-                                 n_heads=32, n_kv_heads=8, head_dim=128, mlp_dim=14336,
-                                 rope_theta=500000.0, max_seq_len=8192)
-        model = models.Decoder(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        cfg = models.ModelConfig(vocab_size=tok.vocab_size, **RANDOM[args.random_model])
+        dtype = jnp.bfloat16 if args.random_model == "8b" else jnp.float32
+        model = models.Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     return model, tok
+
+
+RANDOM = {  # Llama-3-8B's shapes, and a small one to try the path on a CPU
+    "8b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+               mlp_dim=14336, rope_theta=500000.0, max_seq_len=8192),
+    "small": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, mlp_dim=512,
+                  max_seq_len=4096),
+}
 
 
 def shapes(model) -> dict:
@@ -68,7 +75,10 @@ def run_engine(model, tok, jobs, press, ratio, kv_dtype, budget, args) -> tuple[
         return eng.submit(sub.x, question=sub.question, press=sub.press.build(),
                           max_new_tokens=n or sub.max_new_tokens, eos_id=tok.eos_ids)
 
-    submit(subs[0], 2).result()  # compile the prefill bucket, the block write and the step
+    eng.warmup()  # every decode bucket
+    for sub in subs:  # and every prefill bucket the run meets
+        submit(sub, 2)
+    eng.run()
     pending = sorted(range(len(jobs)), key=lambda i: jobs[i].arrival)
     records = {}
     running, peak = [], 0
@@ -107,10 +117,11 @@ def run_static(model, tok, jobs, args) -> tuple[list, dict]:
     prompts = [list(s.x) + list(s.question) for s in subs]
     eos = set(tok.eos_ids)
     longest = max(s.max_new_tokens for s in subs)
-    for _ in kvjax.generate_stream(model, prompts[:args.fit], max_new_tokens=longest,
-                                   eos_id=tok.eos_ids):
-        pass  # compile
     order = sorted(range(len(jobs)), key=lambda i: jobs[i].arrival)
+    for start in range(0, len(order), args.fit):  # compile every batch's shapes
+        for _ in kvjax.generate_stream(model, [prompts[i] for i in order[start:start + args.fit]],
+                                       max_new_tokens=longest, eos_id=tok.eos_ids):
+            pass
     records, t0, clock = {}, time.perf_counter(), 0.0
     for start in range(0, len(order), args.fit):
         batch = order[start:start + args.fit]
@@ -141,7 +152,8 @@ def run_static(model, tok, jobs, args) -> tuple[list, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--random-model", choices=("8b",), default=None)
+    ap.add_argument("--random-model", choices=tuple(RANDOM), default=None,
+                    help="random weights of these shapes (SmolLM2's tokenizer)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--context-tokens", type=int, default=1000)

@@ -474,6 +474,20 @@ class Engine:
 
     # -- user API ----------------------------------------------------------------------
 
+    def warmup(self) -> int:
+        """Compile the decode step now for every bucket of running slots (1, 2, 4, ... up to
+        `max_running`) and the samplers seen so far, so no request waits for a compilation
+        later; the state does not change (every slot takes part inactive). -> buckets."""
+        sizes = sorted({min(self.max_running, 1 << k)
+                        for k in range((self.max_running - 1).bit_length() + 1)})
+        for b in sizes:
+            _, self._state, _ = decode_slots(
+                self.fn, self.params, self._state, jnp.arange(b, dtype=jnp.int32),
+                jnp.zeros(b, bool), jnp.zeros(b, jnp.int32),
+                jnp.ones((b, MAX_TRACED), jnp.float32), samplers=tuple(self._samplers),
+                attn_impl=self.attn_impl)
+        return len(sizes)
+
     def hold(self, ctx: CompressedContext) -> int:
         """Write `ctx`'s store into the pool now and keep it there until `release(ctx)`,
         however many requests use it meanwhile -> the pool slots it spans.

@@ -67,6 +67,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--model {args.model!r} has no tokenizer: the server needs one")
     engine = Engine(model, tokenizer, kv_budget=args.kv_budget, max_running=args.max_running,
                     press=spec.build(), kv_dtype=args.kv_dtype, max_tail=args.max_tail)
+    engine.warmup()  # every decode bucket compiled before the first request
     worker = EngineWorker(engine).start()
     contexts = ContextStore(engine, model, args.contexts_dir)
     loaded, skipped = worker.call(contexts.load_all).result()

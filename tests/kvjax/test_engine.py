@@ -260,6 +260,19 @@ def test_context_from_another_model_is_refused():
             ctx, "q?", press=kvjax.SnapKVPress(compression_ratio=0.5))
 
 
+def test_warmup_compiles_every_bucket_and_changes_nothing(model):
+    eng = kvjax.Engine(model, kv_budget=2**20, max_running=5, max_tail=32)
+    before = decode_slots._cache_size()
+    assert eng.warmup() == 4  # buckets 1, 2, 4 and 5
+    assert decode_slots._cache_size() - before == 4
+    prompts = _prompts(5, seed=31)
+    reqs = [eng.submit(ids, max_new_tokens=2 + i) for i, ids in enumerate(prompts)]
+    eng.run()
+    assert decode_slots._cache_size() - before == 4  # the workload compiled no step
+    for i, (req, ids) in enumerate(zip(reqs, prompts)):
+        assert req.result().tokens == _generate(model, ids, 2 + i)
+
+
 def test_temperatures_and_top_p_are_data_one_compilation(model):
     """Requests with other temperatures and top-p values reuse the compiled steps, and each
     draws what `kvjax.generate` draws with its sampler and key."""
