@@ -10,7 +10,6 @@ import logging
 
 from kvjax.cli_common import add_model_args, add_press_args, build_press, load_model
 
-log = logging.getLogger("kvjax.serve")
 
 
 def add_serve_parser(sub) -> None:
