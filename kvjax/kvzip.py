@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import default_scale, group_heads
-from kvjax.cache import gather_rows, layer_view, slot_index
+from kvjax.cache import KVCache, gather_rows, init_tail, layer_view, slot_index
 from kvjax.hooks import DecodeHook
+from kvjax.writer import full_store
 
 FIRST = "\n\nRepeat the previous context exactly."
 PART = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -216,15 +217,17 @@ class RepeatPass:
 
     def __call__(self, fn, params, tokens, prompt, attn_impl):
         """-> the Prompt with every layer's `obs.token_scores` [B, K, T] set."""
-        from kvjax.compress import compress  # compress -> presses -> here: import on use
         if len(prompt.groups) != 1:
             raise ValueError("KVzip's repeat pass needs every layer to see the whole prompt "
                              "(no hidden-state pruning)")
-        cache = compress(None, prompt, tail_capacity=0)
-        store = cache.store
+        group = prompt.groups[0]
+        view = group.views()
+        store = full_store(view)
+        n_layers, b, n_kv, _, h = view.k.shape
+        cache = KVCache(store=store, tail=init_tail(n_layers, b, n_kv, 0, h, view.k.dtype),
+                        next_pos=prompt.next_pos)
         store = dataclasses.replace(store, extra=jnp.zeros(store.k.shape[:3] + (1,),
                                                            jnp.float32))
-        group = prompt.groups[0]
         t = group.positions.shape[1]
         for i in range(n_chunks(t, self.repeat.prefix_length, self.chunk_size)):
             ids, n_new = repeat_ids(tokens, group.lengths, self.repeat, i, self.chunk_size)

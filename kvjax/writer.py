@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import KVStore
+from kvjax.cache import KVStore, LayerView
 
 ALIGN = 8  # slots: the GPU decode kernel's tiled TMA copies start on multiples of 8
 
@@ -93,6 +93,15 @@ def write_store(sel: Selection, *, slots: int, rows: int = 1, max_segment: int) 
                    value_channels=tr(sel.value_channels),
                    extra=None if sel.extra is None else pack(sel.extra),
                    max_segment=max_segment)
+
+
+def full_store(view: LayerView) -> KVStore:
+    """Every entry of a stacked view (k [L, B, K, T, H]) in a one-row store: the full cache,
+    with no press involved (the store `kvjax.compress.compress(None, ...)` writes for one
+    prompt group)."""
+    n_layers, _, n_kv, t = view.pos.shape
+    sel = Selection(k=view.k, v=view.v, pos=view.pos, length=view.length)
+    return write_store(sel, slots=aligned_slots(n_layers * n_kv * t), max_segment=max(1, t))
 
 
 def _strided(sel: Selection, *, slots: int, max_segment: int) -> KVStore:

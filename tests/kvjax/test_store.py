@@ -234,3 +234,27 @@ def test_think_store_holds_no_room_for_the_window_it_moves(model, inner):
         for h in range(thin.store.n_kv_heads):
             want = kvjax.kept_positions(alone, layer)[0][h]
             np.testing.assert_array_equal(kvjax.kept_positions(thin, layer)[0][h], want)
+
+
+def test_full_store_holds_every_prompt_entry(model, prompts):
+    """`writer.full_store` (KVzip's repeat pass builds its cache with it) equals the store the
+    full-cache compression writes, and every segment holds the prompt's own keys and values."""
+    from kvjax.compress import compress
+    from kvjax.observation import ObsSpec
+    from kvjax.prefill import prefill_prompt
+    from kvjax.writer import full_store
+    fn, params = model.kvjax_split()
+    tokens, lengths = loops.pad_prompts(prompts)
+    _, prompt = prefill_prompt(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                               obs_spec=ObsSpec())
+    view = prompt.groups[0].views()
+    st, ref = full_store(view), compress(None, prompt, tail_capacity=0).store
+    for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert st.max_segment == ref.max_segment and st.slots == ref.slots
+    k, off = np.asarray(view.k), np.asarray(st.offset)
+    for r, n in enumerate(LENGTHS):
+        for layer in range(k.shape[0]):
+            for h in range(k.shape[2]):
+                seg = np.asarray(st.k[r, 0, off[r, layer, h]:off[r, layer, h] + n])
+                np.testing.assert_array_equal(seg, k[layer, r, h, :n])
