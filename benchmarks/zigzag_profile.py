@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name  # noqa: E402
 
 import models  # noqa: E402
-from kvjax.zigzag_profile import calibration_prompts, profile  # noqa: E402
+from kvjax.tools.zigzag_profile import calibration_prompts, profile  # noqa: E402
 
 
 def main(argv=None):

@@ -1,17 +1,18 @@
 """Haystacks from offline text, needles inserted at depths, contexts fitted to a token count.
 
 Two haystacks, as RULER (arXiv 2404.06654): `noise`, a repeated passage of trivial sentences,
-and `essay`, varied natural text from `corpus.txt` (original essays shipped with kvjax, ASCII,
+and `essay`, varied natural text from `kvjax/corpus/corpus.txt` (original essays shipped with kvjax, ASCII,
 no digits, so numeric needles are never ambiguous). A haystack is a stream of words with the
 word indices where sentences start; needles go in at the sentence start nearest their depth.
 """
 
 import dataclasses
-import importlib.resources
 import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from kvjax.corpus import corpus_paragraphs
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 HAYSTACKS = ("essay", "noise")
@@ -25,12 +26,6 @@ class WordStream:
 
     words: tuple[str, ...]
     sentence_starts: tuple[int, ...]
-
-
-def corpus_paragraphs() -> tuple[str, ...]:
-    """Paragraphs of the shipped corpus (one per line of `corpus.txt`)."""
-    text = importlib.resources.files("kvjax.eval").joinpath("corpus.txt").read_text("utf-8")
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def split_sentences(text: str) -> list[str]:

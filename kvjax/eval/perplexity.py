@@ -17,7 +17,7 @@ import numpy as np
 from kvjax import loops
 from kvjax.eval.engine import group_by_spec
 from kvjax.plan import plan_request
-from kvjax.eval.haystack import corpus_paragraphs
+from kvjax.corpus import corpus_paragraphs
 from kvjax.eval.tasks import sample_rng
 from kvjax.memory import memory_report
 

@@ -1,7 +1,7 @@
 """KVzap (arXiv 2601.07891): learned per-layer scorers approximating KVzip's scores from
-hidden states. `weights` holds the weights type (with the shipped SmolLM2 file), `train` the
-optax training on kvjax's own KVzip repeat pass, `cli` the `kvjax train-scorer` command; the
-press is `kvjax.presses.kvzap.KVzapPress`."""
+hidden states. `weights` holds the weights type (with the shipped SmolLM2 file); the trainer
+is `kvjax.tools.kvzap_train` (`kvjax train-scorer`), the press
+`kvjax.presses.kvzap.KVzapPress`."""
 
 from kvjax.kvzap.weights import (KVzapWeights, ShippedWeights, UntrainedWeights, apply_params, load_dir,
                                  load_weights, save_dir, shipped_weights)

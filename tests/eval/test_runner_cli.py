@@ -13,7 +13,8 @@ from eval_helpers import char_tokenizer, tiny_model
 
 import models
 from kvjax.eval import Cell, Grid, read_results
-from kvjax.eval.cli import add_eval_parser, main
+from kvjax.cli import main
+from kvjax.cli.eval import add_eval_parser
 
 ARGS = ["--tasks", "niah_single,perplexity", "--lengths", "256", "--presses", "full,snapkv",
         "--ratios", "0.5", "--ppl-tokens", "48", "--no-progress"]

@@ -9,11 +9,11 @@ import pytest
 
 import kvjax
 from kvjax.kvzap import shipped_weights
-from kvjax.kvzap.train import TrainConfig, build_contexts, evaluate, kvzip_targets
+from kvjax.tools.kvzap_train import TrainConfig, build_contexts, evaluate, kvzip_targets
 
 pytestmark = pytest.mark.slow
 
-# Measured when the file was made (python -m kvjax.kvzap.cost / kvjax train-scorer output):
+# Measured when the file was made (python benchmarks/kvzap_cost.py / kvjax train-scorer output):
 # mean held-out Spearman 0.76 over the 30 layers, worst layer 0.64.
 MIN_MEAN_SPEARMAN = 0.7
 MIN_LAYER_SPEARMAN = 0.55
@@ -30,7 +30,7 @@ def test_shipped_heldout_rank_correlation(smollm2):
     w = shipped_weights()
     meta = w.metadata
     cfg = TrainConfig(**meta["config"])
-    from kvjax.eval.haystack import corpus_paragraphs
+    from kvjax.corpus import corpus_paragraphs
     from kvjax.kvzip import RepeatPrompt
     repeat = RepeatPrompt.from_tokenizer(tok)
     _, held = build_contexts(tok, corpus_paragraphs(), cfg, repeat.prefix_length)
@@ -43,7 +43,7 @@ def test_shipped_heldout_rank_correlation(smollm2):
 
 def test_shipped_press_in_pipeline(smollm2):
     model, tok = smollm2
-    from kvjax.eval.haystack import corpus_paragraphs
+    from kvjax.corpus import corpus_paragraphs
     context = " ".join(corpus_paragraphs()[:4])
     pipe = kvjax.Pipeline(model, tok)
     out = pipe.run(context, "What is this text about?", max_new_tokens=4,
@@ -58,7 +58,7 @@ def test_default_weights_are_the_shipped_ones_for_smollm2(smollm2):
     """KVzapPress(compression_ratio=r) with no weights finds the shipped SmolLM2 file: the
     same answer and kept entries as weights="smollm2"."""
     model, tok = smollm2
-    from kvjax.eval.haystack import corpus_paragraphs
+    from kvjax.corpus import corpus_paragraphs
     context = " ".join(corpus_paragraphs()[:2])
     pipe = kvjax.Pipeline(model, tok)
     runs = [pipe.run(context, "What is this text about?", max_new_tokens=4, press=p)

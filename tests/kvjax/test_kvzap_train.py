@@ -12,9 +12,9 @@ import pytest
 import kvjax
 import models
 from kvjax import cli
-from kvjax.eval.haystack import corpus_paragraphs
+from kvjax.corpus import corpus_paragraphs
 from kvjax.kvzap import load_weights
-from kvjax.kvzap.train import (TrainConfig, build_contexts, rankdata, spearman, text_paragraphs,
+from kvjax.tools.kvzap_train import (TrainConfig, build_contexts, rankdata, spearman, text_paragraphs,
                                top_overlap, train_scorer)
 from kvpress_kvzip_ref import CHATML_TEMPLATE, tiny_llama
 

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import models
-from kvjax.uncomp.calibration import (UNCompCalibration, calibrate, load_calibration,
-                                      shipped_calibration, split_stages, vote_groups)
+from kvjax.tools.uncomp_calibrate import calibrate, split_stages, vote_groups
+from kvjax.uncomp.calibration import UNCompCalibration, load_calibration, shipped_calibration
 
 CFG = dict(n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=101)
 
@@ -79,7 +79,7 @@ def test_shipped_smollm2_file():
 def test_shipped_file_is_reproduced_by_the_command(tmp_path):
     """Tolerance: head groups and stages identical, entropies within 1e-3 (f32 on another
     XLA build or CPU may round differently; the shipped values carry 6 decimals)."""
-    from kvjax.uncomp.cli import main
+    from kvjax.cli import main
     out = tmp_path / "cal.json"
     assert main(["uncomp-calibrate", "--model", "smollm2", "--out", str(out)]) == 0
     new, ship = load_calibration(out), shipped_calibration()

@@ -5,6 +5,7 @@
 
 import argparse
 
+from kvjax.cli.common import load_model
 from kvjax.uncomp.calibration import DEFAULT_THRESHOLD
 
 # What the shipped SmolLM2 file was made with (tests/uncomp reproduce it).
@@ -31,22 +32,11 @@ def add_uncomp_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_uncomp_calibrate(args) -> int:
-    import models
-    from kvjax.uncomp.calibration import calibrate
-    model, tokenizer = models.load(args.model, dtype=None if args.dtype == "auto" else args.dtype)
+    from kvjax.tools.uncomp_calibrate import calibrate
+    model, tokenizer = load_model(args.model, args.dtype)
     cal = calibrate(model, tokenizer, k=args.k, groups=args.groups, threshold=args.threshold,
                     n_prompts=args.n_prompts, n_tokens=args.n_tokens)
     cal.save(args.out)
     print(f"wrote {args.out}: stages {cal.stages}, {cal.n_groups} head groups per layer")
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kvjax")
-    add_uncomp_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

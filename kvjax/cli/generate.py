@@ -1,16 +1,8 @@
-"""The `kvjax` command: generate, demo, presses, serve (and eval, when installed).
+"""`kvjax generate`, `kvjax demo` and `kvjax presses`."""
 
-The one place in kvjax that imports `models` (lazily, inside the handlers).
-"""
-
-import argparse
-import sys
 import time
 
-from kvjax.cli_common import (add_model_args, add_press_args, build_press, load_model,
-                              parse_press_args, run_command)
-
-__all__ = ["build_parser", "build_press", "main", "parse_press_args"]
+from kvjax.cli.common import add_model_args, add_press_args, build_press, load_model
 
 DEMO_PRESSES = ("kvzip", "snapkv")  # the best question-agnostic press here, and SnapKV
 DEMO_RATIO = 0.75
@@ -68,9 +60,8 @@ def cmd_presses(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvjax", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_generate_parsers(sub) -> None:
+    """Register `generate`, `demo` and `presses` on an argparse subparsers object."""
     g = sub.add_parser("generate", help="stream a chat answer, then speed and KV-cache bytes")
     add_model_args(g)
     add_press_args(g)
@@ -92,31 +83,3 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     p = sub.add_parser("presses", help="list the registered presses")
     p.set_defaults(func=cmd_presses)
-    _add_optional_subcommands(sub)
-    return parser
-
-
-def _add_optional_subcommands(sub) -> None:
-    from kvjax.context_cli import add_context_parsers
-    from kvjax.kvzap.cli import add_train_scorer_parser
-    from kvjax.zigzag_profile import add_zigzag_parser
-    from kvjax.serve.cli import add_serve_parser
-    from kvjax.uncomp.cli import add_uncomp_parser
-    add_context_parsers(sub)
-    add_serve_parser(sub)
-    add_zigzag_parser(sub)
-    add_uncomp_parser(sub)
-    add_train_scorer_parser(sub)
-    try:
-        from kvjax.eval.cli import add_eval_parser
-    except ImportError:
-        return
-    add_eval_parser(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from kvjax.cli_common import add_model_args, add_press_args, build_press, check_new_dir, load_model
+from kvjax.cli.common import add_model_args, add_press_args, build_press, check_new_dir, load_model
 
 
 def add_context_parsers(sub) -> None:

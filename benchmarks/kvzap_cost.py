@@ -1,6 +1,6 @@
 """What KVzap's scoring costs next to a prefill (wall time, jitted, median of repeats).
 
-    python -m kvjax.kvzap.cost --model smollm2 --tokens 2048
+    python benchmarks/kvzap_cost.py --model smollm2 --tokens 2048
 
 Times, for one prompt of `--tokens` tokens:
   prefill        `fn.prefill` alone (no observation, no compression);
@@ -72,7 +72,7 @@ def measure(model, weights, n_tokens: int = 2048, repeats: int = 5, ratio: float
 def main(argv=None) -> int:
     import models
     from kvjax.kvzap.weights import load_weights
-    p = argparse.ArgumentParser(prog="python -m kvjax.kvzap.cost")
+    p = argparse.ArgumentParser(prog="python benchmarks/kvzap_cost.py")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--weights", default="smollm2")
     p.add_argument("--tokens", type=int, default=2048)

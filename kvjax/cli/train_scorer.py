@@ -11,7 +11,8 @@ same weights in one small file, the format kvjax ships); use them with
 import argparse
 import shlex
 
-from kvjax.kvzap.train import TrainConfig
+from kvjax.cli.common import load_model
+from kvjax.tools.kvzap_train import TrainConfig
 
 _D = TrainConfig()
 # What the shipped SmolLM2 file (kvjax/kvzap/smollm2_135m_linear.npz = DIR/kvzap.npz) was
@@ -31,7 +32,7 @@ def add_train_scorer_parser(subparsers) -> argparse.ArgumentParser:
                    help="the MLP's hidden size (default 64 for --kind mlp)")
     p.add_argument("--text", action="append", metavar="FILE",
                    help="train on this text file (paragraphs split at blank lines); "
-                        "repeatable; default: kvjax.eval's shipped corpus")
+                        "repeatable; default: the corpus shipped in kvjax.corpus")
     p.add_argument("--n-train", type=int, default=_D.n_train, help="training contexts")
     p.add_argument("--n-heldout", type=int, default=_D.n_heldout, help="held-out contexts")
     p.add_argument("--context-tokens", type=int, default=_D.context_tokens)
@@ -55,8 +56,7 @@ def add_train_scorer_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_train_scorer(args) -> int:
     from pathlib import Path
 
-    import models
-    from kvjax.kvzap.train import result_metrics, train_scorer
+    from kvjax.tools.kvzap_train import result_metrics, train_scorer
     from kvjax.kvzap.weights import CHECKPOINT_DIR, save_dir
     if (Path(args.out) / CHECKPOINT_DIR).exists():
         raise ValueError(f"{args.out!r} already holds a checkpoint; choose another --out")
@@ -73,8 +73,7 @@ def cmd_train_scorer(args) -> int:
     texts = None
     if args.text:
         texts = [Path(f).read_text(encoding="utf-8") for f in args.text]
-    model, tokenizer = models.load(args.model,
-                                   dtype=None if args.dtype == "auto" else args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype)
     command = _command(args)
     result = train_scorer(model, tokenizer, cfg, texts=texts, model_name=str(args.model),
                           command=command, progress=not args.no_progress)
@@ -107,13 +106,3 @@ def _command(args) -> str:
             parts += [flag, shlex.quote(str(v))]
     return " ".join(parts)
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kvjax")
-    add_train_scorer_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -64,11 +64,13 @@ def add_press_args(p: argparse.ArgumentParser, default=None, ratio: float = 0.5)
                    help="seed for random presses; needs --press")
 
 
-def load_model(source: str, dtype: str | None, mesh: str | None):
+def load_model(source: str, dtype: str | None = None, mesh: str | None = None, *,
+               progress: bool = True):
     """`models.load` from command-line strings ("auto"/None dtype: the source's own)."""
     import models  # the CLI is the one place kvjax imports models (lazily)
     return models.load(source, dtype=None if dtype in (None, "auto") else dtype,
-                       mesh=None if mesh is None else models.parse_mesh(mesh))
+                       mesh=None if mesh is None else models.parse_mesh(mesh),
+                       progress=progress)
 
 
 def check_new_dir(path: str | Path, flag: str = "--out") -> Path:

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvjax.cli.common import load_model
+
 
 def _csv(kind):
     def parse(text: str):
@@ -91,7 +93,7 @@ def _run(args) -> Path:
     check_kvjax_presses(grid.presses)
     if args.out.exists() and not args.out.is_dir():  # resumable folder, but not a file
         raise NotADirectoryError(f"--out {str(args.out)!r} is not a directory")
-    model, tokenizer = _load(args.model, args.dtype, args.mesh, not args.no_progress)
+    model, tokenizer = load_model(args.model, args.dtype, args.mesh, progress=not args.no_progress)
     if tokenizer is None:
         raise ValueError(f"{args.model=} has no tokenizer")
     pipeline = Pipeline(model, tokenizer, kv_dtype=args.kv_dtype)
@@ -104,22 +106,4 @@ def _run(args) -> Path:
                     args.out, meta=meta, progress=not args.no_progress)
 
 
-def _load(source: str, dtype: str | None, mesh: str | None, progress: bool):
-    import jax.numpy as jnp
 
-    import models  # the CLI is the one place kvjax imports models (lazily)
-    return models.load(source, dtype=None if dtype is None else jnp.dtype(dtype),
-                       mesh=None if mesh is None else models.parse_mesh(mesh),
-                       progress=progress)
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry point: `python -m kvjax.eval.cli eval ...`."""
-    parser = argparse.ArgumentParser(prog="kvjax")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

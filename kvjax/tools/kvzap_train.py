@@ -367,7 +367,7 @@ def train_scorer(model, tokenizer, cfg: TrainConfig = TrainConfig(), *, texts=No
     """
     t0 = time.perf_counter()
     if texts is None:
-        from kvjax.eval.haystack import corpus_paragraphs
+        from kvjax.corpus import corpus_paragraphs
         paragraphs, source = corpus_paragraphs(), "kvjax.eval shipped corpus"
     else:
         paragraphs, source = text_paragraphs(texts), f"{len(texts)} user text(s)"

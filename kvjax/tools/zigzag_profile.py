@@ -4,8 +4,6 @@
 layer; `ZigZagKVPress(profile=tuple(json["lmba"]))` then uses those static shares.
 """
 
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -78,26 +76,3 @@ def calibration_prompts(tokenizer, n: int, tokens: int) -> list[str]:
     from kvjax.demo import needle_sample
     return [needle_sample(tokenizer, tokens, depth=(i + 0.5) / n, seed=100 + i).context
             for i in range(n)]
-
-
-def add_zigzag_parser(sub) -> None:
-    p = sub.add_parser("zigzag-profile", help="per-layer LMBA/LMBO for ZigZagKVPress(profile=)")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    p.add_argument("--out", required=True)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--attention-mass", type=float, default=0.9)
-    p.set_defaults(func=_cmd_profile)
-
-
-def _cmd_profile(args) -> int:
-    import models
-    model, tok = models.load(args.model, dtype=None if args.dtype == "auto" else args.dtype)
-    result = profile(model, tok, calibration_prompts(tok, args.prompts, args.tokens),
-                     window=args.window, tau=args.attention_mass)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}: LMBA per layer "
-          + " ".join(f"{x:.0f}" for x in result["lmba"]))
-    return 0

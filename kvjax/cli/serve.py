@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from kvjax.cli_common import add_model_args, add_press_args, build_press, load_model
-
+from kvjax.cli.common import (add_model_args, add_press_args, build_press, load_model,
+                              parse_press_args)
 
 
 def add_serve_parser(sub) -> None:
@@ -40,7 +40,6 @@ def add_serve_parser(sub) -> None:
 
 def press_spec(args):
     """The server's default press as a `PressSpec` (validated by building it once)."""
-    from kvjax.cli_common import parse_press_args
     from kvjax.serve.protocol import NO_PRESS, PressSpec
     build_press(args)  # ValueError for a bad name or arguments, before the model loads
     name = None if args.press in (None,) + NO_PRESS else args.press
