@@ -35,8 +35,10 @@ STORES = {"f32": None, "int8/token": ("int8", "token"), "int8/kivi": ("int8", "k
 
 
 def quant_of(spec):
-    from kvjax.quant import KVQuant
-    return None if spec is None else KVQuant(dtype=spec[0], scheme=spec[1], group=32)
+    from kvjax.quant import KiviScales, KVQuant, TokenScales
+    if spec is None:
+        return None
+    return KVQuant(spec[0], TokenScales() if spec[1] == "token" else KiviScales(group=32))
 
 
 def next_token_logp(pipe, sample, press, quant):

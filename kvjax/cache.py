@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.quant import KVQuant, dequantize, expand_groups, quantize_groups, quantize_token
+from kvjax.quant import KVQuant, dequantize, quantize_token
 
 if TYPE_CHECKING:  # the hook protocol imports this module
     from kvjax.hooks import DecodeHook
@@ -43,8 +43,8 @@ class KVStore:
       channels: [B, L, K, Dk] int32 kept key channels (ThinK), None for full-width keys.
       value_channels: [B, L, K, Dv] int32 kept value channels, None for full width.
       extra: [B, R, P, E] f32 per-slot state of a decode hook (ring rows), or None.
-      k_scale, v_scale: f32 scales of a quantized store (`quant`), else None: "token"
-        k_scale [B, R, P]; "kivi" k_scale [B, R, P // group, Dk]; v_scale [B, R, P].
+      k_scale, v_scale: f32 scales of a quantized store (`quant`), else None: `TokenScales`
+        k_scale [B, R, P]; `KiviScales` k_scale [B, R, P // group, Dk]; v_scale [B, R, P].
       max_segment: static bound on every `length` (the width of `layer_view`).
       quant: static `kvjax.quant.KVQuant` of a quantized store (k, v in its dtype), or None.
     """
@@ -232,16 +232,14 @@ def gather_kv(store: KVStore, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
     k, v = gather_rows(store.k, idx), gather_rows(store.v, idx)
     if store.quant is None:
         return k, v
-    if store.quant.scheme == "kivi":  # P is a multiple of the group: row * P/g + slot // g
-        ks = gather_rows(store.k_scale, idx // store.quant.group)
-    else:
-        ks = gather_rows(store.k_scale, idx)[..., None]
+    scheme = store.quant.scheme  # KIVI: P is a multiple of the group, row * P/g + slot // g
+    ks = scheme.per_channel(gather_rows(store.k_scale, scheme.scale_slots(idx)))
     return dequantize(k, ks), dequantize(v, gather_rows(store.v_scale, idx)[..., None])
 
 
 def quantize_store(store: KVStore, quant: KVQuant) -> KVStore:
     """The store with k, v in `quant`'s dtype and their scales (from a float store)."""
-    k, ks = (quantize_groups if quant.scheme == "kivi" else quantize_token)(store.k, quant)
+    k, ks = quant.scheme.quantize_keys(store.k, quant)
     v, vs = quantize_token(store.v, quant)
     return dataclasses.replace(store, k=k, v=v, k_scale=ks, v_scale=vs, quant=quant)
 
@@ -251,8 +249,8 @@ def dequantize_store(store: KVStore, dtype=jnp.float32) -> KVStore:
     rounding); a float store unchanged."""
     if store.quant is None:
         return store
-    ks = store.k_scale[..., None] if store.quant.scheme == "token" else expand_groups(
-        store.k_scale, store.quant.group)
+    scheme = store.quant.scheme
+    ks = scheme.per_channel(store.k_scale) if scheme.per_entry else scheme.expand(store.k_scale)
     return dataclasses.replace(
         store, k=dequantize(store.k, ks).astype(dtype),
         v=dequantize(store.v, store.v_scale[..., None]).astype(dtype), k_scale=None,
@@ -353,11 +351,11 @@ def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None =
     entries j < length go to slot offset + j). `extra` [B, K, M, E] updates the hook state.
 
     Used by decode hooks that rewrite a segment (periodic merge, ring decode). A quantized
-    store with per-entry scales ("token") gets the view's entries quantized and written with
+    store with per-entry scales (`TokenScales`) gets the view's entries quantized and written with
     their scales; a KIVI store (scales shared by slot groups) is dequantized, written and
     requantized whole (an untouched entry requantizes to the same bytes).
     """
-    if store.quant is not None and store.quant.scheme == "kivi":
+    if store.quant is not None and not store.quant.scheme.per_entry:
         written = write_view(dequantize_store(store), layer, view, extra)
         return quantize_store(written, store.quant)
     idx, ok = slot_index(store, layer, view.capacity)

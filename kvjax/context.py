@@ -65,8 +65,8 @@ class CompressedContext:
                     empty=empty,
                     context_ids=list(self.context_ids), hook=_hook_to_json(self.cache.hook),
                     max_segment=self.cache.store.max_segment, info=info or {},
-                    quant=None if self.cache.store.quant is None else dataclasses.asdict(
-                        self.cache.store.quant))
+                    quant=None if self.cache.store.quant is None
+                    else self.cache.store.quant.to_dict())
         (path / _META).write_text(json.dumps(meta))
         return path
 
@@ -120,7 +120,8 @@ def _from_arrays(a: dict, meta: dict) -> CompressedContext:
                     channels=j.get("channels"), value_channels=j.get("value_channels"),
                     extra=j.get("extra"), k_scale=j.get("k_scale"), v_scale=j.get("v_scale"),
                     max_segment=int(meta["max_segment"]),
-                    quant=None if meta.get("quant") is None else KVQuant(**meta["quant"]))
+                    quant=None if meta.get("quant") is None
+                    else KVQuant.from_dict(meta["quant"]))
     tail = Tail(k=j["tail_k"], v=j["tail_v"], pos=j["tail_pos"], count=j["tail_count"])
     cache = KVCache(store=store, tail=tail, next_pos=j["next_pos"],
                     hook=_hook_from_json(meta["hook"]))

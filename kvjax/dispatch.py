@@ -89,9 +89,9 @@ def decode_attention(q: jax.Array, q_pos: jax.Array, cache: KVCache, layer, *, a
 
 def _kernel_reads(attn_impl: str, store) -> bool:
     """The kernel reads this store: float stores always; a quantized one only the TPU kernel,
-    with per-entry ("token") scales."""
+    with per-entry scales (`TokenScales`)."""
     quant = store.quant
-    return quant is None or (attn_impl == "pallas_tpu" and quant.scheme == "token")
+    return quant is None or (attn_impl == "pallas_tpu" and quant.scheme.per_entry)
 
 
 def _scale_args(store) -> dict:

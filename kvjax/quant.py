@@ -5,13 +5,14 @@ jitted prefill, on the packed store only. The dense tail stays in the compute dt
 hook that merges it into the store quantizes what it writes). Decode attention reads the
 quantized store and dequantizes per block (`kvjax.cache.gather_kv`, the Pallas TPU kernel).
 
-Two schemes (docs/architecture.md, "Quantized store"), both symmetric absmax:
+Two schemes (docs/architecture.md, "Quantized store"), both symmetric absmax, each a small
+class that says how its key scales are laid out:
 
-* ``"token"``: one scale per stored entry (token, kv head) for keys and one for values:
+* `TokenScales()`: one scale per stored entry (token, kv head) for keys and one for values:
   `k_scale, v_scale [B, R, P]`. Cheap to apply inside attention: the key scale multiplies a
   logit, the value scale a probability.
-* ``"kivi"``: KIVI's grouping (arXiv 2402.02750): keys per channel over a group of `group`
-  consecutive store slots (`k_scale [B, R, P // group, Dk]`), values per token
+* `KiviScales(group=32)`: KIVI's grouping (arXiv 2402.02750): keys per channel over a group
+  of `group` consecutive store slots (`k_scale [B, R, P // group, Dk]`), values per token
   (`v_scale [B, R, P]`). KIVI itself is asymmetric 2-bit with a zero point; at 8 bits the
   symmetric form keeps its grouping without a zero point.
 
@@ -25,7 +26,63 @@ import jax
 import jax.numpy as jnp
 
 KV_DTYPES = {"int8": (jnp.int8, 127.0), "float8_e4m3fn": (jnp.float8_e4m3fn, 448.0)}
-SCHEMES = ("token", "kivi")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenScales:
+    """One key scale per stored entry: k_scale [B, R, P] (the default scheme)."""
+
+    name = "token"
+    per_entry = True
+    slot_multiple = 1
+
+    def quantize_keys(self, k: jax.Array, quant: "KVQuant") -> tuple[jax.Array, jax.Array]:
+        """k [B, R, P, D] -> (q [B, R, P, D], scale [B, R, P])."""
+        return quantize_token(k, quant)
+
+    def scale_slots(self, idx: jax.Array) -> jax.Array:
+        """Store slots -> the key-scale slots that hold their scales."""
+        return idx
+
+    def per_channel(self, scale: jax.Array) -> jax.Array:
+        """Gathered key scales [..., M] -> broadcastable to keys [..., M, D]."""
+        return scale[..., None]
+
+
+@dataclasses.dataclass(frozen=True)
+class KiviScales:
+    """KIVI's key scales: per channel over `group` consecutive slots, k_scale
+    [B, R, P // group, Dk]; the store's slot count is a multiple of `group`."""
+
+    group: int = 32
+    name = "kivi"
+    per_entry = False
+
+    def __post_init__(self):
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or (
+                self.group < 8 or self.group % 8):
+            raise ValueError(f"group={self.group!r} must be a positive multiple of 8")
+
+    @property
+    def slot_multiple(self) -> int:
+        return self.group
+
+    def quantize_keys(self, k: jax.Array, quant: "KVQuant") -> tuple[jax.Array, jax.Array]:
+        """k [B, R, P, D] -> (q [B, R, P, D], scale [B, R, P // group, D])."""
+        return quantize_groups(k, quant, self.group)
+
+    def scale_slots(self, idx: jax.Array) -> jax.Array:
+        return idx // self.group
+
+    def per_channel(self, scale: jax.Array) -> jax.Array:
+        return scale
+
+    def expand(self, scale: jax.Array) -> jax.Array:
+        """[B, R, P // group, D] -> one scale per slot [B, R, P, D]."""
+        return expand_groups(scale, self.group)
+
+
+SCHEMES = {"token": TokenScales, "kivi": KiviScales}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,22 +91,36 @@ class KVQuant:
 
     Attributes:
       dtype: "int8" or "float8_e4m3fn".
-      scheme: "token" (per-entry absmax) or "kivi" (keys per channel over `group` slots).
-      group: store slots per key-scale group of the "kivi" scheme.
+      scheme: `TokenScales()` (per-entry absmax) or `KiviScales(group)` (keys per channel
+        over `group` slots).
     """
 
     dtype: str = "int8"
-    scheme: str = "token"
-    group: int = 32
+    scheme: TokenScales | KiviScales = TokenScales()
 
     def __post_init__(self):
         if self.dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={self.dtype!r} is not supported; one of "
                              f"{', '.join(map(repr, KV_DTYPES))} (or None: unquantized)")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme={self.scheme!r} must be one of {SCHEMES}")
-        if self.group < 8 or self.group % 8:
-            raise ValueError(f"group={self.group} must be a positive multiple of 8")
+        if not isinstance(self.scheme, (TokenScales, KiviScales)):
+            raise ValueError(f"scheme={self.scheme!r} must be kvjax.quant.TokenScales() or "
+                             "kvjax.quant.KiviScales(group=...)")
+
+    def to_dict(self) -> dict:
+        """JSON form (a saved context's meta): dtype, scheme name and the KIVI group."""
+        out = {"dtype": self.dtype, "scheme": self.scheme.name}
+        if isinstance(self.scheme, KiviScales):
+            out["group"] = self.scheme.group
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVQuant":
+        """The inverse of `to_dict` (a token scheme's saved "group" is ignored)."""
+        name = d.get("scheme", "token")
+        if name not in SCHEMES:
+            raise ValueError(f"scheme={name!r} is not one of {sorted(SCHEMES)}")
+        scheme = KiviScales(group=d.get("group", 32)) if name == "kivi" else TokenScales()
+        return cls(dtype=d.get("dtype"), scheme=scheme)
 
     @property
     def storage_dtype(self):
@@ -62,7 +133,7 @@ class KVQuant:
     @property
     def slot_multiple(self) -> int:
         """The store's slot count must be a multiple of this (whole key groups)."""
-        return self.group if self.scheme == "kivi" else 1
+        return self.scheme.slot_multiple
 
 
 def resolve_kv_quant(kv_dtype) -> KVQuant | None:
@@ -123,11 +194,10 @@ def quantize_token(x: jax.Array, quant: KVQuant) -> tuple[jax.Array, jax.Array]:
     return to_storage(x, s[..., None], quant), s
 
 
-def quantize_groups(x: jax.Array, quant: KVQuant) -> tuple[jax.Array, jax.Array]:
-    """KIVI keys: x [B, R, P, D] -> (q [B, R, P, D], scale [B, R, P // group, D]), one scale
-    per channel over each group of `group` consecutive slots."""
+def quantize_groups(x: jax.Array, quant: KVQuant, g: int) -> tuple[jax.Array, jax.Array]:
+    """KIVI keys: x [B, R, P, D] -> (q [B, R, P, D], scale [B, R, P // g, D]), one scale
+    per channel over each group of `g` consecutive slots."""
     b, r, p, d = x.shape
-    g = quant.group
     if p % g:
         raise ValueError(f"store slots P={p} must be a multiple of the key group {g}")
     xg = x.reshape(b, r, p // g, g, d)

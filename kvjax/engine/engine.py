@@ -114,9 +114,9 @@ class Engine:
             from kvjax.pipeline import Pipeline
             self._pipe = Pipeline(model, tokenizer, attn_impl=attn_impl, kv_dtype=kv_dtype)
         self.quant = resolve_kv_quant(kv_dtype)
-        if self.quant is not None and self.quant.scheme != "token":
+        if self.quant is not None and not self.quant.scheme.per_entry:
             raise ValueError(f"kv_dtype={kv_dtype!r}: the engine's pool takes per-entry "
-                             "('token') scales only")
+                             "scales (kvjax.quant.TokenScales) only")
         self.attn_impl = plan_request(self.fn, [[0]], max_new_tokens=0,
                                       attn_impl=attn_impl).attn_impl
         self.max_running, self.max_tail = int(max_running), int(max_tail)

@@ -25,7 +25,7 @@ from kvjax.attention import cached_attention_reference
 from kvjax.cache import dequantize_store, layer_view, quantize_store, write_view
 from kvjax.memory import memory_report
 from kvjax.presses import PRESSES, make_press
-from kvjax.quant import KVQuant, check_backend, resolve_kv_quant
+from kvjax.quant import KiviScales, KVQuant, TokenScales, check_backend, resolve_kv_quant
 from kvjax.store_attention import store_attention
 from pallas_kernels import gpu, tpu
 
@@ -35,8 +35,9 @@ store_cases = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("store_cases", store_cases)
 _spec.loader.exec_module(store_cases)
 
-SCHEMES = [KVQuant("int8", "token"), KVQuant("int8", "kivi", group=8),
-           KVQuant("float8_e4m3fn", "token"), KVQuant("float8_e4m3fn", "kivi", group=16)]
+SCHEMES = [KVQuant("int8", TokenScales()), KVQuant("int8", KiviScales(group=8)),
+           KVQuant("float8_e4m3fn", TokenScales()),
+           KVQuant("float8_e4m3fn", KiviScales(group=16))]
 IDS = ["int8_token", "int8_kivi", "fp8_token", "fp8_kivi"]
 
 
@@ -64,10 +65,10 @@ def test_roundtrip_error_within_the_scale_bound(quant):
     assert qs.k.dtype == quant.storage_dtype and qs.v.dtype == quant.storage_dtype
     k, v = np.asarray(store.k), np.asarray(store.v)
     b, r, p, d = k.shape
-    if quant.scheme == "token":
+    if quant.scheme == TokenScales():
         ks = np.abs(k).max(-1, keepdims=True) / quant.qmax
     else:
-        g = quant.group
+        g = quant.scheme.group
         ks = np.repeat(np.abs(k.reshape(b, r, p // g, g, d)).max(3) / quant.qmax, g, axis=2)
     vs = np.abs(v).max(-1, keepdims=True) / quant.qmax
     back = dequantize_store(qs)
@@ -76,7 +77,7 @@ def test_roundtrip_error_within_the_scale_bound(quant):
         err = np.abs(np.asarray(y) - x)
         assert np.all(err <= numpy_roundtrip_bound(x, s, quant)), err.max()
     k_scale = np.asarray(qs.k_scale)
-    want = ks[..., 0] if quant.scheme == "token" else ks[:, :, ::quant.group]
+    want = ks[..., 0] if quant.scheme == TokenScales() else ks[:, :, ::quant.scheme.group]
     np.testing.assert_allclose(k_scale, want, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(qs.v_scale), vs[..., 0], rtol=1e-6)
 
@@ -105,7 +106,7 @@ def test_tpu_kernel_reads_the_quantized_store(case_id, dtype):
     equals the reference over the dequantized store, in place (`prefix_offset`)."""
     case = next(c for c in store_cases.CASES if c[0] == case_id)
     store, q, q_pos, tail = store_cases.make_case(case)
-    qs = quantize_store(store, KVQuant(dtype, "token"))
+    qs = quantize_store(store, KVQuant(dtype, TokenScales()))
     deq = dequantize_store(qs, store.k.dtype)
     window = case[11]
     atol = 1e-5 if q.dtype == jnp.float32 else 2e-2
@@ -122,7 +123,7 @@ def test_tpu_kernel_reads_the_quantized_store(case_id, dtype):
 
 def test_kernels_reject_bad_scales():
     store, q, q_pos, tail = f32_case()
-    qs = quantize_store(store, KVQuant("int8", "token"))
+    qs = quantize_store(store, KVQuant("int8", TokenScales()))
     args, kw = store_cases.store_args(q, q_pos, qs, 0, tail.layer(0))
     with pytest.raises(ValueError, match="needs prefix_k_scale"):
         tpu.decode_attention(*args, **kw, interpret=True)
@@ -256,7 +257,7 @@ def test_memory_report_counts_the_scales(tiny, prompts):
 
 def test_kivi_store_slots_are_whole_groups(tiny, prompts):
     press = kvjax.SnapKVPress(compression_ratio=0.5, window_size=8)
-    quant = KVQuant("int8", "kivi", group=32)
+    quant = KVQuant("int8", KiviScales(group=32))
     st = kvjax.generate(tiny, prompts, max_new_tokens=2, press=press, kv_dtype=quant).cache.store
     assert st.slots % 32 == 0 and st.k_scale.shape == st.k.shape[:2] + (st.slots // 32,
                                                                         st.k.shape[3])
@@ -265,10 +266,14 @@ def test_kivi_store_slots_are_whole_groups(tiny, prompts):
 def test_bad_kv_dtype_errors():
     with pytest.raises(ValueError, match="kv_dtype='int4' is not supported"):
         resolve_kv_quant("int4")
-    with pytest.raises(ValueError, match="scheme='kivi2'"):
-        KVQuant("int8", "kivi2")
+    with pytest.raises(ValueError, match="scheme='kivi'.*KiviScales"):  # a name, not a scheme
+        KVQuant("int8", "kivi")
     with pytest.raises(ValueError, match="group=12"):
-        KVQuant("int8", "kivi", group=12)
+        KiviScales(group=12)
+    with pytest.raises(ValueError, match="scheme='kivi2'"):
+        KVQuant.from_dict({"dtype": "int8", "scheme": "kivi2"})
+    for quant in SCHEMES:  # the saved-context form round-trips
+        assert KVQuant.from_dict(quant.to_dict()) == quant
     with pytest.raises(ValueError, match="kv_dtype=3"):
         resolve_kv_quant(3)
     assert resolve_kv_quant(None) is None and resolve_kv_quant("float32") is None
@@ -288,7 +293,7 @@ def test_fp8_on_a_backend_without_it_is_a_clear_error():
 
 def test_scale_bytes_fraction_is_small():
     """Token scheme: 8 scale bytes per entry; at head dim 64 that is 1/16 of the int8 bytes."""
-    quant = KVQuant("int8", "token")
+    quant = KVQuant("int8", TokenScales())
     store = f32_case()[0]
     qs = quantize_store(store, quant)
     d = store.k.shape[-1]
