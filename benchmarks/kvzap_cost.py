@@ -63,7 +63,7 @@ def measure(model, weights, n_tokens: int = 2048, repeats: int = 5, ratio: float
     out["(prefill+kvzap)/prefill"] = out["prefill+kvzap"] / out["prefill"]
     out["(prefill+kvzap)/(prefill+knorm)"] = out["prefill+kvzap"] / out["prefill+knorm"]
     d, k = weights.signature[1:]
-    out["scorer_flops"] = 2 * n_layers * n_tokens * d * k if weights.kind == "linear" else \
+    out["scorer_flops"] = 2 * n_layers * n_tokens * d * k if weights.hidden_dim is None else \
         2 * n_layers * n_tokens * weights.hidden_dim * (d + k)
     out["hidden_bytes"] = int(hidden.size * 4)  # Observation.hidden held until compression
     return out

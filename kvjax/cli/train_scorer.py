@@ -12,6 +12,7 @@ import argparse
 import shlex
 
 from kvjax.cli.common import load_model
+from kvjax.kvzap.weights import scorer_named
 from kvjax.tools.kvzap_train import TrainConfig
 
 _D = TrainConfig()
@@ -27,7 +28,7 @@ def add_train_scorer_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2",
                    help="'smollm2', a .gguf file, an HF checkpoint dir or a saved kvjax dir")
     p.add_argument("--out", required=True, help="output directory (orbax checkpoint + npz)")
-    p.add_argument("--kind", choices=("linear", "mlp"), default=_D.kind)
+    p.add_argument("--kind", choices=("linear", "mlp"), default=_D.scorer.name)
     p.add_argument("--hidden-dim", type=int, default=None,
                    help="the MLP's hidden size (default 64 for --kind mlp)")
     p.add_argument("--text", action="append", metavar="FILE",
@@ -60,11 +61,9 @@ def cmd_train_scorer(args) -> int:
     from kvjax.kvzap.weights import CHECKPOINT_DIR, save_dir
     if (Path(args.out) / CHECKPOINT_DIR).exists():
         raise ValueError(f"{args.out!r} already holds a checkpoint; choose another --out")
-    hidden = args.hidden_dim if args.hidden_dim is not None else (
-        64 if args.kind == "mlp" else None)
     if args.kind == "linear" and args.hidden_dim is not None:
         raise ValueError("--hidden-dim is for --kind mlp")
-    cfg = TrainConfig(kind=args.kind, hidden_dim=hidden, n_train=args.n_train,
+    cfg = TrainConfig(scorer=scorer_named(args.kind, args.hidden_dim), n_train=args.n_train,
                       n_heldout=args.n_heldout, context_tokens=args.context_tokens,
                       tokens_per_context=args.tokens_per_context,
                       heldout_fraction=args.heldout_fraction, epochs=args.epochs,
@@ -90,7 +89,7 @@ def _command(args) -> str:
     """The command that reproduces these weights: the options that differ from the defaults
     (--out shown as DIR)."""
     parts = ["kvjax", "train-scorer", "--model", shlex.quote(str(args.model)), "--out", "DIR"]
-    defaults = {"kind": _D.kind, "hidden_dim": None, "text": None, "n_train": _D.n_train,
+    defaults = {"kind": _D.scorer.name, "hidden_dim": None, "text": None, "n_train": _D.n_train,
                 "n_heldout": _D.n_heldout, "context_tokens": _D.context_tokens,
                 "tokens_per_context": _D.tokens_per_context,
                 "heldout_fraction": _D.heldout_fraction, "epochs": _D.epochs,

@@ -3,8 +3,10 @@ hidden states. `weights` holds the weights type (with the shipped SmolLM2 file);
 is `kvjax.tools.kvzap_train` (`kvjax train-scorer`), the press
 `kvjax.presses.kvzap.KVzapPress`."""
 
-from kvjax.kvzap.weights import (KVzapWeights, ShippedWeights, UntrainedWeights, apply_params, load_dir,
-                                 load_weights, save_dir, shipped_weights)
+from kvjax.kvzap.weights import (KVzapWeights, LinearScorer, MLPScorer, ShippedWeights,
+                                 UntrainedWeights, apply_params, load_dir, load_weights, save_dir,
+                                 scorer_named, shipped_weights)
 
-__all__ = ["KVzapWeights", "ShippedWeights", "UntrainedWeights", "apply_params", "load_dir", "load_weights",
-           "save_dir", "shipped_weights"]
+__all__ = ["KVzapWeights", "LinearScorer", "MLPScorer", "ShippedWeights", "UntrainedWeights",
+           "apply_params", "load_dir", "load_weights", "save_dir", "scorer_named",
+           "shipped_weights"]

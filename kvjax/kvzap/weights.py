@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("linear", "mlp")
 FORMAT_VERSION = 1
 # Made by `kvjax train-scorer --model smollm2 --out DIR` (defaults: linear, 32 + 2 contexts of
 # 512 tokens of the kvjax.eval corpus, seed 0; about 5 minutes on 2 CPU cores), then
@@ -35,7 +34,90 @@ SHIPPED = {"smollm2": "smollm2_135m_linear.npz"}
 META_FILE = "kvzap.json"  # in a directory written by `save_dir` (train-scorer --out)
 NPZ_FILE = "kvzap.npz"
 CHECKPOINT_DIR = "checkpoint"
-_NAMES = {"linear": ("w", "b"), "mlp": ("w1", "b1", "w2", "b2")}
+_HP = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearScorer:
+    """score = h @ w[l].T + b[l]: arrays w [L, K, D], b [L, K]."""
+
+    name = "linear"
+    names = ("w", "b")
+    first = ("w", "b")  # the map that reads the hidden state (standardisation folds into it)
+
+    def dims(self, d_model: int, n_kv_heads: int) -> list[int]:
+        """Widths from the hidden state to the scores."""
+        return [d_model, n_kv_heads]
+
+    def shapes_ok(self, shapes) -> bool:
+        (w, b) = shapes
+        return len(w) == 3 and b == w[:2]
+
+    def forward(self, params: tuple, h: jax.Array) -> jax.Array:
+        """One layer's scorer: h [..., D] f32, params (w [K, D], b [K]) -> [..., K]."""
+        w, b = params
+        return jnp.einsum("...d,kd->...k", h, w, precision=_HP) + b
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPScorer:
+    """score = gelu_erf(h @ w1[l].T + b1[l]) @ w2[l].T + b2[l]: w1 [L, F, D], b1 [L, F],
+    w2 [L, K, F], b2 [L, K], F = hidden_dim."""
+
+    hidden_dim: int = 64
+    name = "mlp"
+    names = ("w1", "b1", "w2", "b2")
+    first = ("w1", "b1")
+
+    def __post_init__(self):
+        if isinstance(self.hidden_dim, bool) or not isinstance(self.hidden_dim, int) or (
+                self.hidden_dim < 1):
+            raise ValueError(f"an MLP KVzap scorer needs hidden_dim >= 1, got "
+                             f"{self.hidden_dim!r}")
+
+    def dims(self, d_model: int, n_kv_heads: int) -> list[int]:
+        return [d_model, self.hidden_dim, n_kv_heads]
+
+    def shapes_ok(self, shapes) -> bool:
+        (w1, b1, w2, b2) = shapes
+        return (len(w1) == 3 and w1[1] == self.hidden_dim and b1 == w1[:2] and len(w2) == 3
+                and w2[0] == w1[0] and w2[2] == w1[1] and b2 == w2[:2])
+
+    def forward(self, params: tuple, h: jax.Array) -> jax.Array:
+        """One layer's scorer: h [..., D] f32, params (w1 [F, D], b1, w2 [K, F], b2)."""
+        w1, b1, w2, b2 = params
+        z = gelu_erf(jnp.einsum("...d,fd->...f", h, w1, precision=_HP) + b1)
+        return jnp.einsum("...f,kf->...k", z, w2, precision=_HP) + b2
+
+
+Scorer = LinearScorer | MLPScorer
+
+
+def scorer_named(name: str, hidden_dim: int | None = None) -> Scorer:
+    """The scorer a file or a command line names ("linear", or "mlp" with its hidden size)."""
+    if name == "linear":
+        if hidden_dim is not None:
+            raise ValueError(f"{hidden_dim=} is for an MLP scorer, not a linear one")
+        return LinearScorer()
+    if name == "mlp":
+        return MLPScorer() if hidden_dim is None else MLPScorer(hidden_dim)
+    raise ValueError(f"KVzap scorer {name!r} is not 'linear' or 'mlp'")
+
+
+def param_shapes(kind, n_layers: int, d_model: int, n_kv_heads: int) -> dict:
+    """{array name: shape} of `kind` for a model of these sizes (torch layout [L, out, in])."""
+    shapes, names = {}, iter(kind.names)
+    for fan_in, fan_out in itertools.pairwise(kind.dims(d_model, n_kv_heads)):
+        shapes[next(names)] = (n_layers, fan_out, fan_in)
+        shapes[next(names)] = (n_layers, fan_out)
+    return shapes
+
+
+def check_scorer(kind, field: str = "kind") -> None:
+    """ValueError naming `field` unless `kind` is a scorer class instance."""
+    if not isinstance(kind, (LinearScorer, MLPScorer)):
+        raise ValueError(f"{field}={kind!r} must be kvjax.kvzap.LinearScorer() or "
+                         "MLPScorer(hidden_dim=...)")
 
 
 def _frozen(x) -> np.ndarray:
@@ -49,37 +131,29 @@ class KVzapWeights:
     """Trained KVzap scorer weights for one model (hashable by content: a static jit argument).
 
     Attributes:
-      kind: "linear" or "mlp".
-      arrays: float32 numpy arrays, linear (w, b), mlp (w1, b1, w2, b2) (module docstring).
+      kind: `LinearScorer()` or `MLPScorer(hidden_dim)`.
+      arrays: float32 numpy arrays in `kind.names` order (module docstring).
       info: JSON text describing where the weights come from (model, corpus, seed, held-out
         rank correlation, the command); not part of equality.
     """
 
-    kind: str
+    kind: Scorer
     arrays: tuple
     info: str = "{}"
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
-        names = _NAMES[self.kind]
+        check_scorer(self.kind)
+        names = self.kind.names
         if len(self.arrays) != len(names):
-            raise ValueError(f"a {self.kind} KVzap scorer has {len(names)} arrays {names}, "
-                             f"got {len(self.arrays)}")
+            raise ValueError(f"a {self.kind.name} KVzap scorer has {len(names)} arrays "
+                             f"{names}, got {len(self.arrays)}")
         arrays = tuple(_frozen(a) for a in self.arrays)
         object.__setattr__(self, "arrays", arrays)
         shapes = tuple(a.shape for a in arrays)
-        if self.kind == "linear":
-            (w, b) = shapes
-            ok = len(w) == 3 and b == w[:2]
-        else:
-            (w1, b1, w2, b2) = shapes
-            ok = (len(w1) == 3 and b1 == w1[:2] and len(w2) == 3 and w2[0] == w1[0]
-                  and w2[2] == w1[1] and b2 == w2[:2])
-        if not ok:
+        if not self.kind.shapes_ok(shapes):
             raise ValueError(f"inconsistent {self.kind} KVzap arrays {dict(zip(names, shapes))}")
         json.loads(self.info)  # must be valid JSON
-        digest = hashlib.sha256(self.kind.encode())
+        digest = hashlib.sha256(self.kind.name.encode())
         for a in arrays:
             digest.update(str(a.shape).encode() + a.tobytes())
         object.__setattr__(self, "_digest", digest.hexdigest())
@@ -93,7 +167,7 @@ class KVzapWeights:
 
     def __repr__(self):
         hidden = "" if self.hidden_dim is None else f", hidden_dim={self.hidden_dim}"
-        return (f"KVzapWeights({self.kind}, (n_layers, d_model, n_kv_heads)="
+        return (f"KVzapWeights({self.kind.name}, (n_layers, d_model, n_kv_heads)="
                 f"{self.signature}{hidden}, sha256={self._digest[:12]})")
 
     @property
@@ -109,7 +183,7 @@ class KVzapWeights:
 
     @property
     def hidden_dim(self) -> int | None:
-        return None if self.kind == "linear" else int(self.arrays[0].shape[1])
+        return getattr(self.kind, "hidden_dim", None)
 
     @property
     def metadata(self) -> dict:
@@ -138,21 +212,22 @@ class KVzapWeights:
 
     def params(self) -> dict:
         """{name: stacked array} (numpy), the pytree `apply_params` and training use."""
-        return dict(zip(_NAMES[self.kind], self.arrays))
+        return dict(zip(self.kind.names, self.arrays))
 
     # ---- conversions --------------------------------------------------------------------
     @classmethod
-    def from_params(cls, kind: str, params: dict, info: dict | None = None) -> "KVzapWeights":
-        return cls(kind, tuple(np.asarray(params[n]) for n in _NAMES[kind]),
+    def from_params(cls, kind: Scorer, params: dict, info: dict | None = None) -> "KVzapWeights":
+        check_scorer(kind)
+        return cls(kind, tuple(np.asarray(params[n]) for n in kind.names),
                    json.dumps(info or {}, sort_keys=True))
 
     @classmethod
-    def from_kvpress_layers(cls, kind: str, layers: list[dict],
+    def from_kvpress_layers(cls, kind: Scorer, layers: list[dict],
                             info: dict | None = None) -> "KVzapWeights":
         """From per-layer dicts of torch-layout numpy arrays: linear {"w", "b"}, mlp
         {"w1", "b1", "w2", "b2"} (what tests/kvjax/kvpress_kvzip_ref.kvzap_press returns)."""
         return cls.from_params(kind, {n: np.stack([l[n] for l in layers])
-                                      for n in _NAMES[kind]}, info)
+                                      for n in kind.names}, info)
 
     @classmethod
     def from_state_dict(cls, state: dict, info: dict | None = None) -> "KVzapWeights":
@@ -163,18 +238,18 @@ class KVzapWeights:
         if "layers.0.weight" in state:
             layers = [{"w": np_(state[f"layers.{i}.weight"]), "b": np_(state[f"layers.{i}.bias"])}
                       for i in range(n)]
-            return cls.from_kvpress_layers("linear", layers, info)
+            return cls.from_kvpress_layers(LinearScorer(), layers, info)
         layers = [{"w1": np_(state[f"layers.{i}.0.weight"]), "b1": np_(state[f"layers.{i}.0.bias"]),
                    "w2": np_(state[f"layers.{i}.2.weight"]), "b2": np_(state[f"layers.{i}.2.bias"])}
                   for i in range(n)]
-        return cls.from_kvpress_layers("mlp", layers, info)
+        return cls.from_kvpress_layers(MLPScorer(int(layers[0]["w1"].shape[0])), layers, info)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """kvpress's `KVzapModel` state dict (numpy; `torch.from_numpy` each to load it)."""
         p = self.params()
         out = {}
         for i in range(self.signature[0]):
-            if self.kind == "linear":
+            if isinstance(self.kind, LinearScorer):
                 out[f"layers.{i}.weight"], out[f"layers.{i}.bias"] = p["w"][i], p["b"][i]
             else:
                 out[f"layers.{i}.0.weight"], out[f"layers.{i}.0.bias"] = p["w1"][i], p["b1"][i]
@@ -182,31 +257,26 @@ class KVzapWeights:
         return out
 
     @classmethod
-    def init(cls, kind: str, n_layers: int, d_model: int, n_kv_heads: int, *,
-             hidden_dim: int | None = None, seed: int = 0) -> "KVzapWeights":
+    def init(cls, kind: Scorer, n_layers: int, d_model: int, n_kv_heads: int, *,
+             seed: int = 0) -> "KVzapWeights":
         """Untrained weights drawn as torch's nn.Linear draws them (U(-1/sqrt(fan_in),
         1/sqrt(fan_in)) for weights and biases), from numpy's generator `seed`: what
         `train_scorer` starts from. They rank tokens by a random projection of the hidden
         state, not by anything KVzip-like."""
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-        if kind == "mlp" and (hidden_dim is None or hidden_dim < 1):
-            raise ValueError(f"an mlp KVzap scorer needs hidden_dim >= 1, got {hidden_dim}")
+        check_scorer(kind)
         rng = np.random.default_rng(seed)
         draw = lambda shape, fan_in: rng.uniform(-1, 1, shape) / np.sqrt(fan_in)
-        dims = [d_model, n_kv_heads] if kind == "linear" else [d_model, hidden_dim, n_kv_heads]
-        params = {}
-        names = iter(_NAMES[kind])
-        for fan_in, fan_out in itertools.pairwise(dims):
-            params[next(names)] = draw((n_layers, fan_out, fan_in), fan_in)
-            params[next(names)] = draw((n_layers, fan_out), fan_in)
+        params, fan_in = {}, None
+        for name, shape in param_shapes(kind, n_layers, d_model, n_kv_heads).items():
+            fan_in = shape[2] if len(shape) == 3 else fan_in  # a bias follows its weight
+            params[name] = draw(shape, fan_in)
         return cls.from_params(kind, params, {"source": f"untrained, init seed {seed}"})
 
     # ---- files --------------------------------------------------------------------------
     def save_npz(self, path) -> Path:
         """One small file: the arrays (float32) + kind + info (no pickle)."""
         path = Path(path)
-        np.savez(path, kind=np.array(self.kind), info=np.array(self.info),
+        np.savez(path, kind=np.array(self.kind.name), info=np.array(self.info),
                  version=np.array(FORMAT_VERSION), **self.params())
         return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
 
@@ -217,8 +287,10 @@ class KVzapWeights:
             if version != FORMAT_VERSION:
                 raise ValueError(f"KVzap weights file {str(path)!r} has format version "
                                  f"{version}, not {FORMAT_VERSION}")
-            kind = str(f["kind"])
-            return cls(kind, tuple(f[n] for n in _NAMES[kind]), str(f["info"]))
+            name = str(f["kind"])
+            hidden = int(f["w1"].shape[1]) if name == "mlp" else None
+            kind = scorer_named(name, hidden)
+            return cls(kind, tuple(f[n] for n in kind.names), str(f["info"]))
 
 
 def gelu_erf(x):
@@ -226,26 +298,19 @@ def gelu_erf(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def apply_params(kind: str, params, hidden: jax.Array, layer) -> jax.Array:
+def apply_params(kind: Scorer, params, hidden: jax.Array, layer) -> jax.Array:
     """The scorer on hidden [B, T, D] (any float dtype; computed in f32) at `layer` (an int or
     a traced int32 indexing the stacked arrays) -> [B, T, K] f32. `params` is a tuple in
-    `_NAMES[kind]` order or a dict."""
+    `kind.names` order or a dict."""
     if isinstance(params, dict):
-        params = tuple(params[n] for n in _NAMES[kind])
-    h = hidden.astype(jnp.float32)
+        params = tuple(params[n] for n in kind.names)
     take = lambda a: jnp.asarray(a, jnp.float32)[layer]
-    hp = jax.lax.Precision.HIGHEST
-    if kind == "linear":
-        w, b = params
-        return jnp.einsum("btd,kd->btk", h, take(w), precision=hp) + take(b)
-    w1, b1, w2, b2 = params
-    z = gelu_erf(jnp.einsum("btd,fd->btf", h, take(w1), precision=hp) + take(b1))
-    return jnp.einsum("btf,kf->btk", z, take(w2), precision=hp) + take(b2)
+    return kind.forward(tuple(take(a) for a in params), hidden.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
 class UntrainedWeights:
-    """`KVzapWeights.init(kind, L, D, K, hidden_dim=, seed=)` for whatever model the press
+    """`KVzapWeights.init(kind, L, D, K, seed=)` for whatever model the press
     meets (shapes read at trace time).
 
     Not a KVzip approximation: a fixed random projection of the hidden state. It exists so
@@ -253,25 +318,19 @@ class UntrainedWeights:
     the press's real code path; never a default. Real use: shipped or trained weights.
     """
 
-    kind: str = "linear"
+    kind: Scorer = LinearScorer()
     seed: int = 0
-    hidden_dim: int | None = None
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
-        if self.kind == "mlp" and (self.hidden_dim is None or self.hidden_dim < 1):
-            raise ValueError(f"an mlp KVzap scorer needs hidden_dim >= 1, got {self.hidden_dim}")
+        check_scorer(self.kind)
 
     def resolve(self, n_layers: int, d_model: int, n_kv_heads: int) -> KVzapWeights:
-        return _init_cached(self.kind, int(n_layers), int(d_model), int(n_kv_heads),
-                            self.hidden_dim, self.seed)
+        return _init_cached(self.kind, int(n_layers), int(d_model), int(n_kv_heads), self.seed)
 
 
 @functools.lru_cache(maxsize=16)
-def _init_cached(kind, n_layers, d_model, n_kv_heads, hidden_dim, seed):
-    return KVzapWeights.init(kind, n_layers, d_model, n_kv_heads, hidden_dim=hidden_dim,
-                             seed=seed)
+def _init_cached(kind, n_layers, d_model, n_kv_heads, seed):
+    return KVzapWeights.init(kind, n_layers, d_model, n_kv_heads, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +398,7 @@ def save_dir(weights: KVzapWeights, path, metrics: dict | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / CHECKPOINT_DIR, {k: np.asarray(v) for k, v in weights.params().items()})
-    meta = {"format_version": FORMAT_VERSION, "kind": weights.kind,
+    meta = {"format_version": FORMAT_VERSION, "kind": weights.kind.name,
             "signature": list(weights.signature), "hidden_dim": weights.hidden_dim,
             "sha256": weights.sha256, "info": weights.metadata, "metrics": metrics or {}}
     (path / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
@@ -358,12 +417,8 @@ def load_dir(path) -> KVzapWeights:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} has KVzap format version "
                          f"{meta.get('format_version')}, not {FORMAT_VERSION}")
-    kind = meta["kind"]
-    n_layers, d_model, n_kv = meta["signature"]
-    f = meta.get("hidden_dim")
-    shapes = ({"w": (n_layers, n_kv, d_model), "b": (n_layers, n_kv)} if kind == "linear" else
-              {"w1": (n_layers, f, d_model), "b1": (n_layers, f), "w2": (n_layers, n_kv, f),
-               "b2": (n_layers, n_kv)})
+    kind = scorer_named(meta["kind"], meta.get("hidden_dim"))
+    shapes = param_shapes(kind, *meta["signature"])
     target = {k: jax.ShapeDtypeStruct(s, np.float32) for k, s in shapes.items()}
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / CHECKPOINT_DIR, target)

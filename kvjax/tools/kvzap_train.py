@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.kvzap.weights import KINDS, KVzapWeights
+from kvjax.kvzap.weights import KVzapWeights, LinearScorer, Scorer, check_scorer, scorer_named
 from kvjax.kvzip import RepeatPass, RepeatPrompt
 from kvjax.observation import ObsSpec
 
@@ -43,7 +43,7 @@ class TrainConfig:
     """Everything that decides the trained weights (with the model and the text).
 
     Attributes:
-      kind: "linear" or "mlp"; hidden_dim: the MLP's hidden size.
+      scorer: `LinearScorer()` or `MLPScorer(hidden_dim)` (`kvjax.kvzap.weights`).
       n_train, n_heldout: contexts built from the training / held-out paragraphs.
       context_tokens: tokens per context after the chat-template prefix.
       tokens_per_context: training positions sampled per training context (held-out contexts
@@ -54,8 +54,7 @@ class TrainConfig:
       seed: paragraphs split, contexts, sampled positions, initial weights, batch order.
     """
 
-    kind: str = "linear"
-    hidden_dim: int | None = None
+    scorer: Scorer = LinearScorer()
     n_train: int = 32
     n_heldout: int = 2
     context_tokens: int = 512
@@ -71,10 +70,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
-        if self.kind == "mlp" and (self.hidden_dim is None or self.hidden_dim < 1):
-            raise ValueError(f"an mlp scorer needs hidden_dim >= 1, got {self.hidden_dim}")
+        check_scorer(self.scorer, "scorer")
         for name in ("n_train", "n_heldout", "context_tokens", "tokens_per_context", "epochs",
                      "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
@@ -83,6 +79,18 @@ class TrainConfig:
             raise ValueError(f"{self.heldout_fraction=} must be in (0, 1)")
         if self.n_sink < 0 or self.lr <= 0:
             raise ValueError(f"{self.n_sink=} must be >= 0 and {self.lr=} > 0")
+
+    def to_dict(self) -> dict:
+        """JSON form (the weights' info): the scorer as its name and hidden size."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "scorer"}
+        return {"kind": self.scorer.name, "hidden_dim": getattr(self.scorer, "hidden_dim", None),
+                **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """The inverse of `to_dict` (what a weights file's info records)."""
+        d = dict(d)
+        return cls(scorer=scorer_named(d.pop("kind", "linear"), d.pop("hidden_dim", None)), **d)
 
 
 @dataclasses.dataclass
@@ -250,19 +258,14 @@ def kvzip_targets(model, tokenizer, contexts, cfg: TrainConfig, *, progress: boo
 # ---- model and training -------------------------------------------------------------------
 def _forward(kind, params, x):
     """x [N, L, D] -> [N, L, K], every layer's scorer on its own input (stacked params)."""
-    hp = jax.lax.Precision.HIGHEST
-    if kind == "linear":
-        return jnp.einsum("nld,lkd->nlk", x, params["w"], precision=hp) + params["b"]
-    z = jax.nn.gelu(jnp.einsum("nld,lfd->nlf", x, params["w1"], precision=hp) + params["b1"],
-                    approximate=False)
-    return jnp.einsum("nlf,lkf->nlk", z, params["w2"], precision=hp) + params["b2"]
+    stacked = tuple(params[n] for n in kind.names)
+    return jax.vmap(kind.forward, in_axes=(0, 1), out_axes=1)(stacked, x)
 
 
 def _fold(kind, params, mu, sd):
     """Weights on standardised inputs -> the same map on raw inputs (x - mu) / sd."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    first = "w" if kind == "linear" else "w1"
-    bias = "b" if kind == "linear" else "b1"
+    first, bias = kind.first
     w = p[first] / sd[:, None, :]
     p[bias] = p[bias] - np.einsum("lod,ld->lo", w, mu)
     p[first] = w
@@ -285,10 +288,9 @@ def fit(x, y, cfg: TrainConfig, *, x_val=None, y_val=None, progress: bool = True
     mu = x.mean(0, dtype=np.float64)
     sd = x.std(0, dtype=np.float64) + 1e-6
     xs = ((x - mu) / sd).astype(np.float32)
-    init = KVzapWeights.init(cfg.kind, n_layers, d, n_kv, hidden_dim=cfg.hidden_dim,
-                             seed=cfg.seed).params()
+    init = KVzapWeights.init(cfg.scorer, n_layers, d, n_kv, seed=cfg.seed).params()
     params = {k: jnp.asarray(v) for k, v in init.items()}
-    last_b = "b" if cfg.kind == "linear" else "b2"
+    last_b = cfg.scorer.names[-1]
     params[last_b] = jnp.asarray(y.mean(0), jnp.float32)  # start at the mean target
     batch = min(cfg.batch_size, n)
     steps_per_epoch = n // batch
@@ -297,7 +299,7 @@ def fit(x, y, cfg: TrainConfig, *, x_val=None, y_val=None, progress: bool = True
                      optax.adamw(optax.cosine_decay_schedule(cfg.lr, total),
                                  weight_decay=cfg.weight_decay))
     opt_state = tx.init(params)
-    loss_fn = lambda p, xb, yb: jnp.mean((_forward(cfg.kind, p, xb) - yb) ** 2)
+    loss_fn = lambda p, xb, yb: jnp.mean((_forward(cfg.scorer, p, xb) - yb) ** 2)
 
     @jax.jit
     def step(p, s, xb, yb):
@@ -314,7 +316,7 @@ def fit(x, y, cfg: TrainConfig, *, x_val=None, y_val=None, progress: bool = True
     before = val_loss(params)
     rng = np.random.default_rng([cfg.seed, 2])
     history = []
-    bar = tqdm(total=total, desc=f"KVzap {cfg.kind}", disable=not progress)
+    bar = tqdm(total=total, desc=f"KVzap {cfg.scorer.name}", disable=not progress)
     for _ in range(cfg.epochs):
         perm = rng.permutation(n)
         losses = []
@@ -328,7 +330,7 @@ def fit(x, y, cfg: TrainConfig, *, x_val=None, y_val=None, progress: bool = True
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     bar.close()
     after = val_loss(params)
-    return _fold(cfg.kind, jax.device_get(params), mu, sd), history, (before, after)
+    return _fold(cfg.scorer, jax.device_get(params), mu, sd), history, (before, after)
 
 
 def _sample_rows(data, start, k, rng):
@@ -388,11 +390,11 @@ def train_scorer(model, tokenizer, cfg: TrainConfig = TrainConfig(), *, texts=No
     t2 = time.perf_counter()
     n_layers, d = x.shape[1:]
     info = {"model": model_name, "signature": [n_layers, d, y.shape[2]],
-            "corpus": source, "config": dataclasses.asdict(cfg),
+            "corpus": source, "config": cfg.to_dict(),
             "target": "log(max(KVzip score, 1e-8)) from kvjax's KVzipPress repeat pass "
                       "(kvpress 0.5.5 KVzipPress scores, not KVzip+)",
             "n_train_rows": int(x.shape[0]), "command": command}
-    weights = KVzapWeights.from_params(cfg.kind, params, info)
+    weights = KVzapWeights.from_params(cfg.scorer, params, info)
     rho, over = evaluate(weights, held_data, start)
     t3 = time.perf_counter()
     info.update(heldout_spearman=[round(float(r), 4) for r in rho],
@@ -400,7 +402,7 @@ def train_scorer(model, tokenizer, cfg: TrainConfig = TrainConfig(), *, texts=No
                 heldout_top_half_overlap=[round(float(o), 4) for o in over],
                 train_loss=[round(v, 5) for v in history],
                 heldout_loss=[round(v, 5) for v in held_loss])
-    weights = KVzapWeights.from_params(cfg.kind, params, info)
+    weights = KVzapWeights.from_params(cfg.scorer, params, info)
     return TrainResult(weights=weights, train_loss=history, heldout_loss=held_loss,
                        heldout_spearman=rho, heldout_overlap=over,
                        seconds={"data": t1 - t0, "train": t2 - t1, "eval": t3 - t2})

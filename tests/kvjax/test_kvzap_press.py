@@ -14,7 +14,8 @@ import pytest
 import kvjax
 import models
 from kvjax import loops
-from kvjax.kvzap import KVzapWeights, UntrainedWeights, load_weights, save_dir, shipped_weights
+from kvjax.kvzap import (KVzapWeights, LinearScorer, MLPScorer, UntrainedWeights, load_weights,
+                         save_dir, scorer_named, shipped_weights)
 from kvjax.presses import LayerContext
 from kvpress_kvzip_ref import attention_inputs, kvzap_press, scorer_reference, tiny_llama
 
@@ -46,7 +47,8 @@ def test_kept_positions_match_kvpress(setup, kind, ratio):
     hf, model, ids = setup
     kp_press, layers = kvzap_press(hf, ratio, kind, hidden_dim=32, seed=1)
     ref = scorer_reference(hf, ids, kp_press)
-    weights = KVzapWeights.from_kvpress_layers(kind, layers)
+    weights = KVzapWeights.from_kvpress_layers(scorer_named(kind, 32 if kind == "mlp" else None),
+                                               layers)
     assert weights.signature == (3, 96, 2)
     press = kvjax.KVzapPress(compression_ratio=ratio, weights=weights, allocation="uniform",
                              n_sink=0)  # kvpress's KVzapPress
@@ -62,7 +64,7 @@ def test_scores_inside_compression_equal_the_scorer_on_our_hidden_states(setup):
     """What the press ranks in `kvjax.compress` is the scorer on the prefill's own hidden
     states, gathered at the view's positions (traced layer index)."""
     _, model, ids = setup
-    weights = KVzapWeights.init("mlp", 3, 96, 2, hidden_dim=16, seed=3)
+    weights = KVzapWeights.init(MLPScorer(16), 3, 96, 2, seed=3)
     press = kvjax.KVzapPress(compression_ratio=0.5, weights=weights, n_sink=0)
     tokens, lengths = loops.pad_prompts([list(ids[0]), list(ids[0][:70])])
     _, prompt = model.prefill(jnp.asarray(tokens), jnp.asarray(lengths), obs_spec=press.obs_spec)
@@ -80,7 +82,7 @@ def test_scores_inside_compression_equal_the_scorer_on_our_hidden_states(setup):
 def test_weights_round_trip(tmp_path, setup):
     hf, _, _ = setup
     _, layers = kvzap_press(hf, 0.5, "mlp", hidden_dim=8, seed=2)
-    w = KVzapWeights.from_kvpress_layers("mlp", layers)
+    w = KVzapWeights.from_kvpress_layers(MLPScorer(8), layers)
     import torch
     from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
     m = KVzapModel(KVzapConfig(input_dim=96, output_dim=2, n_modules=3, hidden_dim=8))
@@ -89,7 +91,7 @@ def test_weights_round_trip(tmp_path, setup):
     assert load_weights(w.save_npz(tmp_path / "w.npz")) == w
     assert load_weights(save_dir(w, tmp_path / "run")) == w
     assert hash(w) == hash(load_weights(tmp_path / "run"))
-    assert w != KVzapWeights.init("mlp", 3, 96, 2, hidden_dim=8)
+    assert w != KVzapWeights.init(MLPScorer(8), 3, 96, 2)
 
 
 def test_press_is_hashable_and_static(setup):
@@ -105,7 +107,7 @@ def test_weights_for_another_model_is_a_clear_error(setup):
     with pytest.raises(ValueError, match=r"\(n_layers, d_model, n_kv_heads\) = \(30, 576, 3\).*"
                                          r"this model has \(3, 96, 2\)"):
         _kept(model, ids, press)
-    wrong = KVzapWeights.init("linear", 3, 64, 2)
+    wrong = KVzapWeights.init(LinearScorer(), 3, 64, 2)
     with pytest.raises(ValueError, match=r"\(3, 64, 2\).*\(3, 96, 2\)"):
         _kept(model, ids, kvjax.KVzapPress(compression_ratio=0.5, weights=wrong))
 
@@ -116,7 +118,7 @@ def test_global_and_layer_allocation_equal_a_numpy_top_k(setup, allocation):
     n_sink positions always): numpy top-k over the scorer applied to the prefill's hidden
     states, over all layers and kv heads ("global") or per layer ("layer")."""
     _, model, ids = setup
-    weights = KVzapWeights.init("linear", 3, 96, 2, seed=5)
+    weights = KVzapWeights.init(LinearScorer(), 3, 96, 2, seed=5)
     press = kvjax.KVzapPress(compression_ratio=0.6, weights=weights, allocation=allocation,
                              n_sink=3)
     tokens, lengths = loops.pad_prompts([list(ids[0])])
@@ -166,17 +168,21 @@ def test_bad_weights(tmp_path):
         kvjax.KVzapPress(compression_ratio=0.5, weights=tmp_path)
     with pytest.raises(ValueError, match="expected KVzapWeights"):
         kvjax.KVzapPress(compression_ratio=0.5, weights=3)
-    with pytest.raises(ValueError, match="kind='conv'"):
-        UntrainedWeights(kind="conv")
-    with pytest.raises(ValueError, match="hidden_dim"):
-        KVzapWeights.init("mlp", 2, 8, 1)
-    with pytest.raises(ValueError, match="inconsistent linear"):
-        KVzapWeights("linear", (np.zeros((2, 3, 8)), np.zeros((2, 4))))
+    with pytest.raises(ValueError, match="kind='mlp' must be kvjax.kvzap.LinearScorer"):
+        UntrainedWeights(kind="mlp")  # a name, not a scorer
+    with pytest.raises(ValueError, match="'conv' is not 'linear' or 'mlp'"):
+        scorer_named("conv")
+    with pytest.raises(ValueError, match="hidden_dim >= 1, got 0"):
+        MLPScorer(0)
+    with pytest.raises(ValueError, match="inconsistent LinearScorer"):
+        KVzapWeights(LinearScorer(), (np.zeros((2, 3, 8)), np.zeros((2, 4))))
+    with pytest.raises(ValueError, match="inconsistent MLPScorer"):  # F disagrees with the arrays
+        KVzapWeights(MLPScorer(5), KVzapWeights.init(MLPScorer(4), 2, 8, 1).arrays)
 
 
 def test_shipped_weights():
     w = shipped_weights("smollm2")
-    assert w.kind == "linear" and w.signature == (30, 576, 3)
+    assert w.kind == LinearScorer() and w.signature == (30, 576, 3)
     meta = w.metadata
     assert meta["model"] and meta["command"].startswith("kvjax train-scorer")
     assert len(meta["heldout_spearman"]) == 30

@@ -29,7 +29,7 @@ def test_shipped_heldout_rank_correlation(smollm2):
     model, tok = smollm2
     w = shipped_weights()
     meta = w.metadata
-    cfg = TrainConfig(**meta["config"])
+    cfg = TrainConfig.from_dict(meta["config"])
     from kvjax.corpus import corpus_paragraphs
     from kvjax.kvzip import RepeatPrompt
     repeat = RepeatPrompt.from_tokenizer(tok)

@@ -13,9 +13,9 @@ import kvjax
 import models
 from kvjax import cli
 from kvjax.corpus import corpus_paragraphs
-from kvjax.kvzap import load_weights
-from kvjax.tools.kvzap_train import (TrainConfig, build_contexts, rankdata, spearman, text_paragraphs,
-                               top_overlap, train_scorer)
+from kvjax.kvzap import MLPScorer, load_weights, scorer_named
+from kvjax.tools.kvzap_train import (TrainConfig, build_contexts, rankdata, spearman,
+                                     text_paragraphs, top_overlap, train_scorer)
 from kvpress_kvzip_ref import CHATML_TEMPLATE, tiny_llama
 
 CFG = dict(n_train=4, n_heldout=2, context_tokens=96, tokens_per_context=64, epochs=15,
@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny):
     model, tok, _ = tiny
-    return {kind: train_scorer(model, tok, TrainConfig(kind=kind, hidden_dim=hd, **CFG),
+    return {kind: train_scorer(model, tok, TrainConfig(scorer=scorer_named(kind, hd), **CFG),
                                texts=[_ascii_text()], progress=False)
             for kind, hd in (("linear", None), ("mlp", 16))}
 
@@ -132,10 +132,12 @@ def test_rank_statistics_against_brute_force():
 
 def test_bad_training_inputs(tiny):
     _, tok, _ = tiny
-    with pytest.raises(ValueError, match="kind='tree'"):
-        TrainConfig(kind="tree")
-    with pytest.raises(ValueError, match="hidden_dim"):
-        TrainConfig(kind="mlp")
+    with pytest.raises(ValueError, match="scorer='mlp' must be"):
+        TrainConfig(scorer="mlp")
+    with pytest.raises(ValueError, match="'tree' is not 'linear' or 'mlp'"):
+        TrainConfig.from_dict({"kind": "tree"})
+    assert TrainConfig.from_dict(TrainConfig(scorer=MLPScorer(16)).to_dict()) == TrainConfig(
+        scorer=MLPScorer(16))
     with pytest.raises(ValueError, match="heldout_fraction"):
         TrainConfig(heldout_fraction=1.0)
     with pytest.raises(ValueError, match="epochs=0"):
