@@ -30,8 +30,8 @@ import numpy as np
 from kvjax.buckets import bucket_length
 from kvjax.context import CompressedContext, model_fingerprint, with_tail
 from kvjax.engine.blocks import BlockAllocator
-from kvjax.engine.pool import (attach, compact_store, detach, empty_pool, used_slots,
-                               write_block)
+from kvjax.engine.pool import (attach, compact_store, compaction_moves, detach, empty_pool,
+                               move_blocks, used_slots, write_block)
 from kvjax.engine.request import Request, RequestResult, Status, as_id_list
 from kvjax.engine.step import SlotState, bucket_slots, decode_slots, set_slot
 from kvjax.loops import eos_ids, init_state
@@ -67,7 +67,8 @@ class EngineStats:
     bytes_held: the pool and tails allocated at construction (the budget's share used);
     bytes_needed: kv bytes of the entries the running requests keep (pool blocks + tail
     tokens); tokens_generated: since construction; contexts_held: contexts pinned by
-    `Engine.hold`."""
+    `Engine.hold`; compactions: times the pool's blocks were slid together to admit a
+    request that only fragmentation kept out."""
 
     running: int
     waiting: int
@@ -78,6 +79,7 @@ class EngineStats:
     bytes_needed: int
     tokens_generated: int
     contexts_held: int = 0
+    compactions: int = 0
 
 
 class Engine:
@@ -129,6 +131,7 @@ class Engine:
         self._contexts: dict[int, tuple] = {}  # id -> (context, block, packed store)
         self._held: dict[int, CompressedContext] = {}  # contexts pinned by hold()
         self._next_id, self._steps, self._generated, self._closed = 0, 0, 0, False
+        self._compactions = 0
 
     # -- construction ----------------------------------------------------------------
 
@@ -405,7 +408,7 @@ class Engine:
                                 logits)
             cache, logits = req._pending
             used = int(used_slots(cache.store))
-            block = self.allocator.allocate(used)
+            block = self._allocate(used)
             if block is None:
                 if not self._running:
                     raise ValueError(f"the compressed prompt keeps {used} slots per row; the "
@@ -425,6 +428,23 @@ class Engine:
         self._running[slot] = req
         return True
 
+    def _allocate(self, used: int):
+        """A pool block of `used` slots, compacting the pool first when only fragmentation
+        stands in the way (`BlockAllocator.compact`, `move_blocks`); None when it does not
+        fit."""
+        block = self.allocator.allocate(used)
+        if block is None and self.allocator.fits_compacted(used):
+            moved = self.allocator.compact()
+            if moved:
+                src, delta = compaction_moves(
+                    self.allocator.n_slots, self.max_running, moved,
+                    {slot: req.block for slot, req in self._running.items()})
+                self._state = dataclasses.replace(
+                    self._state, cache=move_blocks(self._state.cache, src, delta))
+                self._compactions += 1
+            block = self.allocator.allocate(used)
+        return block
+
     def _context_block(self, ctx):
         """The pool block holding `ctx`'s store (written once, shared, packed by
         `compact_store`) -> (block or None when it does not fit yet, packed store)."""
@@ -434,7 +454,7 @@ class Engine:
             return block, store
         store = compact_store(ctx.cache.store)
         used = int(used_slots(store))
-        block = self.allocator.allocate(used)
+        block = self._allocate(used)
         if block is None:
             return None, store
         self._state = dataclasses.replace(
@@ -553,7 +573,8 @@ class Engine:
             slots_free=self.allocator.free, bytes_held=self._bytes_held,
             bytes_needed=self.allocator.used * self._slot_bytes
             + tail_tokens * self._tail_token_bytes,
-            tokens_generated=self._generated, contexts_held=len(self._held))
+            tokens_generated=self._generated, contexts_held=len(self._held),
+            compactions=self._compactions)
 
 
 __all__ = ["Engine", "EngineStats", "Request", "RequestResult", "parse_bytes"]

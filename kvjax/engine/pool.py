@@ -19,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.cache import KVCache, KVStore, init_tail
 from kvjax.writer import segment_offsets
@@ -118,6 +119,35 @@ def attach(pool: KVCache, cache: KVCache, slot, start) -> KVCache:
                    pos=t.pos.at[slot, :n].set(src.pos[0, :n]),
                    count=t.count.at[slot].set(src.count[0]))
     return KVCache(store=store, tail=tail, next_pos=pool.next_pos.at[slot].set(cache.next_pos[0]))
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def move_blocks(pool: KVCache, src: jax.Array, delta: jax.Array) -> KVCache:
+    """The pool after compaction: destination slot j of every row takes source slot src[j]
+    ([P] int32, the identity outside moved blocks) and slot s's table shifts by delta[s]
+    ([S] int32, its block's move). One gather per pool array, so overlapping moves are
+    safe."""
+    ps = pool.store
+    take = lambda x: None if x is None else jnp.take(x, src, axis=2)
+    store = _replace(ps, k=take(ps.k), v=take(ps.v), pos=take(ps.pos), extra=take(ps.extra),
+                     k_scale=take(ps.k_scale), v_scale=take(ps.v_scale),
+                     offset=ps.offset + delta[:, None, None])
+    return KVCache(store=store, tail=pool.tail, next_pos=pool.next_pos)
+
+
+def compaction_moves(n_slots: int, n_running: int, moved, slot_blocks: dict
+                     ) -> tuple[jax.Array, jax.Array]:
+    """(src [P], delta [S]) for `move_blocks` from `BlockAllocator.compact`'s moves
+    [(block, old start)] and the running slots' blocks {slot: block}."""
+    src = np.arange(n_slots, dtype=np.int32)
+    old = {id(b): start for b, start in moved}
+    for block, start in moved:
+        src[block.start:block.start + block.size] = np.arange(start, start + block.size)
+    delta = np.zeros(n_running, np.int32)
+    for slot, block in slot_blocks.items():
+        if id(block) in old:
+            delta[slot] = block.start - old[id(block)]
+    return jnp.asarray(src), jnp.asarray(delta)
 
 
 @functools.partial(jax.jit, donate_argnames=("pool",))
