@@ -24,6 +24,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import AllRows, LastRows, ProxyRows
+
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, save_json  # noqa: E402
 
@@ -56,8 +58,8 @@ def score_settings(batch: int, t: int) -> dict:
     """name -> score_rows for the kernel (None: attention only)."""
     n_proxy = max(1, t // 100)
     proxy = jnp.broadcast_to(jnp.linspace(0, t - 1, n_proxy).astype(jnp.int32), (batch, n_proxy))
-    return {"attention_only": None, "all_rows": "all", "window_64": ("window", 64),
-            "proxy_1pct": proxy}
+    return {"attention_only": None, "all_rows": AllRows(), "window_64": LastRows(64),
+            "proxy_1pct": ProxyRows(proxy)}
 
 
 def baseline(backend: str, t: int):
@@ -92,14 +94,12 @@ def run(args) -> list[dict]:
         base = median_seconds(dpa, q, k, v, iters=args.iters)
         cases = [(base_name, dpa, (q, k, v))]
         for name, score_rows in score_settings(args.batch, t).items():
-            rows_arg = score_rows if isinstance(score_rows, jax.Array) else None
-            static = None if rows_arg is not None else score_rows
-            fn = jax.jit(lambda q, k, v, l, r, s=static: kernel.prefill_attention_with_scores(
-                q, k, v, l, score_rows=s if r is None else r, interpret=False))
-            cases.append((f"pallas/{name}", fn, (q, k, v, lengths, rows_arg)))
+            fn = jax.jit(lambda q, k, v, l, r: kernel.prefill_attention_with_scores(
+                q, k, v, l, score_rows=r, interpret=False))
+            cases.append((f"pallas/{name}", fn, (q, k, v, lengths, score_rows)))
         if args.reference:
             ref = jax.jit(functools.partial(prefill_attention_with_scores_reference,
-                                            score_rows="all"))
+                                            score_rows=AllRows()))
             cases.append(("reference/all_rows", ref, (q, k, v, lengths)))
         for name, fn, fn_args in cases:
             sec = base if name == base_name else median_seconds(

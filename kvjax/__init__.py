@@ -1,6 +1,7 @@
 """kvjax: long-context LLM inference in JAX with a compressed KV cache."""
 
-from kvjax.attention import cached_attention_reference, prefill_attention_reference
+from kvjax.attention import cached_attention_reference
+from kvjax.attention_scores import prefill_attention_reference
 from kvjax.cache import (KVCache, KVStore, LayerTail, LayerView, Tail, kept_positions,
                          kv_nbytes_needed)
 from kvjax.compress import compress

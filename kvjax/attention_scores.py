@@ -1,126 +1,117 @@
-"""Pure-jnp reference for prefill attention that also emits score statistics.
+"""Pure-jnp reference for causal prefill attention and its column sums.
 
 This is the specification of `pallas_kernels.{tpu,gpu}.prefill_attention_with_scores`: causal
 attention over a right-padded prompt plus, per query head, the column sums of the attention
-probabilities over a chosen set of query rows:
+probabilities over the query rows a `ScoreRows` selects (`pallas_kernels._prefill_common`):
 
-  * ``"all"``: every valid row (H2O / ObservedAttention);
-  * ``("window", W)``: the last W valid rows of each sequence (SnapKV family);
-  * an int array ``[B, P]``: given proxy rows (NACL); entries < 0 or >= length are ignored.
+  * ``AllRows()``: every valid row (H2O / ObservedAttention);
+  * ``LastRows(W)``: the last W valid rows of each sequence (SnapKV family);
+  * ``ProxyRows(rows [B, P])``: given proxy rows (NACL); entries < 0 or >= length are
+    ignored, a row listed twice counts twice.
 
-The probabilities are those of the attention itself (causal, sliding window, ragged lengths),
-so ``colsums[b, n].sum()`` equals the number of selected valid rows. Everything is chunked over
-rows and keys: memory is O(row_chunk * key_chunk) per head, never T x T. Axis letters: B batch,
-T prompt positions, N q heads, K kv heads, G = N // K, H head dim, P selected rows.
+One pass: queries are processed in static chunks (`causal_chunks`), each against only the
+keys that causality and the sliding window let it see, so about half the T x T work is
+skipped and the T x T matrix is never held whole. The chunk's probabilities give its outputs
+and, weighted per row (`score_row_weights`), its share of the column sums, so
+``colsums[b, n].sum()`` equals the number of selected valid rows. Softmax and accumulation
+are in f32. Axis letters: B batch, T prompt positions, N q heads, K kv heads, G = N // K,
+H head dim, S keys of a chunk, P selected rows.
 """
 
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import default_scale, prefill_attention_reference
-from pallas_kernels._prefill_common import score_row_positions  # shared with the kernels
+from kvjax.attention import default_scale, group_heads, masked_softmax, window_ok
+from pallas_kernels._prefill_common import (AllRows, ScoreRows, check_score_rows,
+                                            score_row_positions)  # shared with the kernels
 
-_CHUNK = 512
-
-
-def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
-    pad = -x.shape[axis] % multiple
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
+_Q_CHUNK = 256
 
 
-def _masked_logits(qr, rpos, kc, kpos, lengths, scale, sliding_window):
-    """qr [B, Pc, K, G, H], rpos [B, Pc], kc [B, Sc, K, H], kpos [Sc] -> [B, K, G, Pc, Sc]."""
-    logits = jnp.einsum("bpkgh,bskh->bkgps", qr, kc, preferred_element_type=jnp.float32)
-    ok = (kpos[None, None, :] <= rpos[:, :, None]) & (kpos[None, None, :] < lengths[:, None, None])
-    if sliding_window is not None:
-        ok &= rpos[:, :, None] - kpos[None, None, :] < sliding_window
-    return jnp.where(ok[:, None, None], logits * scale, -jnp.inf)
+def prefill_chunk(t: int) -> int:
+    """Static query-chunk size: 256, grown so that a prompt has at most 16 chunks to unroll."""
+    return max(_Q_CHUNK, -(-t // (16 * _Q_CHUNK)) * _Q_CHUNK)
 
 
-def column_sums_reference(q: jax.Array, k: jax.Array, lengths: jax.Array, rows: jax.Array,
-                          row_valid: jax.Array, *, scale: float | None = None,
-                          sliding_window: int | None = None, chunk: int = _CHUNK) -> jax.Array:
-    """Column sums of causal attention probabilities over the selected rows.
-
-    Args:
-      q: [B, T, N, H] post-RoPE queries; k: [B, T, K, H] keys; lengths: [B].
-      rows: [B, P] row positions; row_valid: [B, P] which of them count.
-      scale: logit scale, default 1/sqrt(H); sliding_window: Mistral-style window.
-      chunk: row and key chunk size (memory is O(chunk^2) per head).
-
-    Returns:
-      [B, N, T] f32; entry s is sum over valid selected rows r of softmax_r(s).
-    """
+def causal_chunks(q: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: float | None,
+                  sliding_window: int | None):
+    """Yield (start, stop, lo, p) per static query chunk [start, stop): p [B, K, G, Tc, S] f32
+    are the masked softmax probabilities over the keys [lo, stop) the chunk may see."""
     b, t, n, h = q.shape
     n_kv = k.shape[2]
     scale = default_scale(h) if scale is None else scale
-    qr = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, P, N, H]
-    p = rows.shape[1]
-    pc, sc = min(chunk, p), min(chunk, t)
-    qr = _pad_to(qr, 1, pc).reshape(b, -1, n_kv, n // n_kv, h)
-    rpos, rvalid = _pad_to(rows, 1, pc), _pad_to(row_valid, 1, pc)
-    kp = _pad_to(k, 1, sc)
-    n_rc, n_kc = qr.shape[1] // pc, kp.shape[1] // sc
+    qg = group_heads(q, n_kv).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    kt = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    chunk = prefill_chunk(t)
+    for start in range(0, t, chunk):
+        stop = min(t, start + chunk)
+        lo = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        q_pos, key_pos = jnp.arange(start, stop), jnp.arange(lo, stop)
+        logits = jnp.einsum("bkgqh,bksh->bkgqs", qg[:, :, :, start:stop], kt[:, :, lo:stop],
+                            preferred_element_type=jnp.float32)
+        causal = (key_pos[None, :] <= q_pos[:, None]) & window_ok(
+            q_pos[:, None], key_pos[None, :], sliding_window)  # [Tc, S]
+        valid = key_pos[None, :] < lengths[:, None]  # [B, S]
+        yield start, stop, lo, masked_softmax(
+            logits * scale, causal[None, None, None] & valid[:, None, None, None])
 
-    def logits(i, j):
-        q_c = jax.lax.dynamic_slice_in_dim(qr, i * pc, pc, axis=1)
-        r_c = jax.lax.dynamic_slice_in_dim(rpos, i * pc, pc, axis=1)
-        k_c = jax.lax.dynamic_slice_in_dim(kp, j * sc, sc, axis=1)
-        return _masked_logits(q_c, r_c, k_c, j * sc + jnp.arange(sc), lengths, scale,
-                              sliding_window)
 
-    def row_lse(i):  # online log-sum-exp over key chunks -> [B, K, G, Pc]
-        def step(carry, j):
-            m, s = carry
-            lg = logits(i, j)
-            m_new = jnp.maximum(m, jnp.max(lg, -1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(lg - m_safe[..., None]), -1)
-            return (m_new, s), None
-        init = (jnp.full((b, n_kv, n // n_kv, pc), -jnp.inf), jnp.zeros((b, n_kv, n // n_kv, pc)))
-        (m, s), _ = jax.lax.scan(step, init, jnp.arange(n_kc))
-        return m + jnp.log(s)
+def score_row_weights(score_rows: ScoreRows, lengths: jax.Array, t: int) -> jax.Array:
+    """[B, T] f32: how many times each query row is selected (0 for rows outside [0, length)).
 
-    lse = jax.lax.map(row_lse, jnp.arange(n_rc))  # [n_rc, B, K, G, Pc]
-    ok = rvalid.reshape(b, n_rc, pc).transpose(1, 0, 2)[:, :, None, None, :] & jnp.isfinite(lse)
-    lse = jnp.where(ok, lse, jnp.inf)  # invalid rows contribute exp(-inf) = 0
-
-    def key_chunk(j):
-        def step(acc, i):
-            pr = jnp.exp(logits(i, j) - lse[i][..., None])
-            return acc + jnp.sum(pr, axis=3), None
-        acc, _ = jax.lax.scan(step, jnp.zeros((b, n_kv, n // n_kv, sc)), jnp.arange(n_rc))
-        return acc
-
-    cols = jax.lax.map(key_chunk, jnp.arange(n_kc))  # [n_kc, B, K, G, Sc]
-    cols = jnp.moveaxis(cols, 0, 3).reshape(b, n, n_kc * sc)[..., :t]
-    return cols
+    Derived from `score_row_positions`, which the kernels use too: AllRows gives 1 on the
+    valid rows, LastRows(W) 1 on the last W valid rows, ProxyRows the count of each row's
+    valid entries.
+    """
+    if isinstance(score_rows, AllRows):
+        return (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)
+    rows, valid = score_row_positions(score_rows, lengths, t)
+    b = lengths.shape[0]
+    return jnp.zeros((b, t), jnp.float32).at[jnp.arange(b)[:, None], rows].add(
+        valid.astype(jnp.float32))
 
 
 def prefill_attention_with_scores_reference(
         q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
         scale: float | None = None, sliding_window: int | None = None,
-        score_rows="all") -> tuple[jax.Array, jax.Array]:
+        score_rows: ScoreRows | None = AllRows()) -> tuple[jax.Array, jax.Array | None]:
     """Causal prefill attention plus column sums of its probabilities over selected rows.
 
     Args:
-      q: [B, T, N, H] post-RoPE queries; k, v: [B, T, K, H]; lengths: [B] valid lengths.
+      q: [B, T, N, H] post-RoPE queries; k, v: [B, T, K, H]; lengths: [B] valid lengths
+        (keys at index >= length are masked).
       scale: logit scale, default 1/sqrt(H).
-      sliding_window: keys more than `sliding_window - 1` positions back are masked.
-      score_rows: "all" | ("window", W) | int array [B, P] of proxy row indices, or None
-        (attention only).
+      sliding_window: keys more than `sliding_window - 1` positions back are masked (Mistral).
+      score_rows: AllRows() | LastRows(W) | ProxyRows(rows [B, P]), or None (attention only).
 
     Returns:
-      out [B, T, N, H] in q's dtype (as `prefill_attention_reference`) and colsums [B, N, T] f32
-      (None when score_rows is None).
+      out [B, T, N, H] in q's dtype (rows of padding queries are garbage-free but
+      meaningless) and colsums [B, N, T] f32, entry s the sum over selected valid rows r of
+      softmax_r(s) (None when score_rows is None).
     """
-    out = prefill_attention_reference(q, k, v, lengths, scale=scale,
-                                      sliding_window=sliding_window)
-    if score_rows is None:
-        return out, None
-    rows, valid = score_row_positions(score_rows, lengths, q.shape[1])
-    cols = column_sums_reference(q, k, lengths, rows, valid, scale=scale,
-                                 sliding_window=sliding_window)
-    return out, cols
+    score_rows = check_score_rows(score_rows)
+    b, t, n, h = q.shape
+    n_kv = k.shape[2]
+    weights = None if score_rows is None else score_row_weights(score_rows, lengths, t)
+    vt = v.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, K, S, H]
+    outs, cols = [], None if weights is None else jnp.zeros((b, n_kv, n // n_kv, t), jnp.float32)
+    for start, stop, lo, p in causal_chunks(q, k, lengths, scale=scale,
+                                            sliding_window=sliding_window):
+        outs.append(jnp.einsum("bkgqs,bksh->bkgqh", p, vt[:, :, lo:stop]))
+        if weights is not None:
+            w = weights[:, None, None, start:stop, None]  # [B, 1, 1, Tc, 1]
+            cols = cols.at[..., lo:stop].add(jnp.sum(p * w, axis=3))
+    out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+    return out, None if cols is None else cols.reshape(b, n, t)
+
+
+def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                                *, scale: float | None = None,
+                                sliding_window: int | None = None) -> jax.Array:
+    """Causal attention over a right-padded prompt: q [B, T, N, H], k, v [B, T, K, H],
+    lengths [B] -> [B, T, N, H] in q's dtype (`prefill_attention_with_scores_reference`
+    without column sums)."""
+    return prefill_attention_with_scores_reference(q, k, v, lengths, scale=scale,
+                                                   sliding_window=sliding_window,
+                                                   score_rows=None)[0]

@@ -26,11 +26,12 @@ import importlib
 
 import jax
 
-from kvjax.attention import prefill_attention_reference
 from kvjax.attention_scores import prefill_attention_with_scores_reference
 from kvjax.cache import KVCache
 from kvjax.mesh_dispatch import context_mesh, sharded_decode, sharded_prefill
 from kvjax.store_attention import store_attention
+from pallas_kernels import ScoreRows
+from pallas_kernels._prefill_common import check_score_rows
 
 _PALLAS = {"pallas_gpu": "pallas_kernels.gpu", "pallas_tpu": "pallas_kernels.tpu"}
 
@@ -102,19 +103,24 @@ def _scale_args(store) -> dict:
 
 def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                                   *, attn_impl: str, scale: float | None = None,
-                                  sliding_window: int | None = None, score_rows=None
+                                  sliding_window: int | None = None,
+                                  score_rows: ScoreRows | None = None
                                   ) -> tuple[jax.Array, jax.Array | None]:
     """Causal prefill attention and, unless `score_rows` is None, column sums of it.
+
+    The one place that picks the implementation: the kernel of `attn_impl` where it takes
+    the shapes, else `prefill_attention_with_scores_reference` (one chunked pass).
 
     Args:
       q: [B, T, N, H]; k, v: [B, T, K, H]; lengths: [B].
       attn_impl: "reference" | "pallas_gpu" | "pallas_tpu" (resolved, static).
-      score_rows: None | "all" | ("window", W) | int array [B, P] (see
-        `kvjax.attention_scores.prefill_attention_with_scores_reference`).
+      score_rows: None | AllRows() | LastRows(W) | ProxyRows(rows [B, P])
+        (`pallas_kernels._prefill_common`).
 
     Returns:
       out [B, T, N, H] and colsums [B, N, T] f32 (None when score_rows is None).
     """
+    score_rows = check_score_rows(score_rows)
     kernels = _kernels(attn_impl)
     use_kernel = kernels is not None and (
         attn_impl != "pallas_gpu" or _gpu_shapes_ok(q.shape[2], k.shape[2], q.shape[3]))
@@ -125,9 +131,6 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, leng
             return sharded_prefill(kernels.prefill_attention_with_scores, mesh, q, k, v,
                                    lengths, **kw)
         return kernels.prefill_attention_with_scores(q, k, v, lengths, **kw)
-    if score_rows is None:
-        return prefill_attention_reference(q, k, v, lengths, scale=scale,
-                                           sliding_window=sliding_window), None
     return prefill_attention_with_scores_reference(q, k, v, lengths, scale=scale,
                                                    sliding_window=sliding_window,
                                                    score_rows=score_rows)
@@ -136,6 +139,7 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, leng
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
                       attn_impl: str, scale: float | None = None,
                       sliding_window: int | None = None) -> jax.Array:
-    """`prefill_attention_reference` semantics through `attn_impl`: out [B, T, N, H]."""
+    """`kvjax.attention_scores.prefill_attention_reference` semantics through `attn_impl`:
+    out [B, T, N, H]."""
     return prefill_attention_with_scores(q, k, v, lengths, attn_impl=attn_impl, scale=scale,
                                          sliding_window=sliding_window, score_rows=None)[0]

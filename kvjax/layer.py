@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import dispatch
-from kvjax.attention import prefill_attention_and_column_sums, resolve_attn_impl
+from kvjax.attention import resolve_attn_impl
 from kvjax.cache import KVCache, advance_tail, write_tail
 from kvjax.observation import ObsSpec, observe
 from kvjax.prompt import LayerPrompt
+from pallas_kernels import AllRows
 
 
 def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
@@ -47,22 +48,12 @@ def prefill_layer(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     Returns:
       out [B, T, N, H] and LayerPrompt(k, v [B, K, T, H], Observation).
     """
-    impl = resolve_attn_impl(attn_impl)
-    column_sums = None
-    if obs_spec.column_sums and impl == "reference":
-        # H2O scores from the attention's own probabilities, no second pass
-        out, column_sums = prefill_attention_and_column_sums(
-            q, k, v, lengths, scale=scale, sliding_window=sliding_window)
-    elif obs_spec.column_sums:  # one fused kernel: attention and its column sums
-        out, column_sums = dispatch.prefill_attention_with_scores(
-            q, k, v, lengths, attn_impl=impl, scale=scale, sliding_window=sliding_window,
-            score_rows="all")
-    else:
-        out = dispatch.prefill_attention(q, k, v, lengths, attn_impl=impl, scale=scale,
-                                         sliding_window=sliding_window)
-    obs = observe(q, k, lengths, obs_spec, scale=scale, q_prerope=q_prerope,
-                  rope_inv_freq=rope_inv_freq, rope_interleaved=rope_interleaved,
-                  column_sums=column_sums, sliding_window=sliding_window, hidden=hidden)
+    # H2O scores come with the attention, from its own probabilities
+    out, column_sums = dispatch.prefill_attention_with_scores(
+        q, k, v, lengths, attn_impl=resolve_attn_impl(attn_impl), scale=scale,
+        sliding_window=sliding_window, score_rows=AllRows() if obs_spec.column_sums else None)
+    obs = observe(q, lengths, obs_spec, q_prerope=q_prerope, rope_inv_freq=rope_inv_freq,
+                  rope_interleaved=rope_interleaved, column_sums=column_sums, hidden=hidden)
     return out, LayerPrompt(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), obs=obs)
 
 

@@ -52,18 +52,18 @@ def sharded_decode(kernel, mesh, q, store_k, store_v, length, store_pos, tail_k,
 
 def sharded_prefill(kernel, mesh, q, k, v, lengths, *, score_rows=None, **kw):
     """`kernel(q [B, T, N, H], k, v [B, T, K, H], lengths [B], score_rows=...)` under
-    shard_map -> (out [B, T, N, H], colsums [B, N, T] or None)."""
+    shard_map -> (out [B, T, N, H], colsums [B, N, T] or None).
+
+    `score_rows` (None or a `pallas_kernels._prefill_common.ScoreRows` pytree; ProxyRows'
+    rows [B, P]) is split over the batch like `lengths`."""
     b, h = _axes(mesh, q.shape[0], k.shape[2])
-    rows_array = isinstance(score_rows, jax.Array)
     seq = P(b, None, h)
 
-    def local(q, k, v, lengths, *rows):
-        out = kernel(q, k, v, lengths, score_rows=rows[0] if rows else score_rows, **kw)
+    def local(q, k, v, lengths, rows):
+        out = kernel(q, k, v, lengths, score_rows=rows, **kw)
         return out if score_rows is not None else out[0]
 
     out_specs = seq if score_rows is None else (seq, P(b, h))
-    in_specs = (seq, seq, seq, P(b)) + ((P(b),) if rows_array else ())
-    args = (q, k, v, lengths) + ((score_rows,) if rows_array else ())
-    out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                        check_vma=False)(*args)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, P(b), P(b)),
+                        out_specs=out_specs, check_vma=False)(q, k, v, lengths, score_rows)
     return (out, None) if score_rows is None else out

@@ -11,8 +11,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import causal_chunks
-
 
 @dataclasses.dataclass(frozen=True)
 class ObsSpec:
@@ -20,8 +18,9 @@ class ObsSpec:
 
     Attributes:
       window: W, number of last prompt positions whose queries are kept (0 = none).
-      column_sums: whether to compute column sums of the causal attention probabilities over
-        all query rows (H2O / ObservedAttention), in query chunks, never T x T at once.
+      column_sums: whether the prefill attention also returns column sums of its causal
+        probabilities over all valid query rows (H2O / ObservedAttention; `kvjax.prefill_layer`
+        asks `kvjax.dispatch.prefill_attention_with_scores` for them).
       proxy_ratio: NACL proxy rows: widen the window to ceil(proxy_ratio * T) rows, T the
         padded prompt length (a static bound on every sequence's own proxy count).
       hidden: keep every token's attention input (the layer's normed hidden state; KVzap).
@@ -102,33 +101,6 @@ def gather_window(q: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Ar
     return jnp.take_along_axis(q, idx[:, :, None, None], axis=1), valid
 
 
-def causal_column_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, *,
-                       scale: float | None = None,
-                       sliding_window: int | None = None) -> jax.Array:
-    """Column sums of causal softmax attention over all valid query rows, per query head.
-
-    One pass over static query chunks, each against only the keys causality lets it see
-    (`kvjax.attention.causal_chunks`): memory O(chunk * T) per head, never T x T. The reference
-    prefill computes these alongside its attention (`prefill_layer`); this standalone form is
-    for callers that only have q and k.
-
-    Args:
-      q: [B, T, N, H]; k: [B, T, K, H]; lengths: [B].
-      sliding_window: rows see only the last `sliding_window` positions (Mistral), as the
-        prefill attention does.
-
-    Returns:
-      [B, N, T] f32; entry t is sum_i softmax_i(t) over valid rows i >= t.
-    """
-    b, t, n, _ = q.shape
-    cols = jnp.zeros((b, k.shape[2], n // k.shape[2], t), jnp.float32)
-    for start, stop, lo, p in causal_chunks(q, k, lengths, scale=scale,
-                                            sliding_window=sliding_window):
-        row_ok = (jnp.arange(start, stop)[None, :] < lengths[:, None])[:, None, None, :, None]
-        cols = cols.at[..., lo:stop].add(jnp.sum(jnp.where(row_ok, p, 0.0), axis=3))
-    return cols.reshape(b, n, t)
-
-
 def query_statistics(q: jax.Array, lengths: jax.Array, skip: int) -> tuple[jax.Array, jax.Array]:
     """Mean [B, N, H] and covariance [B, N, H, H] of q [B, T, N, H] over positions
     [skip, length) of each sequence (f32)."""
@@ -142,15 +114,14 @@ def query_statistics(q: jax.Array, lengths: jax.Array, skip: int) -> tuple[jax.A
     return mean, cov
 
 
-def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
-            scale: float | None = None, q_prerope: jax.Array | None = None,
-            rope_inv_freq=None, rope_interleaved: bool = False,
-            column_sums: jax.Array | None = None,
-            sliding_window: int | None = None, hidden: jax.Array | None = None) -> Observation:
-    """Build the Observation that `spec` asks for from one layer's prefill q and k.
+def observe(q: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
+            q_prerope: jax.Array | None = None, rope_inv_freq=None,
+            rope_interleaved: bool = False, column_sums: jax.Array | None = None,
+            hidden: jax.Array | None = None) -> Observation:
+    """Build the Observation that `spec` asks for from one layer's prefill q [B, T, N, H].
 
-    `column_sums` [B, N, T], when given, are the attention column sums already computed by a
-    fused prefill kernel (`spec.column_sums` then skips the chunked jnp pass).
+    `column_sums` [B, N, T] are the column sums the prefill attention returned
+    (`kvjax.dispatch.prefill_attention_with_scores`); `spec.column_sums` requires them.
     """
     q_window = window_valid = q_mean = q_cov = None
     window = spec.window_for(q.shape[1])
@@ -159,8 +130,8 @@ def observe(q: jax.Array, k: jax.Array, lengths: jax.Array, spec: ObsSpec, *,
     if not spec.column_sums:
         column_sums = None
     elif column_sums is None:
-        column_sums = causal_column_sums(q, k, lengths, scale=scale,
-                                         sliding_window=sliding_window)
+        raise ValueError("spec.column_sums=True needs the attention's column sums: pass "
+                         "column_sums= from kvjax.dispatch.prefill_attention_with_scores")
     if spec.query_stats:
         if q_prerope is None or rope_inv_freq is None:
             raise ValueError("this press needs pre-RoPE queries and the RoPE frequencies: pass "

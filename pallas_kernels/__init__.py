@@ -8,7 +8,8 @@ specification:
     lengths, optional thin keys) plus a dense tail, one softmax, GQA-aware
     (spec: `kvjax.attention.cached_attention_reference` with T = 1);
   * `prefill_attention_with_scores`: causal flash attention that also returns column sums of the
-    attention probabilities over all rows, the last W rows, or proxy rows
+    attention probabilities over the rows `score_rows` selects: `AllRows()`, `LastRows(W)`
+    or `ProxyRows(rows)` (the `ScoreRows` types, from `pallas_kernels._prefill_common`)
     (spec: `kvjax.attention_scores.prefill_attention_with_scores_reference`).
 
 `interpret=None` runs a kernel compiled on its own backend and in that backend's interpret
@@ -16,6 +17,8 @@ mode anywhere else (see `pallas_kernels._interpret`).
 """
 
 import importlib
+
+from pallas_kernels._prefill_common import AllRows, LastRows, ProxyRows, ScoreRows  # noqa: F401
 
 _LAZY = {
     "gpu": ("pallas_kernels.gpu", None),
@@ -26,7 +29,7 @@ _LAZY = {
     "tpu_prefill_attention_with_scores": ("pallas_kernels.tpu", "prefill_attention_with_scores"),
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "AllRows", "LastRows", "ProxyRows", "ScoreRows"])
 
 
 def __getattr__(name: str):

@@ -1,12 +1,18 @@
 """Row selection, padding and block-skipping tables shared by the prefill-with-scores kernels.
 
+`ScoreRows` (AllRows / LastRows / ProxyRows) says which query rows' probabilities the column
+sums add up; the kernels and their jnp reference (`kvjax.attention_scores`) resolve it with
+`score_row_positions`.
+
 Both backends compute column sums in two passes: a flash-attention forward that also writes the
 log-sum-exp of every query row, then a pass over (key block, row block) pairs that recomputes
 the logits of the selected rows only and sums exp(logit - lse) over rows. Pairs that causality
 or the sliding window mask entirely are skipped; the tables here say which.
 """
 
+import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -26,35 +32,81 @@ def check_prefill_args(q, k, v, lengths, scale) -> float:
     return 1.0 / math.sqrt(h) if scale is None else float(scale)
 
 
-def score_row_positions(score_rows, lengths: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AllRows:
+    """Every valid query row (H2O / ObservedAttention)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LastRows:
+    """The last `window` valid query rows of each sequence (SnapKV family); static."""
+
+    window: int = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        w = self.window
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1:
+            raise ValueError(f"LastRows: {self.window=} must be an int >= 1")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ProxyRows:
+    """Given query rows (NACL proxies): rows [B, P] int; entries < 0 or >= length are
+    ignored and a row listed twice counts twice. Traced under jit."""
+
+    rows: jax.Array
+
+
+# Which query rows' attention probabilities are summed into column sums. All three are
+# pytrees: AllRows and LastRows carry no arrays (their window is static), ProxyRows' rows
+# are traced, so a kernel takes `score_rows` as an ordinary jit argument.
+ScoreRows = AllRows | LastRows | ProxyRows
+
+
+def check_score_rows(score_rows: ScoreRows | None) -> ScoreRows | None:
+    """Return `score_rows` if it is None or a ScoreRows; refuse anything else."""
+    if score_rows is None or isinstance(score_rows, (AllRows, LastRows, ProxyRows)):
+        return score_rows
+    shape = getattr(score_rows, "shape", None)  # an array: name it, don't print it
+    what = repr(score_rows) if shape is None else f"<{type(score_rows).__name__} {shape}>"
+    raise ValueError(f"score_rows={what} must be None, AllRows(), LastRows(window) or "
+                     f"ProxyRows(rows [B, P]) (pallas_kernels._prefill_common)")
+
+
+def score_row_positions(score_rows: ScoreRows, lengths: jax.Array,
+                        t: int) -> tuple[jax.Array, jax.Array]:
     """Resolve `score_rows` to row positions and their validity.
 
     Shared by the kernels and their jnp reference (`kvjax.attention_scores`), which imports it
     from here (kvjax depends on pallas_kernels, never the reverse).
 
     Args:
-      score_rows: "all" | ("window", W) | int array [B, P] of row indices.
+      score_rows: AllRows() | LastRows(W) | ProxyRows(rows [B, P]).
       lengths: [B] valid prompt lengths.
       t: padded prompt length T.
 
     Returns:
-      rows [B, P] int32 (clipped into [0, T)) and valid [B, P] bool.
+      rows [B, P] int32 (clipped into [0, T); P = T, W or P) and valid [B, P] bool (the
+      position is in [0, length)).
     """
     b = lengths.shape[0]
-    if isinstance(score_rows, str):
-        if score_rows != "all":
-            raise ValueError(f"{score_rows=} must be 'all', ('window', W) or an int array")
+    if isinstance(score_rows, AllRows):
         rows = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    elif isinstance(score_rows, tuple):
-        if len(score_rows) != 2 or score_rows[0] != "window" or int(score_rows[1]) < 1:
-            raise ValueError(f"{score_rows=} must be ('window', W) with W >= 1")
-        w = int(score_rows[1])
+    elif isinstance(score_rows, LastRows):
+        w = score_rows.window
         rows = lengths[:, None].astype(jnp.int32) - w + jnp.arange(w, dtype=jnp.int32)[None]
-    else:
-        rows = jnp.asarray(score_rows)
+    elif isinstance(score_rows, ProxyRows):
+        rows = jnp.asarray(score_rows.rows)
         if rows.ndim != 2 or rows.shape[0] != b or not jnp.issubdtype(rows.dtype, jnp.integer):
-            raise ValueError(f"score_rows.shape={rows.shape} must be an int array [B={b}, P]")
+            raise ValueError(f"ProxyRows: rows.shape={rows.shape}, rows.dtype={rows.dtype} "
+                             f"must be an int array [B={b}, P]")
         rows = rows.astype(jnp.int32)
+    else:
+        raise ValueError(f"{score_rows=} must be AllRows(), LastRows(window) or "
+                         f"ProxyRows(rows [B, P])")
     valid = (rows >= 0) & (rows < lengths[:, None])
     return jnp.clip(rows, 0, t - 1), valid
 

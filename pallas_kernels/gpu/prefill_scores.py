@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _interpret
-from pallas_kernels._prefill_common import (check_prefill_args, key_block_range, pad_axis,
+from pallas_kernels._prefill_common import (AllRows, ScoreRows, check_prefill_args,
+                                            check_score_rows, key_block_range, pad_axis,
                                             round_up, row_block_tables, score_row_positions)
 from pallas_kernels.gpu import _mgpu
 
@@ -197,9 +198,8 @@ def _colsums(q_rows, k, lse_rows, row_pos, first, last, lengths, *, scale, slidi
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "block_sizes",
-                                             "interpret", "score_rows"))
-def _prefill(q, k, v, lengths, rows_arr, *, scale, sliding_window, score_rows, block_sizes,
-             interpret):
+                                             "interpret"))
+def _prefill(q, k, v, lengths, score_rows, *, scale, sliding_window, block_sizes, interpret):
     t, h = q.shape[1], q.shape[3]
     bk = block_sizes.block_kv
     if h % 16:
@@ -211,12 +211,13 @@ def _prefill(q, k, v, lengths, rows_arr, *, scale, sliding_window, score_rows, b
     interpret = _interpret.gpu_interpret(interpret)
     o, lse = _fwd(qp, kp, vp, lengths, scale=scale, bk=bk, sliding_window=sliding_window,
                   interpret=interpret)
-    if rows_arr is None and score_rows is None:
+    if score_rows is None:
         return o[:, :t].astype(q.dtype), None
-    rows, valid = score_row_positions(score_rows if rows_arr is None else rows_arr, lengths, t)
+    rows, valid = score_row_positions(score_rows, lengths, t)
     pr = round_up(rows.shape[1], _BQ)
     rows, valid = pad_axis(rows, 1, pr), pad_axis(valid, 1, pr, False)
-    q_rows = qp if score_rows == "all" else jnp.take_along_axis(qp, rows[:, :, None, None], 1)
+    all_rows = isinstance(score_rows, AllRows)
+    q_rows = qp if all_rows else jnp.take_along_axis(qp, rows[:, :, None, None], 1)
     lse_rows = jnp.where(valid[:, None, :], jnp.take_along_axis(lse, rows[:, None, :], 2),
                          jnp.inf)
     _, _, first, last = row_block_tables(rows, valid, _BQ, tp // _BQ, _BQ, sliding_window)
@@ -227,7 +228,8 @@ def _prefill(q, k, v, lengths, rows_arr, *, scale, sliding_window, score_rows, b
 
 def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                                   *, scale: float | None = None,
-                                  sliding_window: int | None = None, score_rows="all",
+                                  sliding_window: int | None = None,
+                                  score_rows: ScoreRows | None = AllRows(),
                                   block_sizes: BlockSizes | None = None,
                                   interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """Causal attention over a right-padded prompt plus column sums of its probabilities.
@@ -237,7 +239,7 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, leng
         k, v: [B, T, K, H]; lengths: [B] valid lengths.
       scale: logit scale, default 1/sqrt(H).
       sliding_window: keys more than `sliding_window - 1` positions back are masked.
-      score_rows: "all" | ("window", W) | int array [B, P] of proxy rows (entries < 0 or
+      score_rows: AllRows() | LastRows(W) | ProxyRows(rows [B, P]) (entries < 0 or
         >= length are ignored) | None (attention only: colsums is None, no second pass).
       block_sizes: BlockSizes (key block of the forward pass).
       interpret: None = Mosaic GPU interpreter unless the default backend is GPU.
@@ -246,9 +248,6 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, leng
       out [B, T, N, H] in q's dtype and colsums [B, N, T] f32 (or None).
     """
     scale = check_prefill_args(q, k, v, lengths, scale)
-    static = score_rows is None or isinstance(score_rows, (str, tuple))
-    rows_arr = None if static else jnp.asarray(score_rows)
-    static_rows = score_rows if rows_arr is None else None
-    return _prefill(q, k, v, lengths, rows_arr, scale=scale, sliding_window=sliding_window,
-                    score_rows=static_rows, block_sizes=block_sizes or BlockSizes(),
+    return _prefill(q, k, v, lengths, check_score_rows(score_rows), scale=scale,
+                    sliding_window=sliding_window, block_sizes=block_sizes or BlockSizes(),
                     interpret=interpret)

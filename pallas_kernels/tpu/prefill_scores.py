@@ -21,9 +21,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _interpret
-from pallas_kernels._prefill_common import (block_needed, check_prefill_args, key_block_range,
-                                            pad_axis, round_up, row_block_tables,
-                                            score_row_positions)
+from pallas_kernels._prefill_common import (AllRows, ScoreRows, block_needed,
+                                            check_prefill_args, check_score_rows,
+                                            key_block_range, pad_axis, round_up,
+                                            row_block_tables, score_row_positions)
 
 _NEG = -1e30
 _LANES = 128
@@ -213,9 +214,8 @@ def _select_rows(qt, lse, rows, valid, br):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "block_sizes",
-                                             "interpret", "score_rows"))
-def _prefill(q, k, v, lengths, rows_arr, *, scale, sliding_window, score_rows, block_sizes,
-             interpret):
+                                             "interpret"))
+def _prefill(q, k, v, lengths, score_rows, *, scale, sliding_window, block_sizes, interpret):
     bs = block_sizes
     t = q.shape[1]
     blk = min(max(bs.block_q, bs.block_k), round_up(t, _LANES))
@@ -229,9 +229,9 @@ def _prefill(q, k, v, lengths, rows_arr, *, scale, sliding_window, score_rows, b
     interpret = _interpret.tpu_interpret(interpret)
     o, lse = _fwd(qt, kt, vt, lengths, scale=scale, bq=bq, bk=bk,
                   sliding_window=sliding_window, interpret=interpret)
-    if rows_arr is None and score_rows is None:
+    if score_rows is None:
         return o.transpose(0, 2, 1, 3)[:, :t], None
-    rows, valid = score_row_positions(score_rows if rows_arr is None else rows_arr, lengths, t)
+    rows, valid = score_row_positions(score_rows, lengths, t)
     br = min(bs.block_rows, round_up(rows.shape[1], _LANES))
     q_rows, lse_rows, rows, valid = _select_rows(qt, lse, rows, valid, br)
     tables = row_block_tables(rows, valid, br, tp // bk, bk, sliding_window)[:3]
@@ -243,7 +243,8 @@ def _prefill(q, k, v, lengths, rows_arr, *, scale, sliding_window, score_rows, b
 
 def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                                   *, scale: float | None = None,
-                                  sliding_window: int | None = None, score_rows="all",
+                                  sliding_window: int | None = None,
+                                  score_rows: ScoreRows | None = AllRows(),
                                   block_sizes: BlockSizes | None = None,
                                   interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """Causal attention over a right-padded prompt plus column sums of its probabilities.
@@ -252,7 +253,7 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, leng
       q: [B, T, N, H] post-RoPE queries; k, v: [B, T, K, H]; lengths: [B] valid lengths.
       scale: logit scale, default 1/sqrt(H).
       sliding_window: keys more than `sliding_window - 1` positions back are masked.
-      score_rows: "all" | ("window", W) | int array [B, P] of proxy rows (entries < 0 or
+      score_rows: AllRows() | LastRows(W) | ProxyRows(rows [B, P]) (entries < 0 or
         >= length are ignored) | None (attention only: colsums is None, no second pass).
       block_sizes: BlockSizes (query / key / selected-row blocks).
       interpret: None = interpret unless the default backend is TPU; True/False force it.
@@ -262,9 +263,6 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, leng
       of softmax_r at each key; None when score_rows is None).
     """
     scale = check_prefill_args(q, k, v, lengths, scale)
-    static = score_rows is None or isinstance(score_rows, (str, tuple))
-    rows_arr = None if static else jnp.asarray(score_rows)
-    static_rows = score_rows if rows_arr is None else None
-    return _prefill(q, k, v, lengths, rows_arr, scale=scale, sliding_window=sliding_window,
-                    score_rows=static_rows, block_sizes=block_sizes or BlockSizes(),
+    return _prefill(q, k, v, lengths, check_score_rows(score_rows), scale=scale,
+                    sliding_window=sliding_window, block_sizes=block_sizes or BlockSizes(),
                     interpret=interpret)

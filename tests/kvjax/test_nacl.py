@@ -89,8 +89,7 @@ def _proxy_inputs(press, b=2, t=37, n=6, n_kv=2, h=8):
     q = np.asarray(jax.random.normal(kq, (b, t, n, h)), np.float64)
     k = np.asarray(jax.random.normal(kk, (b, t, n_kv, h)), np.float64)
     lengths = np.array([37, 23])
-    obs = observe(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                  jnp.asarray(lengths), press.obs_spec)
+    obs = observe(jnp.asarray(q, jnp.float32), jnp.asarray(lengths), press.obs_spec)
     k32 = jnp.asarray(k, jnp.float32).transpose(0, 2, 1, 3)
     prefix = LayerView(k=k32, v=k32, pos=jnp.broadcast_to(jnp.arange(t), (b, n_kv, t)),
                        length=jnp.asarray(np.repeat(lengths[:, None], n_kv, 1)))

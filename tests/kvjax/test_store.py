@@ -190,10 +190,6 @@ def test_column_sums_honour_the_sliding_window():
                                        jnp.asarray(lengths), sliding_window=window,
                                        obs_spec=spec, attn_impl=impl)
         np.testing.assert_allclose(np.asarray(layer.obs.column_sums), want, atol=2e-5)
-    from kvjax.observation import causal_column_sums
-    np.testing.assert_allclose(np.asarray(causal_column_sums(
-        jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths), sliding_window=window)), want,
-        atol=2e-5)
 
 
 @pytest.mark.parametrize("make, match", [

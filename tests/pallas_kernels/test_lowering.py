@@ -16,7 +16,7 @@ from jax import export
 import kvjax
 import models
 from kvjax import loops
-from pallas_kernels import gpu, tpu
+from pallas_kernels import AllRows, LastRows, ProxyRows, gpu, tpu
 
 I32 = jnp.int32
 BF16 = jnp.bfloat16
@@ -124,8 +124,10 @@ def test_decode_on_a_real_store_lowers(platform, module, press_name, gqa4_model)
 
 # (id, B, T, N, K, H, dtype, window, score_rows)
 PREFILL = [
-    ("llama3_8b_8k_all", 1, 8192, 32, 8, 128, BF16, None, "all"),
-    ("mistral_window_snapkv", 2, 1000, 24, 3, 64, jnp.float32, 256, ("window", 32)),
+    ("llama3_8b_8k_all", 1, 8192, 32, 8, 128, BF16, None, AllRows()),
+    ("mistral_window_snapkv", 2, 1000, 24, 3, 64, jnp.float32, 256, LastRows(32)),
+    ("nacl_proxy_rows", 2, 1000, 8, 2, 64, BF16, None,
+     ProxyRows(jax.ShapeDtypeStruct((2, 10), I32))),
 ]
 
 
@@ -135,12 +137,12 @@ def test_prefill_lowers(platform, module, case):
     _, b, t, n, n_kv, h, dtype, window, rows = case
     sd = jax.ShapeDtypeStruct
 
-    def f(q, k, v, lengths):
+    def f(q, k, v, lengths, rows):  # ProxyRows' rows are a traced argument
         return module.prefill_attention_with_scores(q, k, v, lengths, sliding_window=window,
                                                     score_rows=rows, interpret=False)
     exported = export.export(jax.jit(f), platforms=(platform,))(
         sd((b, t, n, h), dtype), sd((b, t, n_kv, h), dtype), sd((b, t, n_kv, h), dtype),
-        sd((b,), I32))
+        sd((b,), I32), rows)
     assert [a.shape for a in exported.out_avals] == [(b, t, n, h), (b, n, t)]
 
 

@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 
 from kvjax.attention_scores import prefill_attention_with_scores_reference
-from pallas_kernels import _interpret, gpu, tpu
+from pallas_kernels import AllRows, LastRows, ProxyRows, _interpret, gpu, tpu
 
-PROXY = "proxy"  # stands for an int array of proxy rows, built per case
+PROXY = "proxy"  # stands for ProxyRows of an int array, built per case
 # (id, G, K, H, T, dtype, sliding_window, score_rows): GQA 1/3/4/8, H 64/128, odd lengths,
 # ragged batches, all rows / last-W window / proxy rows (with ignored -1 and >= length).
 CASES = [
-    ("g1_h64_f32_all", 1, 2, 64, 45, jnp.float32, None, "all"),
-    ("g3_h128_bf16_window", 3, 1, 128, 77, jnp.bfloat16, None, ("window", 8)),
+    ("g1_h64_f32_all", 1, 2, 64, 45, jnp.float32, None, AllRows()),
+    ("g3_h128_bf16_window", 3, 1, 128, 77, jnp.bfloat16, None, LastRows(8)),
     ("g4_h64_f32_proxy_sliding", 4, 1, 64, 130, jnp.float32, 33, PROXY),
-    ("g8_h128_bf16_all_sliding", 8, 1, 128, 64, jnp.bfloat16, 20, "all"),
+    ("g8_h128_bf16_all_sliding", 8, 1, 128, 64, jnp.bfloat16, 20, AllRows()),
 ]
 
 
@@ -39,9 +39,10 @@ def make_case(g, n_kv, h, t, dtype, seed=0):
 
 
 def proxy_rows(t):
-    """[2, 5] rows; -1 and rows >= length (row 1 has length t // 2 + 3) are ignored."""
-    return jnp.array([[t - 1, 0, 5, -1, t // 2], [t // 2 + 2, t // 2 + 2, t - 1, 3, 1]],
-                     jnp.int32)
+    """[2, 5] rows; -1 and rows >= length (row 1 has length t // 2 + 3) are ignored, the
+    row listed twice counts twice."""
+    return ProxyRows(jnp.array([[t - 1, 0, 5, -1, t // 2],
+                                [t // 2 + 2, t // 2 + 2, t - 1, 3, 1]], jnp.int32))
 
 
 class PrefillChecks:
@@ -62,7 +63,7 @@ class PrefillChecks:
     def test_matches_reference(self, case):
         _, g, n_kv, h, t, dtype, window, rows = case
         q, k, v, lengths = make_case(g, n_kv, h, t, dtype)
-        rows = proxy_rows(t) if rows == PROXY else rows
+        rows = proxy_rows(t) if isinstance(rows, str) else rows
         out, cols = self.run(q, k, v, lengths, sliding_window=window, score_rows=rows)
         ref_out, ref_cols = prefill_attention_with_scores_reference(
             q, k, v, lengths, sliding_window=window, score_rows=rows)
@@ -92,18 +93,25 @@ class PrefillChecks:
         q = jnp.zeros((1, 2, 1, h), jnp.float32)
         v = jnp.eye(h)[:2][None, :, None, :]
         lengths = jnp.array([2])
-        out, cols = self.run(q, q, v, lengths, score_rows="all")
+        out, cols = self.run(q, q, v, lengths, score_rows=AllRows())
         self.check(out[0, :, 0, :2], [[1.0, 0.0], [0.5, 0.5]], 1e-6, 0)
         self.check(cols[0, 0], [1.5, 0.5], 1e-6, 0)
-        _, cols = self.run(q, q, v, lengths, score_rows=("window", 1))
+        _, cols = self.run(q, q, v, lengths, score_rows=LastRows(1))
         self.check(cols[0, 0], [0.5, 0.5], 1e-6, 0)
-        _, cols = self.run(q, q, v, lengths, score_rows=jnp.array([[0]]))
+        _, cols = self.run(q, q, v, lengths, score_rows=ProxyRows(jnp.array([[0]])))
         self.check(cols[0, 0], [1.0, 0.0], 1e-6, 0)
 
-    def test_rejects_bad_score_rows(self):
+    @pytest.mark.parametrize("bad", ["all", ("window", 8), np.zeros((2, 3), np.int32)],
+                             ids=["str", "tuple", "array"])
+    def test_rejects_untyped_score_rows(self, bad):
         q, k, v, lengths = make_case(1, 1, 64, 45, jnp.float32)
-        with pytest.raises(ValueError, match="score_rows"):
-            self.run(q, k, v, lengths, score_rows="first")
+        with pytest.raises(ValueError, match="score_rows.*AllRows.*LastRows.*ProxyRows"):
+            self.run(q, k, v, lengths, score_rows=bad)
+
+    def test_rejects_proxy_rows_of_the_wrong_shape(self):
+        q, k, v, lengths = make_case(1, 1, 64, 45, jnp.float32)
+        with pytest.raises(ValueError, match="ProxyRows"):
+            self.run(q, k, v, lengths, score_rows=ProxyRows(jnp.zeros((3,), jnp.int32)))
 
 
 class TestPrefillTPU(PrefillChecks):
