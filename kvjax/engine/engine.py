@@ -30,11 +30,11 @@ import numpy as np
 from kvjax.buckets import bucket_length
 from kvjax.context import CompressedContext, model_fingerprint, with_tail
 from kvjax.engine.blocks import BlockAllocator
-from kvjax.engine.pool import (attach, compact_store, compaction_moves, detach, empty_pool,
-                               move_blocks, used_slots, write_block)
+from kvjax.engine.pool import (absorb_tail, attach, compact_store, compaction_moves, detach,
+                               empty_pool, move_blocks, slot_cache, used_slots, write_block)
 from kvjax.engine.request import Request, RequestResult, Status, as_id_list
 from kvjax.engine.step import SlotState, bucket_slots, decode_slots, set_slot
-from kvjax.loops import eos_ids, init_state
+from kvjax.loops import eos_ids, extend
 from kvjax.plan import check_hooks, check_token_ids, plan_request, split_model
 from kvjax.prefill import prefill_prompt, prefill_request
 from kvjax.quant import resolve_kv_quant
@@ -68,7 +68,8 @@ class EngineStats:
     bytes_needed: kv bytes of the entries the running requests keep (pool blocks + tail
     tokens); tokens_generated: since construction; contexts_held: contexts pinned by
     `Engine.hold`; compactions: times the pool's blocks were slid together to admit a
-    request that only fragmentation kept out."""
+    request that only fragmentation kept out; preemptions: running requests taken out to
+    let another grow (each resumed by recompute)."""
 
     running: int
     waiting: int
@@ -80,6 +81,7 @@ class EngineStats:
     tokens_generated: int
     contexts_held: int = 0
     compactions: int = 0
+    preemptions: int = 0
 
 
 class Engine:
@@ -93,7 +95,8 @@ class Engine:
       press: the default press of a request (None: the full cache).
       kv_dtype: None, "int8" or "float8_e4m3fn": the pool stores kept entries quantized
         (per-entry scales).
-      max_tail: tail slots per running request: question tokens + generated tokens.
+      max_tail: dense tail slots per running request (question + generated tokens); a full
+        tail moves into the pool, so generation is not bounded by it.
       attn_impl: as in `kvjax.generate`.
     """
 
@@ -131,7 +134,7 @@ class Engine:
         self._contexts: dict[int, tuple] = {}  # id -> (context, block, packed store)
         self._held: dict[int, CompressedContext] = {}  # contexts pinned by hold()
         self._next_id, self._steps, self._generated, self._closed = 0, 0, 0, False
-        self._compactions = 0
+        self._compactions = self._preemptions = 0
 
     # -- construction ----------------------------------------------------------------
 
@@ -202,9 +205,6 @@ class Engine:
             raise ValueError(f"{stop=} needs a tokenizer to decode the text")
         ids, q_ids, context, plan = self._inputs(x, question, question_aware, answer_prefix,
                                                  press, int(max_new_tokens))
-        if len(q_ids) + max_new_tokens > self.max_tail:
-            raise ValueError(f"{len(q_ids)} question tokens + {max_new_tokens=} exceed the "
-                             f"engine's max_tail={self.max_tail}")
         if eos_id is UNSET:
             eos_id = None if ids is not None and context is None and not isinstance(x, str) \
                 else (self.tokenizer.eos_ids if self.tokenizer is not None else None)
@@ -249,20 +249,23 @@ class Engine:
         plan = plan_request(self.fn, [ids], max_new_tokens=max_new_tokens, press=press,
                             kv_dtype=self.quant, tail_extra=len(q_ids),
                             attn_impl=self.attn_impl, tokenizer=self.tokenizer)
-        self._check_bound(plan.press, len(ids))
+        self._check_bound(plan.press, len(ids),
+                          max(0, len(q_ids) + max_new_tokens - self.max_tail))
         return ids, q_ids, None, plan
 
-    def _check_bound(self, press, n: int) -> None:
-        """ValueError when a full-cache request of n tokens can never fit the whole pool (a
-        compressed one is checked on its exact count once compressed, at admission)."""
+    def _check_bound(self, press, n: int, grow: int = 0) -> None:
+        """ValueError when a full-cache request of n prompt tokens, and `grow` tokens that
+        cannot stay in its tail, can never fit the whole pool (a compressed one is checked on
+        its exact count once compressed, at admission, and as it grows)."""
         if press is not None:
             return
         n_layers, n_kv, rows = (self._shapes[k] for k in ("n_layers", "n_kv", "rows"))
-        per_row = n_layers * (n_kv // rows) * n
+        per_row = n_layers * (n_kv // rows) * (n + grow)
         if self.allocator.rounded(per_row) > self.allocator.n_slots:
-            raise ValueError(f"the full cache of a {n}-token prompt keeps {per_row} slots per "
-                             f"store row; the pool has {self.allocator.n_slots} (raise "
-                             "kv_budget or pass a press)")
+            more = f" and at least {grow} tokens beyond its tail" if grow else ""
+            raise ValueError(f"the full cache of a {n}-token prompt{more} keeps {per_row} "
+                             f"slots per store row; the pool has {self.allocator.n_slots} "
+                             "(raise kv_budget or pass a press)")
 
     def _press(self, press):
         """The request's press (the engine's default for UNSET), refused if the pool cannot
@@ -320,10 +323,14 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------
 
     def step(self) -> list[tuple[Request, int]]:
-        """Admit what fits, then one jitted decode step of every running request.
+        """Admit what fits, move full tails into the pool (preempting the newest requests
+        while it cannot hold them), then one jitted decode step of every running request.
 
         Returns the (request, token) pairs generated in this step."""
         self._admit()
+        for req in [r for r in self._running.values() if r._tail >= self.max_tail]:
+            if req.slot is not None:  # not preempted by an earlier one's growth
+                self._grow(req)
         if not self._running:
             return []
         slots = bucket_slots(list(self._running), self.max_running)
@@ -351,6 +358,7 @@ class Engine:
         for slot, req in list(self._running.items()):
             t = int(tok[slot])
             req.tokens.append(t)
+            req._tail += 1
             self._generated += 1
             if req.first_token_time is None:
                 req.first_token_time = time.perf_counter()
@@ -390,22 +398,25 @@ class Engine:
 
     def _admit_one(self, req: Request, slot: int) -> bool:
         """Prefill, compress and attach `req` to `slot`; False when its block does not fit
-        yet (it stays first in line; its compressed cache is kept for the next try)."""
-        if req.context is not None:
+        yet (it stays first in line; its compressed cache is kept for the next try).
+
+        A compressed context's block is shared by its requests; a request whose question does
+        not fit the tail, or a preempted one resuming (its question and generated tokens fed
+        again), gets a private block with those tokens absorbed (`pool.absorb_tail`)."""
+        if req.context is not None and not req.tokens and \
+                len(req.question_ids) < self.max_tail:
             block, store = self._context_block(req.context)
             if block is None:
                 return False
             req.block, used = block, int(used_slots(store))  # _finish releases it on failure
-            cache, logits = self._append_question(req.context.cache, req.context.logits,
-                                                  req.question_ids, req.rng, copy=True)
+            cache = req.context.cache
+            if req.question_ids:  # fed into a copy: the context stays untouched
+                cache = jax.tree.map(jnp.copy, cache)
+            cache, logits = self._feed(cache, req.context.logits, req.question_ids)
             cache = dataclasses.replace(cache, store=store)  # the packed table of the block
         else:
-            if getattr(req, "_pending", None) is None:
-                logits, cache = prefill_request(self.fn, self.params, req.plan)
-                cache, logits = self._append_question(cache, logits, req.question_ids,
-                                                      req.rng, copy=False)
-                req._pending = (dataclasses.replace(cache, store=compact_store(cache.store)),
-                                logits)
+            if req._pending is None:
+                req._pending = self._prepare(req)
             cache, logits = req._pending
             used = int(used_slots(cache.store))
             block = self._allocate(used)
@@ -421,8 +432,9 @@ class Engine:
                                                jnp.int32(block.start), jnp.int32(used)))
         pool = attach(self._state.cache, cache, jnp.int32(slot), jnp.int32(block.start))
         self._state = set_slot(dataclasses.replace(self._state, cache=pool), jnp.int32(slot),
-                               logits[0], req.rng)
+                               logits[0], req.rng if req._rng is None else req._rng)
         self._free_slots.pop()
+        req._tail = int(cache.tail.count[0])
         req.status, req.slot, req.kept = Status.RUNNING, slot, used
         req.kv_bytes = self.allocator.rounded(used) * self._slot_bytes
         self._running[slot] = req
@@ -445,6 +457,99 @@ class Engine:
             block = self.allocator.allocate(used)
         return block
 
+    def _prepare(self, req: Request):
+        """(batch-1 cache with a packed store, logits [1, V]) of a request not yet placed:
+        prefilled and compressed (or a copy of its compressed context), its question fed, and
+        for a resumed request its generated tokens too; absorbed into the store when they
+        would not fit the pool's tail."""
+        if req.context is not None:
+            cache, logits = jax.tree.map(jnp.copy, req.context.cache), req.context.logits
+        else:
+            logits, cache = prefill_request(self.fn, self.params, req.plan)
+        fed = list(req.question_ids) + list(req.tokens)
+        cache, logits = self._feed(cache, logits, fed)
+        if len(fed) < self.max_tail:
+            return dataclasses.replace(cache, store=compact_store(cache.store)), logits
+        return self._absorbed(cache), logits
+
+    def _absorbed(self, cache):
+        """A batch-1 cache with its tail moved into its store (packed), tail empty."""
+        per_row = self._shapes["n_layers"] * self._shapes["n_kv"] // self._shapes["rows"]
+        need = int(used_slots(cache.store)) + per_row * int(cache.tail.count[0])
+        width = 1 << max(need - 1, 63).bit_length()  # power-of-two buckets: few compilations
+        return absorb_tail(cache, width=width)
+
+    def _grow(self, req: Request) -> None:
+        """Move a running request's full tail into a new, larger pool block (its segments
+        extended by the tail's tokens), preempting the newest other requests while the pool
+        cannot hold it; a request that cannot grow even alone ends with an error."""
+        slot = req.slot
+        per_row = self._shapes["n_layers"] * self._shapes["n_kv"] // self._shapes["rows"]
+        width = 1 << max(req.kept + per_row * req._tail - 1, 63).bit_length()
+        cache = absorb_tail(slot_cache(self._state.cache, jnp.int32(slot), width=width),
+                            width=width)
+        used = int(used_slots(cache.store))
+        self._drop_block(req)  # copied out: its old block is free for the new one
+        block = self._allocate(used)
+        while block is None:
+            victims = [r for r in self._running.values() if r is not req]
+            if not victims:
+                req.error = (f"its kept entries and generated tokens need {used} pool slots "
+                             f"per row; the pool has {self.allocator.n_slots} (raise "
+                             "kv_budget)")
+                self._finish(req, "error")
+                return
+            self._preempt(max(victims, key=lambda r: r.id))
+            block = self._allocate(used)
+        self._state = dataclasses.replace(
+            self._state, cache=write_block(self._state.cache, cache.store,
+                                           jnp.int32(block.start), jnp.int32(used)))
+        self._state = dataclasses.replace(
+            self._state, cache=attach(self._state.cache, cache, jnp.int32(slot),
+                                      jnp.int32(block.start)))
+        req.block, req.kept, req._tail = block, used, 0
+        req.kv_bytes = self.allocator.rounded(used) * self._slot_bytes
+
+    def _preempt(self, req: Request) -> None:
+        """Take a running request out of the pool (slot and block freed now) and put it back
+        first in line; it resumes by recompute with the tokens it has (`_prepare`)."""
+        req._rng = self._state.rng[req.slot]
+        self._state = dataclasses.replace(
+            self._state, cache=detach(self._state.cache, jnp.int32(req.slot)))
+        del self._running[req.slot]
+        self._free_slots.append(req.slot)
+        self._drop_block(req)
+        req.slot, req.status, req._pending = None, Status.WAITING, None
+        req.preemptions += 1
+        self._preemptions += 1
+        self._waiting.appendleft(req)
+
+    def _drop_block(self, req: Request) -> None:
+        """Release `req`'s pool block (a shared context's entry goes with its last user)."""
+        if req.block is None:
+            return
+        shared = req.context is not None and \
+            self._contexts.get(id(req.context), (None, None))[1] is req.block
+        if self.allocator.release(req.block) and shared:
+            self._contexts.pop(id(req.context), None)
+        req.block = None
+
+    def _feed(self, cache, logits, ids):
+        """(cache, logits [1, V]) after token ids fed in one extend (the tail grown to hold
+        them), as `Pipeline.append_tokens` feeds a question."""
+        if not ids:
+            return cache, logits
+        need = bucket_length(int(cache.tail.count[0]) + len(ids), minimum=16)
+        if cache.tail.capacity < need:
+            cache = with_tail(cache, need)
+        width = bucket_length(len(ids), minimum=16)
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(ids)] = ids
+        logits, cache = extend(self.fn, self.params, jnp.asarray(padded),
+                               jnp.array([len(ids)], jnp.int32), cache,
+                               attn_impl=self.attn_impl)
+        return cache, logits
+
     def _context_block(self, ctx):
         """The pool block holding `ctx`'s store (written once, shared, packed by
         `compact_store`) -> (block or None when it does not fit yet, packed store)."""
@@ -463,18 +568,6 @@ class Engine:
         self._contexts[id(ctx)] = (ctx, block, store)
         return block, store
 
-    def _append_question(self, cache, logits, q_ids, rng, *, copy: bool):
-        """(cache, logits [1, V]) after the question ids, as `Pipeline` appends them."""
-        if not q_ids:
-            return cache, logits
-        if copy:  # a compressed context stays untouched (`Pipeline.ask`)
-            cache = jax.tree.map(jnp.copy, cache)
-        need = bucket_length(len(q_ids), minimum=16)
-        if cache.tail.capacity < need:
-            cache = with_tail(cache, need)
-        state = self._pipe.append_tokens(init_state(logits, cache, 1, 1, rng), q_ids)
-        return state.cache, state.logits
-
     def _finish(self, req: Request, reason: str) -> None:
         if req.slot is not None:
             self._state = dataclasses.replace(
@@ -482,10 +575,7 @@ class Engine:
             del self._running[req.slot]
             self._free_slots.append(req.slot)
             req.slot = None
-        if req.block is not None:
-            if self.allocator.release(req.block) and req.context is not None:
-                self._contexts.pop(id(req.context), None)
-            req.block = None
+        self._drop_block(req)
         req._pending = None
         req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, \
             time.perf_counter()
@@ -574,7 +664,7 @@ class Engine:
             bytes_needed=self.allocator.used * self._slot_bytes
             + tail_tokens * self._tail_token_bytes,
             tokens_generated=self._generated, contexts_held=len(self._held),
-            compactions=self._compactions)
+            compactions=self._compactions, preemptions=self._preemptions)
 
 
 __all__ = ["Engine", "EngineStats", "Request", "RequestResult", "parse_bytes"]

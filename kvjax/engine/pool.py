@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import KVCache, KVStore, init_tail
+from kvjax.quant import quantize_token
 from kvjax.writer import segment_offsets
 
 
@@ -54,9 +55,10 @@ def _by_row(x: jax.Array, rows: int) -> jax.Array:
     return x.reshape(n_layers, rows, n_kv // rows).transpose(1, 0, 2).reshape(rows, -1)
 
 
-@jax.jit
-def compact_store(store: KVStore) -> KVStore:
-    """A batch-1 store with its segments packed end to end in every row.
+@functools.partial(jax.jit, static_argnames=("width",))
+def compact_store(store: KVStore, width: int | None = None) -> KVStore:
+    """A batch-1 store with its segments packed end to end in every row, in `width` slots
+    per row (default: the store's own).
 
     A uniform press's store lays segment s at a fixed stride of its static bound, so a row
     spans more slots than it keeps; packed (offsets from `kvjax.writer.segment_offsets`, the
@@ -67,12 +69,13 @@ def compact_store(store: KVStore) -> KVStore:
     new = segment_offsets(store.length, rows)  # [1, L, K]
     old_r, new_r = _by_row(store.offset[0], rows), _by_row(new[0], rows)
     len_r = _by_row(store.length[0], rows)
-    j = jnp.arange(store.k.shape[2])
+    j = jnp.arange(store.k.shape[2] if width is None else width)
 
     def row_index(old, start, n):  # [S] each -> [P] source slot of every destination slot
         ends = start + n
         s = jnp.clip(jnp.searchsorted(ends, j, side="right"), 0, ends.shape[0] - 1)
-        return jnp.where(j < ends[-1], old[s] + j - start[s], j)
+        return jnp.clip(jnp.where(j < ends[-1], old[s] + j - start[s], j), 0,
+                        store.k.shape[2] - 1)
 
     src = jax.vmap(row_index)(old_r, new_r, len_r)  # [R, P]
     take = lambda x: None if x is None else jax.vmap(
@@ -80,6 +83,80 @@ def compact_store(store: KVStore) -> KVStore:
     return dataclasses.replace(store, k=take(store.k), v=take(store.v), pos=take(store.pos),
                                extra=take(store.extra), k_scale=take(store.k_scale),
                                v_scale=take(store.v_scale), offset=new)
+
+
+def slot_store(pool: KVCache, slot: int) -> KVStore:
+    """Slot `slot`'s view of the pool: the shared slot arrays with its table [1, L, K]."""
+    ps = pool.store
+    return _replace(ps, offset=ps.offset[slot][None], length=ps.length[slot][None])
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def slot_cache(pool: KVCache, slot, width: int) -> KVCache:
+    """Slot `slot` as a batch-1 cache of its own: its segments copied out of the pool and
+    packed in `width` slots per row (>= its block), its tail and next position."""
+    t = pool.tail
+    tail = type(t)(k=t.k[:, slot][:, None], v=t.v[:, slot][:, None], pos=t.pos[slot][None],
+                   count=t.count[slot][None])
+    store = compact_store(slot_store(pool, slot), width=width)
+    return KVCache(store=store, tail=tail, next_pos=pool.next_pos[slot][None])
+
+
+def _segment_ids(n_layers: int, n_kv: int, rows: int) -> tuple[jax.Array, jax.Array]:
+    """(layer [R, S], kv head [R, S]) of every row's segments in (layer, head) order."""
+    grid = jnp.mgrid[:n_layers, :n_kv].astype(jnp.int32)
+    return _by_row(grid[0], rows), _by_row(grid[1], rows)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def absorb_tail(cache: KVCache, width: int) -> KVCache:
+    """A batch-1 cache whose store also holds its tail's tokens: every (layer, kv head)
+    segment grows by the tail's `count` entries (after its own, in position order), the
+    segments packed end to end in `width` slots per row; the tail is emptied. A quantized
+    store gets the tail's entries quantized with per-entry scales, as a rewrite does
+    (`kvjax.cache.write_view`).
+
+    What an engine slot does when its tail is full, and what a resumed request does with the
+    tokens it had generated: attention over the result equals attention over store + tail
+    (one softmax over the same entries)."""
+    st, t = cache.store, cache.tail
+    if st.extra is not None or st.channels is not None or st.value_channels is not None:
+        raise ValueError("absorb_tail takes a store without hook state or thin channels")
+    rows, p = st.k.shape[1], st.k.shape[2]
+    n = t.count[0]
+    length = st.length + n  # [1, L, K]
+    offset = segment_offsets(length, rows)
+    old_r, start_r = _by_row(st.offset[0], rows), _by_row(offset[0], rows)
+    kept_r, lid, hid = _by_row(st.length[0], rows), *_segment_ids(*st.length.shape[1:], rows)
+    j = jnp.arange(width)
+
+    def row_index(old, start, kept):  # [S] each -> per destination slot: source and kind
+        ends = start + kept + n
+        s = jnp.clip(jnp.searchsorted(ends, j, side="right"), 0, ends.shape[0] - 1)
+        i = j - start[s]
+        valid = j < ends[-1]
+        return (s, valid & (i < kept[s]), valid & (i >= kept[s]),
+                jnp.clip(old[s] + i, 0, p - 1), jnp.clip(i - kept[s], 0, t.capacity - 1))
+
+    s, from_store, from_tail, src, ti = jax.vmap(row_index)(old_r, start_r, kept_r)  # [R, W]
+    layer, head = jnp.take_along_axis(lid, s, 1), jnp.take_along_axis(hid, s, 1)
+    take = lambda x: jax.vmap(lambda row, ix: jnp.take(row, ix, axis=0))(x[0], src)
+    tail_kv = lambda x: x[layer, 0, head, ti]  # [R, W, H]
+    keep = lambda m, x: jnp.where(m.reshape(m.shape + (1,) * (x.ndim - 2)), x, 0)
+    k_t, v_t = tail_kv(t.k), tail_kv(t.v)
+    new = {}
+    if st.quant is not None:
+        (k_t, ks_t), (v_t, vs_t) = quantize_token(k_t, st.quant), quantize_token(v_t, st.quant)
+        new.update(k_scale=keep(from_store, take(st.k_scale)) + keep(from_tail, ks_t),
+                   v_scale=keep(from_store, take(st.v_scale)) + keep(from_tail, vs_t))
+    merge = lambda a, b: jnp.where(from_store[..., None], a, jnp.where(
+        from_tail[..., None], b.astype(a.dtype), jnp.zeros((), a.dtype)))
+    pos = jnp.where(from_store, take(st.pos), jnp.where(from_tail, t.pos[0][ti], 0))
+    new = {key: val[None] for key, val in new.items()}
+    store = _replace(st, k=merge(take(st.k), k_t)[None], v=merge(take(st.v), v_t)[None],
+                     pos=pos[None].astype(jnp.int32), offset=offset, length=length, **new)
+    tail = type(t)(k=t.k, v=t.v, pos=t.pos, count=jnp.zeros_like(t.count))
+    return KVCache(store=store, tail=tail, next_pos=cache.next_pos, hook=cache.hook)
 
 
 def used_slots(store: KVStore) -> jax.Array:

@@ -67,6 +67,9 @@ class Request:
     finish_time: float | None = None
     _engine: Any = dataclasses.field(default=None, repr=False)
     _pending: Any = dataclasses.field(default=None, repr=False)  # compressed, not yet placed
+    _tail: int = dataclasses.field(default=0, repr=False)  # tokens in its slot's tail
+    _rng: Any = dataclasses.field(default=None, repr=False)  # its slot's key when preempted
+    preemptions: int = 0
 
     @property
     def done(self) -> bool:

@@ -210,7 +210,6 @@ def test_a_prompt_too_big_for_the_pool_fails_alone(model):
     (dict(x=[1, 2, 500], max_new_tokens=2), "token id 500"),
     (dict(x=[1.5, 2.0], max_new_tokens=2), "must be integers"),
     (dict(x=[1, 2], max_new_tokens=0), "max_new_tokens=0"),
-    (dict(x=[1, 2], max_new_tokens=40), "max_tail=32"),
     (dict(x=[1] * 600, max_new_tokens=2), "exceeds the model's context"),
     (dict(x=[1, 2], max_new_tokens=2, press="snapkv"), "make_press"),
     (dict(x=[1, 2], max_new_tokens=2, press=kvjax.ThinKPress(
@@ -364,3 +363,98 @@ def test_a_fragmented_pool_is_compacted_and_answers_do_not_change(model):
     for req, ids, n in zip(reqs, prompts, news):
         assert req.result().tokens == _generate(model, ids, n), req.id
     assert eng.stats().slots_used == 0
+
+
+def test_absorb_tail_equals_the_store_and_its_tail(model):
+    """`pool.absorb_tail` moves a cache's tail into its store: the kept positions are the
+    store's plus the tail's, and the next decode step's logits are the same."""
+    from kvjax.engine.pool import absorb_tail
+    fn, params = model.kvjax_split()
+    ids = _prompts(1, seed=5)[0]
+    t, n = loops.pad_prompts([ids])
+    _, cache = loops.prefill(fn, params, jnp.asarray(t), jnp.asarray(n), tail_capacity=8,
+                             press=_press("adakv", 0.5))
+    new = jnp.asarray([[5, 7, 11, 13, 17, 0, 0, 0]], jnp.int32)
+    _, cache = loops.extend(fn, params, new, jnp.array([5]), cache)
+    moved = absorb_tail(cache, width=1024)
+    assert int(moved.tail.count[0]) == 0
+    for layer in range(cache.n_layers):
+        for h in range(cache.store.n_kv_heads):
+            want = sorted(kvjax.kept_positions(cache, layer)[0][h].tolist())
+            assert sorted(kvjax.kept_positions(moved, layer)[0][h].tolist()) == want
+    tok = jnp.asarray([[19]], jnp.int32)
+    a, _ = fn.decode(params, tok, jnp.array([1]), cache, attn_impl="reference")
+    b, _ = fn.decode(params, tok, jnp.array([1]), moved, attn_impl="reference")
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+def test_generation_longer_than_the_tail_moves_into_the_pool(model):
+    """max_tail=8 and 30 new tokens: every full tail moves into a larger block of the pool,
+    for the full cache and per-head budgets alike, and every answer equals `generate`."""
+    eng = kvjax.Engine(model, kv_budget=2 * 2**20, max_running=3, max_tail=8)
+    prompts = _prompts(4, seed=11)
+    presses = [None, _press("snapkv", 0.75), _press("adakv", 0.5), _press("zigzagkv", 0.6)]
+    reqs, first = [], None
+    for i, (ids, press) in enumerate(zip(prompts, presses)):
+        reqs.append(eng.submit(ids, press=press, max_new_tokens=30, question=[3, 4]))
+        eng.step()
+        first = first or reqs[0].kept
+    for _ in range(12):
+        eng.step()
+    # 2 question + 16 generated tokens went through the first request's tail: two full
+    # tails of 8 moved into the pool, 3 layers x 2 kv heads x 8 entries each
+    assert reqs[0].kept == first + 2 * 3 * 2 * 8
+    eng.run()
+    for req, ids, press in zip(reqs, prompts, presses):
+        want = _generate(model, ids + [3, 4], 30, press) if press is None else None
+        if press is not None:  # the question is appended after compression, as the engine does
+            want = _generate_then(model, ids, [3, 4], 30, press)
+        assert req.result().tokens == want, (req.id, press)
+    assert eng.stats().slots_used == 0 and eng.stats().preemptions == 0
+
+
+def _generate_then(model, ids, question, n, press):
+    """`Pipeline.ask`-style reference: compress the prompt, then feed the question, greedy."""
+    fn, params = model.kvjax_split()
+    t, m = loops.pad_prompts([ids])
+    logits, cache = loops.prefill(fn, params, jnp.asarray(t), jnp.asarray(m),
+                                  tail_capacity=len(question) + n + 8, press=press)
+    q = jnp.asarray([question + [0] * (16 - len(question))], jnp.int32)
+    logits, cache = loops.extend(fn, params, q, jnp.array([len(question)]), cache)
+    out = []
+    for _ in range(n):
+        tok = int(jnp.argmax(logits[0]))
+        out.append(tok)
+        logits, cache = loops.extend(fn, params, jnp.asarray([[tok]]), jnp.array([1]), cache)
+    return out
+
+
+def test_preempted_requests_resume_with_the_same_tokens(model):
+    """Two full-cache requests of 40 tokens (240 slots each) in a pool of 600 slots with
+    8-slot tails: the first one's growth takes the pool, so the newest is preempted (slot
+    and block freed), resumes by recompute with the tokens it had, and both answers equal
+    `generate` alone; a request that cannot grow even alone ends with an error."""
+    probe = kvjax.Engine(model, kv_budget=2 * 2**20, max_running=2, max_tail=8)
+    per_slot, held = probe.slot_bytes, probe.stats()
+    tails = held.bytes_held - held.pool_slots * per_slot
+    eng = kvjax.Engine(model, kv_budget=tails + 600 * per_slot, max_running=2, max_tail=8)
+    assert eng.stats().pool_slots == 600
+    rng = np.random.RandomState(3)
+    prompts = [list(rng.randint(1, VOCAB, 40)) for _ in range(2)]
+    reqs = [eng.submit(ids, max_new_tokens=30) for ids in prompts]
+    eng.run()
+    assert eng.stats().preemptions >= 1 and reqs[1].preemptions >= 1
+    for req, ids in zip(reqs, prompts):
+        assert req.result().tokens == _generate(model, ids, 30), req.id
+    assert eng.stats().slots_used == 0
+    small = kvjax.Engine(model, kv_budget=tails + 296 * per_slot, max_running=2, max_tail=8)
+    with pytest.raises(ValueError, match="40-token prompt and at least 32 tokens beyond its "
+                                         "tail keeps 432 slots"):  # the full cache: at submit
+        small.submit(prompts[0], max_new_tokens=40)
+    knorm = kvjax.KnormPress(compression_ratio=0.5)  # 120 slots, + 48 per full tail
+    alone = small.submit(prompts[0], max_new_tokens=60, press=knorm)
+    small.run()
+    res = alone.result()  # 120 + 3 x 48 = 264 fit in 296; the fourth tail does not
+    assert res.finish_reason == "error" and "need 312 pool slots" in res.error
+    assert len(res.tokens) == 32 and small.stats().slots_used == 0
+    assert res.tokens == _generate(model, prompts[0], 60, knorm)[:32]
