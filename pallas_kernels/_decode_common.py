@@ -75,18 +75,15 @@ def merge_prefix_tail(o_prefix: jax.Array, o_tail: jax.Array,
     return scattered + o_tail
 
 
-
-def check_prefix_window(prefix_offset: jax.Array | None, max_prefix_len: int | None,
+def check_prefix_window(prefix_offset: jax.Array, max_prefix_len: int | None,
                         prefix_len: jax.Array, capacity: int) -> tuple[jax.Array, int]:
     """Validate the segment arguments; return (offsets [B*K] int32, max_len).
 
-    With `prefix_offset` [B, K] the prefix of kv head (b, h) is slots
-    [offset, offset + prefix_len) of row h // (K // R) of the `capacity`-slot prefix arrays
-    (a segment of the cache's store, read in place); `max_prefix_len` (static) bounds
-    prefix_len and sizes the grid.
-    Without an offset the prefix starts at slot 0; the bound defaults to `capacity`. The caller
-    guarantees prefix_len <= max_prefix_len and offset + prefix_len <= capacity (traced values
-    are not checked).
+    The prefix of kv head (b, h) is slots [offset, offset + prefix_len) of row h // (K // R)
+    of the `capacity`-slot prefix arrays (a segment of the cache's store, read in place),
+    offset from `prefix_offset` [B, K]; `max_prefix_len` (static, default `capacity`) bounds
+    prefix_len and sizes the grid. The caller guarantees prefix_len <= max_prefix_len and
+    offset + prefix_len <= capacity (traced values are not checked).
 
     Raises:
       ValueError: on a bad offset shape or a bound outside [1, capacity].
@@ -96,7 +93,8 @@ def check_prefix_window(prefix_offset: jax.Array | None, max_prefix_len: int | N
     if not 1 <= max_len <= capacity:
         raise ValueError(f"max_prefix_len={max_prefix_len} must be in [1, C={capacity}]")
     if prefix_offset is None:
-        return jnp.zeros((b * n_kv,), jnp.int32), max_len
+        raise ValueError(f"{prefix_offset=}: the kernels read segments of the store; pass "
+                         f"prefix_offset [B={b}, K={n_kv}] (zeros: each segment at slot 0)")
     if tuple(prefix_offset.shape) != (b, n_kv):
         raise ValueError(f"prefix_offset.shape={tuple(prefix_offset.shape)} must be "
                          f"{(b, n_kv)} (B, K)")

@@ -10,10 +10,10 @@ split writes unnormalised partials (acc, m, l) for its prefix part and its tail 
 widths differ with thin values); a small jnp step combines all partials into one softmax and
 scatters the prefix part onto its kept value channels.
 
-Segments of the store: with `prefix_offset` the prefix arrays are the cache's whole store (R rows,
-R dividing K; `kvjax.cache.KVStore`) and each kv head walks its layer's segment
-[offset, offset + length) of its row in place, its TMA copies starting at the offset rounded down
-to 8 (a tile row); the slots before `offset` are masked.
+Segments of the store: the prefix arrays are the cache's whole store (R rows, R dividing K;
+`kvjax.cache.KVStore`) and each kv head walks its layer's segment [offset, offset + length) of
+its row in place (`prefix_offset`), its TMA copies starting at the offset rounded down to 8 (a
+tile row); the slots before `offset` are masked.
 
 Inputs are computed in bf16/f16 (WGMMA): f32 inputs are rounded to bf16 first, so an f32 call
 has bf16 input precision (f32 accumulation and softmax).
@@ -260,35 +260,35 @@ def _as_rows(x, dt):
 def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                      prefix_len: jax.Array, prefix_pos: jax.Array, tail_k: jax.Array,
                      tail_v: jax.Array, tail_pos: jax.Array, tail_count: jax.Array,
-                     q_pos: jax.Array, *, channels: jax.Array | None = None,
+                     q_pos: jax.Array, *, prefix_offset: jax.Array,
+                     max_prefix_len: int | None = None, channels: jax.Array | None = None,
                      value_channels: jax.Array | None = None, scale: float | None = None,
                      sliding_window: int | None = None,
-                     prefix_offset: jax.Array | None = None, max_prefix_len: int | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool | None = None) -> jax.Array:
     """Attend one new query token per sequence over a compressed prefix plus a dense tail.
 
-    With `prefix_offset`, the prefix arrays are the cache's store (`kvjax.cache.KVStore`:
-    R rows of C slots, R dividing K) and head (b, h) reads its segment
-    [offset, offset + prefix_len) of row h // (K // R) in place: TMA copies start at the
-    segment's offset rounded down to 8 (tile rows), so no segment is copied. Keep C a multiple
-    of 8 and >= block_kv, or the store is padded (a copy).
+    The prefix arrays are the cache's store (`kvjax.cache.KVStore`: R rows of C slots, R
+    dividing K) and head (b, h) reads its segment [offset, offset + prefix_len) of row
+    h // (K // R) in place: TMA copies start at the segment's offset rounded down to 8 (tile
+    rows), so no segment is copied. Keep C a multiple of 8 and >= block_kv, or the store is
+    padded (a copy).
 
     Args:
       q: [B, N, H] post-RoPE queries (bf16/f16; f32 is rounded to bf16 for the MMAs).
-      prefix_k: [B, R, C, Dk] keys (Dk < H with thin keys); prefix_v: [B, R, C, Hv]; R = K
-        (one row per kv head) or any divisor of K.
+      prefix_k: [B, R, C, Dk] store keys (Dk < H with thin keys); prefix_v: [B, R, C, Hv];
+        R = K (one row per kv head) or any divisor of K.
       prefix_len: [B, K] valid prefix slots per kv head (0 allowed).
       prefix_pos: [B, R, C] original positions (used by the sliding window).
       tail_k, tail_v: [B, K, S, H] dense tail; tail_pos: [B, S]; tail_count: [B] valid slots.
       q_pos: [B] position of the query (tail slots after it are masked).
+      prefix_offset: [B, K] int32 first slot of each head's segment in its row.
+      max_prefix_len: static bound on prefix_len (splits and work per split), default C.
       channels: [B, K, Dk] kept key channels of the prefix, or None for full-width keys.
       value_channels: [B, K, Hv] kept value channels of the prefix (the prefix contributes to
         those output channels only), or None for full-width values (Hv = H).
       scale: logit scale, default 1/sqrt(H) (full H even with thin keys).
       sliding_window: Mistral-style window on positions, or None.
-      prefix_offset: [B, K] int32 first slot of each head's segment in its row, or None (0).
-      max_prefix_len: static bound on prefix_len (splits and work per split), default C.
       block_sizes: BlockSizes (slots per TMA block, number of splits).
       interpret: None = Mosaic GPU interpreter unless the default backend is GPU.
 
@@ -317,7 +317,7 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                                            prefix_k.shape[2])
     splits = bs.num_splits or max(1, min(32, pl.cdiv(max_len, 512)))
     # a segment at an offset starts up to 7 slots after its 8-aligned first TMA row
-    span = max_len if prefix_offset is None else min(max_len + 7, prefix_k.shape[2])
+    span = min(max_len + 7, prefix_k.shape[2])
 
     def i32(x):
         return x.astype(jnp.int32)

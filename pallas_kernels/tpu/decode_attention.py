@@ -9,9 +9,9 @@ those of the valid slots (rounded up to a block). Softmax statistics and two acc
 (prefix values, possibly thin, and tail values) live in VMEM scratch in f32; the prefix part is
 scattered onto its kept value channels outside the kernel.
 
-Segments of the store: with `prefix_offset`, the prefix arrays are the cache's whole store
-(R rows, R dividing K; `kvjax.cache.KVStore`) and each kv head reads its layer's segment
-[offset, offset + length) of its row in place. The index maps walk the row's own blocks from
+Segments of the store: the prefix arrays are the cache's whole store (R rows, R dividing K;
+`kvjax.cache.KVStore`) and each kv head reads its layer's segment [offset, offset + length) of
+its row in place (`prefix_offset`). The index maps walk the row's own blocks from
 the one holding `offset` (scalar prefetch), and the kernel masks the slots outside the
 segment; an unaligned segment costs at most one extra block of reads.
 
@@ -89,20 +89,20 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
             qt_ref,  # [G, H] full-width queries (for the tail)
             pk_ref,  # [bp, Dk] prefix keys
             pv_ref,  # [bp, Hv] prefix values
-            ppos_ref,  # [1, bp] prefix positions ([R, bp], all store rows, when segmented)
-            *refs,  # quantized: ks_ref, vs_ref [1, bp] ([R, bp] segmented) f32 scales; then:
+            ppos_ref,  # [R, bp] prefix positions of all store rows
+            *refs,  # quantized: ks_ref, vs_ref [R, bp] f32 scales of all store rows; then:
             # tk_ref, tv_ref [bt, H] tail keys / values; tpos_ref [1, bt] tail positions;
             # op_ref [G, Hv], ot_ref [G, H] f32 prefix / tail parts of the output (normalised);
             # scratch m_ref, l_ref [G, 1], accp_ref [G, Hv], acct_ref [G, H] f32
-            scale, n_kv, per_row, n_prefix_blocks, bp, bt, sliding_window, segmented, quantized):
+            scale, n_kv, per_row, n_prefix_blocks, bp, bt, sliding_window, quantized):
     ks_ref, vs_ref = refs[:2] if quantized else (None, None)
     (tk_ref, tv_ref, tpos_ref, op_ref, ot_ref, m_ref, l_ref, accp_ref,
      acct_ref) = refs[2:] if quantized else refs
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = jax.lax.div(h, per_row)  # the prefix row (of R) holding this head's segments
     length, count, q_pos = len_ref[b * n_kv + h], cnt_ref[b], qpos_ref[b]
-    # The prefix is slots [offset, offset + length) of its arrays (0 without prefix_offset);
-    # its blocks are the array's own blocks, starting with the one holding `offset`.
+    # The prefix is slots [offset, offset + length) of its row; its blocks are the row's own
+    # blocks, starting with the one holding `offset`.
     offset = off_ref[b * n_kv + h]
     first = jax.lax.div(offset, bp) * bp  # lax.div: offsets are >= 0, no sign fix-up needed
 
@@ -114,7 +114,7 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
         acct_ref[...] = jnp.zeros(acct_ref.shape, jnp.float32)
 
     def scale_row(ref):  # a quantized prefix's per-slot scales of this head's row: [1, bs]
-        return None if ref is None else (ref[pl.ds(row, 1), :] if segmented else ref[...])
+        return None if ref is None else ref[pl.ds(row, 1), :]
 
     def attend(q_ref, k_ref, v_ref, pos_ref, start, lo, limit, causal, acc_ref,
                other_acc_ref, ks_ref=None, vs_ref=None):
@@ -125,7 +125,7 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # scalar prefetch: [B*K], [B*K
         slot = start + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)
         valid = (slot >= lo) & (slot < limit)
         if causal or sliding_window is not None:
-            pos = pos_ref[pl.ds(row, 1), :] if segmented and not causal else pos_ref[...]
+            pos = pos_ref[...] if causal else pos_ref[pl.ds(row, 1), :]
             if causal:
                 valid &= pos <= q_pos
             if sliding_window is not None:
@@ -158,22 +158,21 @@ def _last_block(n_valid, block):
     return jnp.maximum(pl.cdiv(n_valid, block) - 1, 0)
 
 
-def _prefix_blocks(c, bp, max_len, segmented):
-    """Grid steps for the prefix: blocks of a `max_len`-slot window (one more when segmented:
-    a segment starting inside a block may straddle one more block), at most the array's."""
-    span = max_len + (bp - 1 if segmented else 0)
-    return min(pl.cdiv(span, bp), pl.cdiv(c, bp))
+def _prefix_blocks(c, bp, max_len):
+    """Grid steps for the prefix: blocks of a `max_len`-slot segment, plus one (a segment
+    starting inside a block may straddle one more block), at most the row's."""
+    return min(pl.cdiv(max_len + bp - 1, bp), pl.cdiv(c, bp))
 
 
 def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos, *, scale,
-          sliding_window, bp, bt, max_len, segmented, interpret):
-    """`scales`: () or (k_scale, v_scale) laid out like `ppos`; `segmented`: the prefix arrays
-    are the store (ppos [B, R, C]) read at `offs`, else each row from slot 0 (ppos [B, R, 1, C])."""
+          sliding_window, bp, bt, max_len, interpret):
+    """The prefix arrays are the store (pk [B, R, C, Dk], ppos [B, R, C]) read at `offs`;
+    `scales`: () or (k_scale, v_scale) [B, R, C] f32."""
     b, n_kv, g, dk = qp.shape
     rows = pk.shape[1]
     per_row = n_kv // rows
     c, hv, s, h = pk.shape[2], pv.shape[3], tk.shape[2], qt.shape[3]
-    n_pb, n_tb = _prefix_blocks(c, bp, max_len, segmented), pl.cdiv(s, bt)
+    n_pb, n_tb = _prefix_blocks(c, bp, max_len), pl.cdiv(s, bt)
 
     def prefix_map(bi, hi, j, len_ref, off_ref, cnt_ref, qpos_ref):
         r = bi * n_kv + hi
@@ -184,10 +183,6 @@ def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos,
 
     def tail_map(bi, hi, j, len_ref, off_ref, cnt_ref, qpos_ref):
         return bi, hi, jnp.clip(j - n_pb, 0, _last_block(cnt_ref[bi], bt)), 0
-
-    def ppos_map(*args):  # positions [B, R, 1, C]: the slot axis is the lane axis
-        bi, hi, blk, _ = prefix_map(*args)
-        return bi, hi, 0, blk
 
     def store_pos_map(*args):  # store positions [B, R, P]: all R rows (an R-row block is legal)
         bi, _, blk, _ = prefix_map(*args)
@@ -206,12 +201,9 @@ def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos,
 
     kernel = functools.partial(_kernel, scale=scale, n_kv=n_kv, per_row=per_row,
                                n_prefix_blocks=n_pb, bp=bp, bt=bt,
-                               sliding_window=sliding_window, segmented=segmented,
-                               quantized=bool(scales))
-    pos_spec = (pl.BlockSpec((None, rows, bp), store_pos_map) if segmented
-                else pl.BlockSpec((None, None, 1, bp), ppos_map))
-    scale_spec = (pl.BlockSpec((None, rows, bp), store_scale_map) if segmented
-                  else pl.BlockSpec((None, None, 1, bp), ppos_map))
+                               sliding_window=sliding_window, quantized=bool(scales))
+    pos_spec = pl.BlockSpec((None, rows, bp), store_pos_map)
+    scale_spec = pl.BlockSpec((None, rows, bp), store_scale_map)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4, grid=(b, n_kv, n_pb + n_tb),
         in_specs=[pl.BlockSpec((None, None, g, dk), head_map),
@@ -242,36 +234,36 @@ def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos,
 def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
                      prefix_len: jax.Array, prefix_pos: jax.Array, tail_k: jax.Array,
                      tail_v: jax.Array, tail_pos: jax.Array, tail_count: jax.Array,
-                     q_pos: jax.Array, *, channels: jax.Array | None = None,
+                     q_pos: jax.Array, *, prefix_offset: jax.Array,
+                     max_prefix_len: int | None = None, channels: jax.Array | None = None,
                      value_channels: jax.Array | None = None, scale: float | None = None,
                      sliding_window: int | None = None,
-                     prefix_offset: jax.Array | None = None, max_prefix_len: int | None = None,
                      prefix_k_scale: jax.Array | None = None,
                      prefix_v_scale: jax.Array | None = None,
                      block_sizes: BlockSizes | None = None,
                      interpret: bool | None = None) -> jax.Array:
     """Attend one new query token per sequence over a compressed prefix plus a dense tail.
 
-    With `prefix_offset`, the prefix arrays are the cache's store (`kvjax.cache.KVStore`:
-    R rows of C slots, R dividing K) and head (b, h) reads its segment
-    [offset, offset + prefix_len) of row h // (K // R) in place: the index maps start at the
-    block holding `offset` (one extra block at most), so no segment is copied.
+    The prefix arrays are the cache's store (`kvjax.cache.KVStore`: R rows of C slots, R
+    dividing K) and head (b, h) reads its segment [offset, offset + prefix_len) of row
+    h // (K // R) in place: the index maps start at the block holding `offset` (one extra
+    block at most), so no segment is copied.
 
     Args:
       q: [B, N, H] post-RoPE queries (bf16 or f32).
-      prefix_k: [B, R, C, Dk] keys (Dk < H with thin keys); prefix_v: [B, R, C, Hv]; R = K
-        (one row per kv head) or any divisor of K.
+      prefix_k: [B, R, C, Dk] store keys (Dk < H with thin keys); prefix_v: [B, R, C, Hv];
+        R = K (one row per kv head) or any divisor of K.
       prefix_len: [B, K] valid prefix slots per kv head (0 allowed).
       prefix_pos: [B, R, C] original positions (used by the sliding window).
       tail_k, tail_v: [B, K, S, H] dense tail; tail_pos: [B, S]; tail_count: [B] valid slots.
       q_pos: [B] position of the query (tail slots after it are masked).
+      prefix_offset: [B, K] int32 first slot of each head's segment in its row.
+      max_prefix_len: static bound on prefix_len (grid size), default C.
       channels: [B, K, Dk] kept key channels of the prefix, or None for full-width keys.
       value_channels: [B, K, Hv] kept value channels of the prefix (the prefix contributes to
         those output channels only), or None for full-width values (Hv = H).
       scale: logit scale, default 1/sqrt(H) (full H even with thin keys).
       sliding_window: Mistral-style window on positions, or None.
-      prefix_offset: [B, K] int32 first slot of each head's segment in its row, or None (0).
-      max_prefix_len: static bound on prefix_len (grid size), default C.
       prefix_k_scale, prefix_v_scale: [B, R, C] f32 per-slot scales of a quantized prefix
         (`kvjax.quant`, scheme "token": prefix_k/v in int8 or float8_e4m3fn), or None. The
         kernel reads the quantized blocks and applies the scales to the logits and to the
@@ -292,18 +284,16 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     offsets, max_len = check_prefix_window(prefix_offset, max_prefix_len, prefix_len, c)
     scales = check_prefix_scales(prefix_k, prefix_v, prefix_k_scale, prefix_v_scale)
     bp, bt = min(c, bs.block_prefix), min(s, bs.block_tail)
-    segmented = prefix_offset is not None
 
     def i32(x):
         return x.astype(jnp.int32)
 
-    # segmented: positions stay [B, R, P] (a [B, R, 1, P] view would copy the whole store)
-    ppos = i32(prefix_pos) if segmented else i32(prefix_pos)[:, :, None, :]
-    scales = tuple(x.astype(jnp.float32) if segmented else x.astype(jnp.float32)[:, :, None, :]
-                   for x in scales)
+    # positions and scales are read as they are stored, [B, R, P] (no copy of the store)
+    scales = tuple(x.astype(jnp.float32) for x in scales)
     o_prefix, o_tail = _call(
-        qp, qg, prefix_k, prefix_v, ppos, scales, tail_k, tail_v, i32(tail_pos)[:, None, :],
-        i32(prefix_len).reshape(-1), offsets, i32(tail_count), i32(q_pos), scale=scale,
+        qp, qg, prefix_k, prefix_v, i32(prefix_pos), scales, tail_k, tail_v,
+        i32(tail_pos)[:, None, :], i32(prefix_len).reshape(-1), offsets, i32(tail_count),
+        i32(q_pos), scale=scale,
         sliding_window=sliding_window, bp=bp, bt=bt, max_len=max_len,
-        segmented=segmented, interpret=_interpret.tpu_interpret(interpret))
+        interpret=_interpret.tpu_interpret(interpret))
     return merge_prefix_tail(o_prefix, o_tail, value_channels).reshape(b, n, h).astype(q.dtype)

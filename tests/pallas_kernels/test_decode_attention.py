@@ -1,8 +1,8 @@
 """Decode attention kernels vs their spec, `kvjax.attention.cached_attention_reference` (T=1).
 
-This file calls the kernels with one prefix row per kv head (R = K) and no `prefix_offset`:
-each head's entries start at slot 0 of its own row, the layout of a `LayerView`. Reading the
-cache's store in place (R | K rows, segments at offsets) is test_store_decode.py.
+This file calls the kernels on the simplest store: one row per kv head (R = K), each head's
+segment at offset 0 of its own row (`prefix_offset` zeros), the layout of a `LayerView`. Stores
+of R | K rows with segments at other offsets are test_store_decode.py.
 
 JAX's pattern: `TestDecodeTPU` / `TestDecodeGPU` run compiled on their backend and skip
 elsewhere; their `...Interpret` subclasses rerun every check in interpret mode on CPU (TPU
@@ -74,10 +74,11 @@ def reference(q, q_pos, layer, **kw):
 
 
 def kernel_args(q, q_pos, layer):
-    """The kernel's R = K call: prefix k, v [B, K, C, D], pos [B, K, C], no offsets."""
+    """The kernel's R = K call: store k, v [B, K, C, D], pos [B, K, C], offsets 0."""
     p, t = layer
     return (q, p.k, p.v, p.length, p.pos, t.k, t.v, t.pos, t.count, q_pos), {
-        "channels": p.channels, "value_channels": p.value_channels}
+        "channels": p.channels, "value_channels": p.value_channels,
+        "prefix_offset": jnp.zeros(p.length.shape, jnp.int32)}
 
 
 class DecodeChecks:
@@ -129,7 +130,8 @@ class DecodeChecks:
         tk = jnp.stack([0 * e0, 0 * e0])[None, None]
         tv = jnp.stack([e2, 9 * e2])[None, None]
         out = self.run(q, pk, pv, jnp.array([[2]]), jnp.array([[[0, 1, 2]]]), tk, tv,
-                       jnp.array([[3, 4]]), jnp.array([1]), jnp.array([3]), scale=0.25)
+                       jnp.array([[3, 4]]), jnp.array([1]), jnp.array([3]), scale=0.25,
+                       prefix_offset=jnp.zeros((1, 1), jnp.int32))
         want = np.zeros(h, np.float32)
         want[:3] = np.array([1.0, math.e, 1.0]) / (2.0 + math.e)
         np.testing.assert_allclose(np.asarray(out)[0, 0], want, atol=self.HAND_ATOL)
@@ -142,9 +144,18 @@ class DecodeChecks:
         with pytest.raises(ValueError, match="prefix_pos"):  # positions follow the R rows
             self.run(*args[:4], args[4][:, :1], *args[5:], **kw)
         with pytest.raises(ValueError, match="prefix_offset"):
-            self.run(*args, prefix_offset=jnp.zeros((B, K + 1), jnp.int32), **kw)
+            self.run(*args, **{**kw, "prefix_offset": jnp.zeros((B, K + 1), jnp.int32)})
         with pytest.raises(ValueError, match="max_prefix_len"):
             self.run(*args, max_prefix_len=args[1].shape[2] + 1, **kw)
+
+    def test_needs_segment_offsets(self):
+        """One calling convention: the store and its segments' offsets."""
+        q, q_pos, layer = make_case(1, 64, 37, 5, jnp.float32)
+        args, kw = kernel_args(q, q_pos, layer)
+        with pytest.raises(ValueError, match="prefix_offset=None"):
+            self.run(*args, **{**kw, "prefix_offset": None})
+        with pytest.raises(TypeError, match="prefix_offset"):
+            self.run(*args, **{k: v for k, v in kw.items() if k != "prefix_offset"})
 
     def test_rejects_too_few_prefix_lengths(self):
         q, q_pos, layer = make_case(1, 64, 37, 5, jnp.float32)

@@ -23,7 +23,7 @@ BF16 = jnp.bfloat16
 
 
 def _decode_specs(b, n, n_kv, h, c, s, dk, hv, dtype, rows=None):
-    """Kernel arguments; `rows` (R | K) store rows read at offsets, None: R = K, no offsets."""
+    """Kernel arguments for a store of `rows` (R | K; None: R = K) rows read at offsets."""
     sd = jax.ShapeDtypeStruct
     r = n_kv if rows is None else rows
     args = (sd((b, n, h), dtype), sd((b, r, c, dk), dtype), sd((b, r, c, hv), dtype),
@@ -31,12 +31,11 @@ def _decode_specs(b, n, n_kv, h, c, s, dk, hv, dtype, rows=None):
             sd((b, n_kv, s, h), dtype), sd((b, s), I32), sd((b,), I32), sd((b,), I32))
     ch = sd((b, n_kv, dk), I32) if dk != h else None
     vch = sd((b, n_kv, hv), I32) if hv != h else None
-    offset = None if rows is None else sd((b, n_kv), I32)
-    return args, ch, vch, offset
+    return args, ch, vch, sd((b, n_kv), I32)
 
 
-# (id, B, N, K, H, C, S, Dk, Hv, dtype, window, R, max segment): R None is the R = K call
-# without offsets, otherwise a store of R rows read at offsets. A Llama-3-8B layer at 32k slots
+# (id, B, N, K, H, C, S, Dk, Hv, dtype, window, R, max segment): a store of R rows read at
+# offsets; R None is R = K rows with segments of up to C slots (max segment None: C). A Llama-3-8B layer at 32k slots
 # (its own rows; a segment of a one-row store of 8 heads x 4 layers; a two-row store with a
 # window), a GQA-3 odd-capacity thin-key case in f32 with a window, and thin keys + values at
 # H=128 (the largest shared-memory footprint of the GPU kernel), each also as R = 1 / R = K
@@ -60,7 +59,7 @@ def test_decode_lowers(platform, module, case):
     _, b, n, n_kv, h, c, s, dk, hv, dtype, window, rows, seg = case
     args, ch, vch, off = _decode_specs(b, n, n_kv, h, c, s, dk, hv, dtype, rows)
 
-    def f(*a, ch=None, vch=None, off=None):
+    def f(*a, ch=None, vch=None, off):
         return module.decode_attention(*a, channels=ch, value_channels=vch,
                                        sliding_window=window, prefix_offset=off,
                                        max_prefix_len=seg, interpret=False)
@@ -148,11 +147,12 @@ def test_prefill_lowers(platform, module, case):
 
 def test_gpu_lowering_rejects_too_much_shared_memory():
     """block_kv=128 at H=128 needs more than sm90's 227 KiB of SMEM: lowering says so."""
-    args, _, _, _ = _decode_specs(1, 32, 8, 128, 8192, 256, 128, 128, BF16)
+    args, _, _, off = _decode_specs(1, 32, 8, 128, 8192, 256, 128, 128, BF16)
 
     def f(*a):
-        return gpu.decode_attention(*a, block_sizes=gpu.DecodeBlockSizes(block_kv=128),
+        return gpu.decode_attention(*a[:-1], prefix_offset=a[-1],
+                                    block_sizes=gpu.DecodeBlockSizes(block_kv=128),
                                     interpret=False)
 
     with pytest.raises(Exception, match="shared memory"):
-        export.export(jax.jit(f), platforms=("cuda",))(*args)
+        export.export(jax.jit(f), platforms=("cuda",))(*args, off)
