@@ -21,7 +21,7 @@ def add_serve_parser(sub) -> None:
                    help="bytes for the pool of kept entries and the running requests' tails")
     s.add_argument("--max-running", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-tail", type=int, default=512,
-                   help="question + generated tokens per request")
+                   help="dense tail tokens per running request (a full tail moves into the pool)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None,

@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from kvjax.pipeline import chat_ids
 from kvjax.serve import protocol as P
 from kvjax.serve.metrics import Throughput, render
 
@@ -137,14 +136,12 @@ def build_app(worker, contexts, tokenizer, config: ServeConfig) -> Starlette:
             kw = dict(sampler=sub.sampler, rng=jax.random.key(sub.seed), stop=sub.stop)
             if sub.context_id is not None:
                 entry = contexts.get(sub.context_id)
-                n_q = len(chat_ids(tokenizer, [], "", sub.question)[1])
                 req = engine.submit(entry.context, sub.question,
-                                    max_new_tokens=sub.budget(n_q, engine.max_tail), **kw)
+                                    max_new_tokens=sub.budget(), **kw)
                 info = (entry.context.n_context, {**entry.press, "context_id": entry.id})
             else:
                 req = engine.submit(sub.x, question=sub.question, press=sub.press.build(),
-                                    max_new_tokens=sub.budget(len(sub.question),
-                                                              engine.max_tail),
+                                    max_new_tokens=sub.budget(),
                                     eos_id=tokenizer.eos_ids, **kw)
                 info = (0, None)
             worker.watch(req, listen)

@@ -87,11 +87,9 @@ class Submission:
     prompt_tokens: int = 0
     default_max: int = 16
 
-    def budget(self, n_question: int, max_tail: int) -> int:
-        """max_new_tokens: the body's, or the default capped by the tail room left."""
-        if self.max_new_tokens is not None:
-            return self.max_new_tokens
-        return max(1, min(self.default_max, max_tail - n_question))
+    def budget(self) -> int:
+        """max_new_tokens: the body's, or the default."""
+        return self.default_max if self.max_new_tokens is None else self.max_new_tokens
 
 
 def _get(body: dict, key: str, kinds, default, check=None, why: str = ""):
