@@ -58,7 +58,7 @@ from kvjax.presses.window import window_attention
 from kvjax.presses.zigzag import ZigZagKVPress
 from kvjax.sampling import Greedy
 
-TASK = "niah_single"
+TASK = "niah_single"  # default --task
 OUT_DIR = pathlib.Path("docs/results/fidelity")
 SNAPSEL = dict(window_size=64, kernel_size=5, pooling="avg")  # SnapKVPress's defaults
 
@@ -294,7 +294,7 @@ def git_commit() -> str:
 
 def run_length(pipe, length, ratios, variants, indices, args, meta, commit):
     """Every (variant, ratio) cell of one context length; resumable."""
-    path = pathlib.Path(args.out_dir) / f"{TASK}_{length}.json"
+    path = pathlib.Path(args.out_dir) / f"{args.task}_{length}.json"
     old_meta, rows = load_rows(path)
     if old_meta is not None:
         for key in ("task", "length", "seed", "question_aware", "model", "dtype"):
@@ -312,7 +312,7 @@ def run_length(pipe, length, ratios, variants, indices, args, meta, commit):
     # runs on every sample before the next one is compiled.
     prefilled = {}
     for i in sorted(todo):
-        prefilled[i] = prefill_sample(pipe, make_sample(TASK, pipe.tokenizer, length, i,
+        prefilled[i] = prefill_sample(pipe, make_sample(args.task, pipe.tokenizer, length, i,
                                                         args.seed), variants, ratios)
         print(f"{length} #{i}: prefilled {prefilled[i].info.n_context} tokens "
               f"({prefilled[i].prefill_s:.0f}s)", flush=True)
@@ -338,6 +338,8 @@ def run_length(pipe, length, ratios, variants, indices, args, meta, commit):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default=TASK,
+                    help="a needle task of kvjax.eval (e.g. niah_single_noise: the other haystack)")
     ap.add_argument("--lengths", default="1000")
     ap.add_argument("--ratios", default="0.25,0.5,0.75")
     ap.add_argument("--samples", type=int, default=20)
@@ -355,7 +357,7 @@ def main(argv=None):
     ratios = [float(r) for r in args.ratios.split(",")]
     commit = git_commit()
     for length in [int(n) for n in args.lengths.split(",")]:
-        meta = dict(task=TASK, length=length, seed=args.seed, question_aware=True,
+        meta = dict(task=args.task, length=length, seed=args.seed, question_aware=True,
                     model="smollm2 (SmolLM2-135M-Instruct GGUF, f32)",
                     dtype=str(model.embed_tokens.embedding[...].dtype),
                     device=f"{jax.devices()[0].device_kind} ({platform.machine()})",

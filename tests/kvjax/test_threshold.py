@@ -141,6 +141,10 @@ def test_the_engine_pool_holds_exactly_what_a_threshold_keeps(model):
     (lambda: kvjax.ThresholdPress(press=kvjax.AdaKVPress(press=kvjax.SnapKVPress()),
                                   threshold=0.5), "needs a ScorerPress"),
     (lambda: kvjax.ThresholdPress(press=kvjax.SnapKVPress(), threshold="0.5"), "finite"),
+    (lambda: kvjax.ThresholdPress(press=kvjax.KVzapPress(weights=UntrainedWeights()),
+                                  threshold=float("nan")), r"threshold=nan\): threshold must be a finite"),
+    (lambda: kvjax.ThresholdPress(press=kvjax.KVzapPress(weights=UntrainedWeights()),
+                                  threshold=-float("inf")), r"threshold=-inf\): threshold must be a finite"),
 ])
 def test_refused(make, says):
     with pytest.raises(ValueError, match=says):
