@@ -335,16 +335,22 @@ def test_allocator_compaction_hand_case():
     assert alloc.compact() == [] and alloc.free == 0
 
 
+def _engine_of(model, n_slots: int, **kw):
+    """An engine whose kv_budget leaves exactly `n_slots` pool slots after the tails (read off
+    a probe engine's bytes per slot and tail bytes)."""
+    probe = kvjax.Engine(model, kv_budget=2 * 2**20, **kw)
+    held = probe.stats()
+    tails = held.bytes_held - held.pool_slots * probe.slot_bytes
+    return kvjax.Engine(model, kv_budget=tails + n_slots * probe.slot_bytes, **kw)
+
+
 def test_a_fragmented_pool_is_compacted_and_answers_do_not_change(model):
     """Full-cache requests of 40, 40, 40 tokens (240 slots each: 3 layers x 2 kv heads) fill
     a pool of 864 slots up to a free run of 144; when the middle one finishes, a 64-token
     request (384 slots) fits only in the 240 + 144 free slots together: the pool is
     compacted once (the third request's block slides down while it is decoding) and every
     answer still equals `generate` alone."""
-    probe = kvjax.Engine(model, kv_budget=2 * 2**20, max_running=4, max_tail=16)
-    per_slot, held = probe.slot_bytes, probe.stats()
-    tails = held.bytes_held - held.pool_slots * per_slot
-    eng = kvjax.Engine(model, kv_budget=tails + 864 * per_slot, max_running=4, max_tail=16)
+    eng = _engine_of(model, 864, max_running=4, max_tail=16)
     assert eng.stats().pool_slots == 864
     rng = np.random.RandomState(7)
     prompts = [list(rng.randint(1, VOCAB, n)) for n in (40, 40, 40, 64)]
@@ -434,10 +440,7 @@ def test_preempted_requests_resume_with_the_same_tokens(model):
     8-slot tails: the first one's growth takes the pool, so the newest is preempted (slot
     and block freed), resumes by recompute with the tokens it had, and both answers equal
     `generate` alone; a request that cannot grow even alone ends with an error."""
-    probe = kvjax.Engine(model, kv_budget=2 * 2**20, max_running=2, max_tail=8)
-    per_slot, held = probe.slot_bytes, probe.stats()
-    tails = held.bytes_held - held.pool_slots * per_slot
-    eng = kvjax.Engine(model, kv_budget=tails + 600 * per_slot, max_running=2, max_tail=8)
+    eng = _engine_of(model, 600, max_running=2, max_tail=8)
     assert eng.stats().pool_slots == 600
     rng = np.random.RandomState(3)
     prompts = [list(rng.randint(1, VOCAB, 40)) for _ in range(2)]
@@ -447,7 +450,7 @@ def test_preempted_requests_resume_with_the_same_tokens(model):
     for req, ids in zip(reqs, prompts):
         assert req.result().tokens == _generate(model, ids, 30), req.id
     assert eng.stats().slots_used == 0
-    small = kvjax.Engine(model, kv_budget=tails + 296 * per_slot, max_running=2, max_tail=8)
+    small = _engine_of(model, 296, max_running=2, max_tail=8)
     with pytest.raises(ValueError, match="40-token prompt and at least 32 tokens beyond its "
                                          "tail keeps 432 slots"):  # the full cache: at submit
         small.submit(prompts[0], max_new_tokens=40)
