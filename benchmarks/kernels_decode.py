@@ -107,13 +107,13 @@ def implementations(backend: str):
     """name -> jitted fn(q, pk, pv, plen, ppos, tk, tv, tpos, count, q_pos)."""
     import pallas_kernels
     from kvjax.attention import cached_attention_reference
-    from kvjax.cache import LayerTail, LayerView
+    from kvjax.cache import LayerView, Tail
 
     kernel = pallas_kernels.gpu if backend == "gpu" else pallas_kernels.tpu
 
     @jax.jit
     def reference(q, pk, pv, plen, ppos, tk, tv, tpos, count, q_pos):
-        prefix, tail = LayerView(pk, pv, ppos, plen), LayerTail(tk, tv, tpos, count)
+        prefix, tail = LayerView(pk, pv, ppos, plen), Tail(tk, tv, tpos, count)
         return cached_attention_reference(q[:, None], q_pos[:, None], prefix, tail)[:, 0]
 
     @jax.jit

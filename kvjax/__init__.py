@@ -2,7 +2,7 @@
 
 from kvjax.attention import cached_attention_reference
 from kvjax.attention_scores import prefill_attention_reference
-from kvjax.cache import (KVCache, KVStore, LayerTail, LayerView, Tail, kept_positions,
+from kvjax.cache import (KVCache, KVStore, LayerView, Tail, kept_positions,
                          kv_nbytes_needed)
 from kvjax.compress import compress
 from kvjax.context import CompressedContext
@@ -34,7 +34,7 @@ __all__ = [
     "CompressedContext", "GenerateOutput", "Greedy", "Pipeline", "PipelineResult", "Temperature", "TopK", "TopP",
     "generate", "generate_stream",
     # cache, decode hooks, integration API, memory
-    "DecodeHook", "KVCache", "KVStore", "LayerPrompt", "LayerTail", "LayerView", "MemoryReport",
+    "DecodeHook", "KVCache", "KVStore", "LayerPrompt", "LayerView", "MemoryReport",
     "Observation", "ObsSpec", "Prompt", "PromptGroup", "RingDecode", "Tail",
     "achieved_ratio", "begin_decode", "cached_attention_reference", "compress", "compress_obs_spec", "decode_layer",
     "decode_positions", "kept_positions", "kv_nbytes_needed", "memory_report",

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import LayerTail, LayerView
+from kvjax.cache import LayerView, Tail
 
 ATTN_IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 
@@ -64,7 +64,7 @@ def gather_query_channels(qg: jax.Array, channels: jax.Array) -> jax.Array:
 
 
 def cached_attention_reference(q: jax.Array, q_pos: jax.Array, prefix: LayerView,
-                               tail: LayerTail, *, scale: float | None = None,
+                               tail: Tail, *, scale: float | None = None,
                                sliding_window: int | None = None) -> jax.Array:
     """Attention of new queries over a layer's kept entries and its dense tail, one softmax.
 
@@ -102,7 +102,7 @@ def cached_attention_reference(q: jax.Array, q_pos: jax.Array, prefix: LayerView
     return out.reshape(b, t, n, -1).astype(q.dtype)
 
 
-def tail_mask(q_pos: jax.Array, tail: LayerTail, sliding_window: int | None) -> jax.Array:
+def tail_mask(q_pos: jax.Array, tail: Tail, sliding_window: int | None) -> jax.Array:
     """[B, 1, 1, T, S] valid, causal (and windowed) tail slots for queries at q_pos [B, T]."""
     qp = q_pos[:, None, None, :, None]
     tpos = tail.pos[:, None, None, None, :]

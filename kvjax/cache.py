@@ -8,8 +8,9 @@ Every press writes into the same layout (docs/architecture.md, "The store"):
   ZigZagKV), per-head (AdaKV) and per-group (UNComp) budgets are table contents; P is static
   (the sum of the budgets' static bounds). ThinK's kept channels are table columns
   (`channels [B, L, K, Dk]`, `value_channels`), so thin keys are the store's `Dk < H`.
-* `Tail`: tokens appended after prefill, dense and full width, stacked over layers
-  `k, v [L, B, K, S, H]`; positions and count are shared by all layers.
+* `Tail`: tokens appended after prefill, dense and full width, `k, v [L, B, K, S, H]` stacked
+  over layers (`Tail.layer(l)`: the same class holding one layer's `[B, K, S, H]`); positions
+  and count are shared by all layers.
 * `KVCache`: store + tail + `next_pos [B]` + the static decode hook (`kvjax.hooks`).
 
 Axis letters: B batch, L layers, K kv heads, R store rows, P slots per row, M view width,
@@ -93,10 +94,13 @@ def head_rows(n_kv: int, rows: int) -> np.ndarray:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Tail:
-    """Dense, full-width tokens appended after prefill, for every layer.
+    """Dense, full-width tokens appended after prefill: every layer's, or one layer's.
 
     Attributes:
-      k, v: [L, B, K, S, H]; pos: [B, S] int32 positions; count: [B] valid slots (in order).
+      k, v: [L, B, K, S, H] stacked over layers (`KVCache.tail`, `init_tail`) or
+        [B, K, S, H] for one layer (`Tail.layer`, what attention reads);
+      pos: [B, S] int32 positions; count: [B] valid slots (in order). Both are shared by all
+        layers.
     """
 
     k: jax.Array
@@ -106,26 +110,14 @@ class Tail:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[-2]
 
-    def layer(self, layer) -> "LayerTail":
-        """Layer `layer`'s tail (a static int or a traced index)."""
-        return LayerTail(k=self.k[layer], v=self.v[layer], pos=self.pos, count=self.count)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LayerTail:
-    """One layer's tail: k, v [B, K, S, H], pos [B, S], count [B]."""
-
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
-    count: jax.Array
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
+    def layer(self, layer) -> "Tail":
+        """Layer `layer`'s tail, k, v [B, K, S, H] (`layer` a static int or a traced index)."""
+        if self.k.ndim != 5:
+            raise ValueError(f"tail k of shape {self.k.shape} is one layer's, not stacked over "
+                             "layers [L, B, K, S, H]")
+        return Tail(k=self.k[layer], v=self.v[layer], pos=self.pos, count=self.count)
 
 
 @jax.tree_util.register_dataclass
@@ -327,7 +319,8 @@ def kv_nbytes_needed(cache: KVCache) -> int:
     Reads `length` and `count` to the host (call outside jit).
     """
     tail = cache.tail
-    tail_slots = int(jnp.sum(jnp.minimum(tail.count, tail.capacity))) * cache.n_layers * tail.k.shape[2]
+    n_kv = tail.k.shape[-3]
+    tail_slots = int(jnp.sum(jnp.minimum(tail.count, tail.capacity))) * cache.n_layers * n_kv
     tail_bytes = tail_slots * tail.k.shape[-1] * (tail.k.dtype.itemsize + tail.v.dtype.itemsize)
     return prefix_nbytes(cache.store, int(jnp.sum(cache.store.length))) + tail_bytes
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from kvjax.attention import (default_scale, gather_query_channels, group_heads,
                              scatter_channels, tail_mask)
-from kvjax.cache import KVStore, LayerTail, gather_kv, gather_rows, slot_index
+from kvjax.cache import KVStore, Tail, gather_kv, gather_rows, slot_index
 
 BLOCK = 128
 
@@ -68,7 +68,7 @@ def _weight(m, m_new):
     return jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
 
 
-def store_attention(q: jax.Array, q_pos: jax.Array, store: KVStore, layer, tail: LayerTail, *,
+def store_attention(q: jax.Array, q_pos: jax.Array, store: KVStore, layer, tail: Tail, *,
                     scale: float | None = None, sliding_window: int | None = None,
                     block: int = BLOCK) -> jax.Array:
     """`cached_attention_reference(q, q_pos, layer_view(store, layer), tail)`, reading only

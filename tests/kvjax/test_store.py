@@ -14,7 +14,7 @@ import kvjax
 import models
 from kvjax import loops
 from kvjax.attention import cached_attention_reference
-from kvjax.cache import KVStore, LayerTail, layer_view
+from kvjax.cache import KVStore, Tail, layer_view
 from kvjax.presses import PRESSES, make_press
 from kvjax.presses.parts import StaticSize
 from kvjax.store_attention import store_attention
@@ -128,10 +128,10 @@ def test_block_walk_equals_dense_spec(window, rows, thin, t):
     lengths[0, 1, 2] = 0  # an empty segment
     store = _random_store(rng, b, n_kv, lengths, d=8 if thin else 16, rows=rows, thin=thin)
     s = 6
-    tail = LayerTail(k=jnp.asarray(rng.randn(b, n_kv, s, 16), jnp.float32),
-                     v=jnp.asarray(rng.randn(b, n_kv, s, 16), jnp.float32),
-                     pos=jnp.asarray(300 + np.arange(s)[None].repeat(b, 0), jnp.int32),
-                     count=jnp.array([4, 6], jnp.int32))
+    tail = Tail(k=jnp.asarray(rng.randn(b, n_kv, s, 16), jnp.float32),
+                v=jnp.asarray(rng.randn(b, n_kv, s, 16), jnp.float32),
+                pos=jnp.asarray(300 + np.arange(s)[None].repeat(b, 0), jnp.int32),
+                count=jnp.array([4, 6], jnp.int32))
     q = jnp.asarray(rng.randn(b, t, n_kv * g, 16), jnp.float32)
     q_pos = jnp.asarray(300 + 6 - t + np.arange(t)[None].repeat(b, 0), jnp.int32)
     for layer in range(2):

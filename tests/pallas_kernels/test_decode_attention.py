@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from kvjax.attention import cached_attention_reference
-from kvjax.cache import LayerTail, LayerView
+from kvjax.cache import LayerView, Tail
 from pallas_kernels import _interpret, gpu, tpu
 
 B, K = 2, 2
@@ -65,7 +65,7 @@ def make_case(g, h, c, s, dtype, dk=None, hv=None, seed=0):
         value_channels = jnp.sort(jax.random.permutation(ks[7], h)[:hv])
         value_channels = jnp.broadcast_to(value_channels, (B, K, hv)).astype(jnp.int32)
     prefix = LayerView(pk, pv, pos.astype(jnp.int32), lengths, channels, value_channels)
-    return q, q_pos, (prefix, LayerTail(tk, tv, tail_pos, counts))
+    return q, q_pos, (prefix, Tail(tk, tv, tail_pos, counts))
 
 
 def reference(q, q_pos, layer, **kw):
@@ -108,7 +108,7 @@ class DecodeChecks:
         q, q_pos, layer = make_case(4, 64, 37, 5, jnp.float32)
         p, t = layer
         layer = (LayerView(p.k, p.v, p.pos, p.length.at[1].set(0)),
-                 LayerTail(t.k, t.v, t.pos, t.count.at[1].set(0)))
+                 Tail(t.k, t.v, t.pos, t.count.at[1].set(0)))
         args, kw = kernel_args(q, q_pos, layer)
         out = np.asarray(self.run(*args, **kw))
         assert np.all(out[1] == 0) and np.all(np.isfinite(out))

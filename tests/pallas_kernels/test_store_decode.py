@@ -29,7 +29,7 @@ from jax import export
 import kvjax
 from kvjax import dispatch, loops
 from kvjax.attention import cached_attention_reference
-from kvjax.cache import KVCache, KVStore, LayerTail, LayerView, Tail, layer_view
+from kvjax.cache import KVCache, KVStore, LayerView, Tail, layer_view
 from kvjax.store_attention import store_attention
 from kvjax.writer import aligned_slots
 from pallas_kernels import _interpret, gpu, tpu
@@ -152,7 +152,7 @@ def reference(q, q_pos, view, tail, **kw):
     return cached_attention_reference(q[:, None], q_pos[:, None], view, tail, **kw)[:, 0]
 
 
-def store_args(q, q_pos, store, layer, tail: LayerTail):
+def store_args(q, q_pos, store, layer, tail: Tail):
     """The call kvjax.dispatch makes: the whole store and the layer's table columns."""
     pick = lambda x: None if x is None else x[:, layer]
     return (q, store.k, store.v, store.length[:, layer], store.pos, tail.k, tail.v, tail.pos,
@@ -234,8 +234,8 @@ class StoreChecks:
         store = KVStore(k=pk, v=pv, pos=jnp.arange(8, dtype=jnp.int32)[None, None],
                         offset=jnp.array([[[0], [2]]]), length=jnp.array([[[2], [2]]]),
                         max_segment=2)
-        tail = LayerTail(jnp.zeros((1, 1, 2, h)), jnp.stack([e2, 9 * e2])[None, None],
-                         jnp.array([[8, 9]]), jnp.array([1]))
+        tail = Tail(jnp.zeros((1, 1, 2, h)), jnp.stack([e2, 9 * e2])[None, None],
+                    jnp.array([[8, 9]]), jnp.array([1]))
         args, kw = store_args((4.0 * e0)[None, None], jnp.array([8]), store, 1, tail)
         out = self.run(*args, scale=0.25, **kw)
         want = np.zeros(h, np.float32)
@@ -260,7 +260,7 @@ class StoreChecks:
                         offset=jnp.array([[[4, 1]]]), length=jnp.array([[[2, 2]]]),
                         max_segment=2)
         tv = jnp.stack([jnp.stack([e2, 9 * e2]), jnp.stack([2 * e2, 9 * e2])])[None]
-        tail = LayerTail(jnp.zeros((1, 2, 2, h)), tv, jnp.array([[8, 9]]), jnp.array([1]))
+        tail = Tail(jnp.zeros((1, 2, 2, h)), tv, jnp.array([[8, 9]]), jnp.array([1]))
         args, kw = store_args(jnp.stack([4.0 * e0, 4.0 * e0])[None], jnp.array([8]), store, 0,
                               tail)
         out = np.asarray(self.run(*args, scale=0.25, **kw))
