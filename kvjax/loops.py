@@ -147,17 +147,20 @@ def init_state(logits, cache, batch: int, out_len: int, rng) -> DecodeState:
 
 
 def start(fn, params, input_ids, *, max_new_tokens: int, press=None, attn_impl: str = "auto",
-          rng=None, tail_extra: int = 0, decoding_press=None, kv_dtype=None, tokenizer=None):
+          rng=None, tail_extra: int = 0, decoding_press=None, kv_dtype=None, tokenizer=None,
+          question_len=None):
     """Plan (`kvjax.plan.plan_request`: every check, before any tracing), prefill and
     compress: returns (DecodeState, lengths).
 
     `tail_extra` reserves tail slots for tokens appended before decoding (a question). With a
     `decoding_press` the tail holds `compression_interval` (+ tail_extra) slots only.
     `kv_dtype` ("int8", "float8_e4m3fn" or a `kvjax.quant.KVQuant`) quantizes the store.
+    `question_len`: the question's tokens ending each prompt, for presses that read it.
     """
     plan = plan_request(fn, input_ids, max_new_tokens=max_new_tokens, press=press,
                         decoding_press=decoding_press, kv_dtype=kv_dtype,
-                        tail_extra=tail_extra, attn_impl=attn_impl, tokenizer=tokenizer)
+                        tail_extra=tail_extra, attn_impl=attn_impl, tokenizer=tokenizer,
+                        question_len=question_len)
     logits, cache = prefill_request(fn, params, plan)
     return init_state(logits, cache, plan.batch, plan.out_len, rng), plan.lengths
 

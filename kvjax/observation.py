@@ -24,6 +24,9 @@ class ObsSpec:
       proxy_ratio: NACL proxy rows: widen the window to ceil(proxy_ratio * T) rows, T the
         padded prompt length (a static bound on every sequence's own proxy count).
       hidden: keep every token's attention input (the layer's normed hidden state; KVzap).
+      question: the press reads the question's span (`Observation.question_len`) when the
+        caller knows it (`Pipeline.run(question_aware=True)`); the plan then widens `window`
+        to hold the question's rows.
     """
 
     window: int = 0
@@ -32,6 +35,7 @@ class ObsSpec:
     query_stats_skip: int = 0
     proxy_ratio: float = 0.0
     hidden: bool = False
+    question: bool = False
 
     def __post_init__(self):
         if self.window < 0:
@@ -47,7 +51,8 @@ class ObsSpec:
                        query_stats=self.query_stats or other.query_stats,
                        query_stats_skip=max(self.query_stats_skip, other.query_stats_skip),
                        proxy_ratio=max(self.proxy_ratio, other.proxy_ratio),
-                       hidden=self.hidden or other.hidden)
+                       hidden=self.hidden or other.hidden,
+                       question=self.question or other.question)
 
     def window_for(self, t: int) -> int:
         """Rows of `q_window` observed for a padded prompt of `t` positions (static)."""
@@ -71,6 +76,8 @@ class Observation:
       token_scores: [B, K, T] f32 scores a prompt observer computed after the prefill (KVzip's
         repeat pass, `kvjax.kvzip`), or None.
       hidden: [B, T, D] the layer's attention input for every prompt token, or None.
+      question_len: [B] int32 tokens at the end of each prompt that are the question (known
+        to `Pipeline.run(question_aware=True)`), or None.
       rope_interleaved: the rotary pairs are (2i, 2i+1) (GPT-J) rather than (i, i + H/2)
         (Llama's rotate-half); static.
     """
@@ -83,6 +90,7 @@ class Observation:
     rope_inv_freq: jax.Array | None = None
     token_scores: jax.Array | None = None
     hidden: jax.Array | None = None
+    question_len: jax.Array | None = None
     rope_interleaved: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
 

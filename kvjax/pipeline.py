@@ -95,8 +95,10 @@ class Pipeline:
                                  sampler=sampler, rng=rng)
         ctx_ids, q_ids = self.encode(context, question, answer_prefix=answer_prefix,
                                      question_aware=question_aware)
+        span = self.question_len(context, question, ctx_ids) if question_aware else None
         t0 = time.perf_counter()
-        state = self._prefill(ctx_ids, q_ids, max_new_tokens, press, rng, decoding_press)
+        state = self._prefill(ctx_ids, q_ids, max_new_tokens, press, rng, decoding_press,
+                              span)
         jax.block_until_ready(state.logits)
         t1 = time.perf_counter()
         state = gen.decode(self.fn, self.params, state, jnp.int32(max_new_tokens),
@@ -125,7 +127,9 @@ class Pipeline:
         (the same tokens as `run` with the same arguments)."""
         ctx_ids, q_ids = self.encode(context, question, answer_prefix=answer_prefix,
                                      question_aware=question_aware)
-        state = self._prefill(ctx_ids, q_ids, max_new_tokens, press, rng, decoding_press)
+        span = self.question_len(context, question, ctx_ids) if question_aware else None
+        state = self._prefill(ctx_ids, q_ids, max_new_tokens, press, rng, decoding_press,
+                              span)
         tokens, shown = [], ""
         for tok, state in gen.stream_state(self.fn, self.params, state,
                                            max_new_tokens=max_new_tokens, sampler=sampler,
@@ -140,12 +144,21 @@ class Pipeline:
             shown = text
 
     def _prefill(self, ctx_ids, q_ids, max_new_tokens, press, rng,
-                 decoding_press=None) -> gen.DecodeState:
+                 decoding_press=None, question_len=None) -> gen.DecodeState:
         state, _ = gen.start(self.fn, self.params, [ctx_ids], max_new_tokens=max_new_tokens,
                              press=press, attn_impl=self.attn_impl, rng=rng,
                              tail_extra=len(q_ids), decoding_press=decoding_press,
-                             kv_dtype=self.kv_quant, tokenizer=self.tokenizer)
+                             kv_dtype=self.kv_quant, tokenizer=self.tokenizer,
+                             question_len=question_len)
         return self.append_tokens(state, q_ids)
+
+    def question_len(self, context: str, question: str, ctx_ids: list[int]) -> int:
+        """How many of a question-aware prompt's last ids are the question: the ids after
+        the first one that differs from the same prompt without the question."""
+        alone, _ = self.encode(context, "", question_aware=True)
+        first = next((i for i, (a, b) in enumerate(zip(ctx_ids, alone)) if a != b),
+                     min(len(alone), len(ctx_ids)))
+        return len(ctx_ids) - first if question else 0
 
     def append_tokens(self, state: gen.DecodeState, ids) -> gen.DecodeState:
         """Feed token ids (e.g. the question) into the state's cache: a list of ints for one

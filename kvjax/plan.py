@@ -39,6 +39,7 @@ class RequestPlan:
       out_len: generated-token buffer (a bucket of max_new_tokens + tail_extra; 0 without
         decoding); tail_capacity: tail slots the compressed cache reserves.
       mesh: the model's mesh (`fn.mesh`), or None.
+      question_len: [B] int32 question tokens ending each prompt, or None (unknown).
     """
 
     tokens: np.ndarray = dataclasses.field(repr=False)
@@ -50,6 +51,15 @@ class RequestPlan:
     out_len: int
     tail_capacity: int
     mesh: Any = None
+    question_len: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def question_rows(self) -> int:
+        """Query rows the prefill must keep for a press that reads the question's span (a
+        bucket of the longest question), else 0."""
+        if self.question_len is None or self.press is None or not self.press.obs_spec.question:
+            return 0
+        return bucket_length(int(self.question_len.max()), minimum=16)
 
     @property
     def batch(self) -> int:
@@ -145,7 +155,7 @@ def check_budget(fn, prompt_len: int, max_new_tokens: int) -> None:
 
 def plan_request(fn, input_ids, *, max_new_tokens: int, press=None, decoding_press=None,
                  kv_dtype=None, tail_extra: int = 0, attn_impl: str = "auto", tokenizer=None,
-                 decode: bool = True) -> RequestPlan:
+                 decode: bool = True, question_len=None) -> RequestPlan:
     """Validate a request and choose its static shapes.
 
     Args:
@@ -159,6 +169,9 @@ def plan_request(fn, input_ids, *, max_new_tokens: int, press=None, decoding_pre
       tail_extra: tokens appended before decoding (a question) that the tail must hold.
       tokenizer: binds what the press needs from it (`Press.with_tokenizer`), if given.
       decode: False plans a compression only (`Pipeline.compress`): no tail, no buffer.
+      question_len: per prompt, how many of its last tokens are the question (an int for
+        one prompt, or one per prompt), or None; presses that read the question's span get
+        it as an observation (`kvjax.observation.Observation.question_len`).
 
     Returns:
       RequestPlan.
@@ -185,4 +198,18 @@ def plan_request(fn, input_ids, *, max_new_tokens: int, press=None, decoding_pre
         out_len = tail = 0
     return RequestPlan(tokens=tokens, lengths=lengths, press=press, hook=hook,
                        quant=resolve_kv_quant(kv_dtype), attn_impl=resolve_attn_impl(attn_impl),
-                       out_len=out_len, tail_capacity=tail, mesh=mesh)
+                       out_len=out_len, tail_capacity=tail, mesh=mesh,
+                       question_len=check_question_len(question_len, lengths))
+
+
+def check_question_len(question_len, lengths: np.ndarray) -> np.ndarray | None:
+    """question_len as [B] int32, each in [0, length]; ValueError naming it otherwise."""
+    if question_len is None:
+        return None
+    q = np.atleast_1d(np.asarray(question_len))
+    if q.dtype.kind not in "iu" or q.shape != lengths.shape:
+        raise ValueError(f"{question_len=} must be an int per prompt ({len(lengths)} prompts)")
+    if (q < 0).any() or (q > lengths).any():
+        raise ValueError(f"{question_len=} is outside the prompt: each must be in [0, its "
+                         f"length] (lengths {lengths.tolist()})")
+    return q.astype(np.int32)

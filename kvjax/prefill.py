@@ -15,6 +15,7 @@ device through `jax.shard_map`), the store gets one row per "model" device
 (`kvjax.sharding.store_rows`) and the cache is pinned with `constrain_cache`.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from kvjax.attention import resolve_attn_impl
 from kvjax.cache import KVCache
 from kvjax.compress import compress, obs_spec_for
+from kvjax.observation import ObsSpec
 from kvjax.prompt import Prompt
 from kvjax.sharding import constrain_batch, constrain_cache, mesh_context, mesh_of, store_rows
 
@@ -97,25 +99,44 @@ def compress_prompt(press, prompt, plan) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl",
-                                             "hook", "quant"))
+                                             "hook", "quant", "question_rows"))
 def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto",
-            hook=None, quant=None):
+            hook=None, quant=None, question_len=None, question_rows: int = 0):
     """`prefill_prompt` then `compress_prompt` in one jitted call -> (logits [B, V], KVCache).
 
     `hook` is the decode hook the cache will carry (`kvjax.plan.check_hooks`); None: the
     press's own (UNComp's ring decode), if any. `quant` (`kvjax.quant.KVQuant`) stores the
-    kept entries quantized."""
+    kept entries quantized. `question_len` [B] (the question's tokens ending each prompt)
+    reaches the press as an observation, with `question_rows` (static) query rows kept."""
     if hook is None and press is not None:
         hook = press.decode_hook
     between = None if press is None else press.between_layers
     observer = None if press is None else press.prompt_observer
-    logits, prompt = _prefill_body(fn, params, tokens, lengths, obs_spec_for(press, hook),
-                                   attn_impl, between, observer)
+    spec = obs_spec_for(press, hook)
+    if question_rows:
+        spec = spec.merge(ObsSpec(window=question_rows))
+    logits, prompt = _prefill_body(fn, params, tokens, lengths, spec, attn_impl, between,
+                                   observer)
+    if question_len is not None:
+        prompt = with_question(prompt, question_len)
     return logits, _compress_body(press, prompt, tail_capacity, hook, quant, mesh_of(fn))
+
+
+def with_question(prompt: Prompt, question_len: jax.Array) -> Prompt:
+    """The prompt with `question_len` [B] in every layer's observation."""
+    def group(g):
+        n = g.layers.k.shape[0]
+        q = jnp.broadcast_to(jnp.asarray(question_len, jnp.int32), (n,) + question_len.shape)
+        obs = dataclasses.replace(g.layers.obs, question_len=q)
+        return dataclasses.replace(g, layers=dataclasses.replace(g.layers, obs=obs))
+    return dataclasses.replace(prompt, groups=tuple(group(g) for g in prompt.groups))
 
 
 def prefill_request(fn, params, plan):
     """`prefill` of a `kvjax.plan.RequestPlan` -> (logits [B, V], KVCache)."""
+    rows = plan.question_rows
     return prefill(fn, params, jnp.asarray(plan.tokens), jnp.asarray(plan.lengths),
                    tail_capacity=plan.tail_capacity, press=plan.press,
-                   attn_impl=plan.attn_impl, hook=plan.hook, quant=plan.quant)
+                   attn_impl=plan.attn_impl, hook=plan.hook, quant=plan.quant,
+                   question_len=jnp.asarray(plan.question_len) if rows else None,
+                   question_rows=rows)

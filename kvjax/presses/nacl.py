@@ -136,6 +136,9 @@ class NACLPress(ScorerPress):
         of round(proxy_tokens_ratio * T) (the official code's).
       kernel_size: > 1: avg-pool the proxy scores along tokens (SnapKV's smoothing, not in
         NACL), so the neighbours of a peak (the other digits of a number) are kept with it.
+      question_proxies: the proxies are the question's own tokens whenever the caller knows
+        them (`Pipeline.run(question_aware=True)` passes the span as
+        `Observation.question_len`), else as `proxy_tokens` / `proxy_tokens_ratio` say.
 
     Attributes (besides compression_ratio and the budget fields above):
       proxy_tokens_ratio: P = max(1, round(ratio * T)) proxy rows (round half to even).
@@ -158,6 +161,7 @@ class NACLPress(ScorerPress):
     gqa: str = "mean"
     proxy_tokens: int = 0
     kernel_size: int = 1
+    question_proxies: bool = False
 
     @classmethod
     def official(cls, seed: int = 0, **overrides) -> "NACLPress":
@@ -205,12 +209,15 @@ class NACLPress(ScorerPress):
 
     @property
     def obs_spec(self):
-        if self.proxy_tokens:
-            return ObsSpec(window=self.proxy_tokens)
-        return ObsSpec(proxy_ratio=self.proxy_tokens_ratio)
+        spec = ObsSpec(window=self.proxy_tokens) if self.proxy_tokens else ObsSpec(
+            proxy_ratio=self.proxy_tokens_ratio)
+        return spec.merge(ObsSpec(question=True)) if self.question_proxies else spec
 
-    def proxy_rows(self, prompt_len: jax.Array) -> jax.Array:
-        """[B] proxy rows per sequence: `proxy_tokens` (at most T), else round(ratio * T)."""
+    def proxy_rows(self, prompt_len: jax.Array, obs=None) -> jax.Array:
+        """[B] proxy rows per sequence: the question's tokens (`question_proxies` and a known
+        span, at least 1), else `proxy_tokens` (at most T), else round(ratio * T)."""
+        if self.question_proxies and obs is not None and obs.question_len is not None:
+            return jnp.clip(obs.question_len, 1, prompt_len).astype(jnp.int32)
         if self.proxy_tokens:
             return jnp.minimum(prompt_len, self.proxy_tokens).astype(jnp.int32)
         return proxy_count(prompt_len, self.proxy_tokens_ratio)
@@ -273,12 +280,14 @@ class NACLPress(ScorerPress):
         w = obs.q_window.shape[1]
         need = self.proxy_tokens or int(proxy_count(prefix.capacity, self.proxy_tokens_ratio,
                                                     np))
+        if self.question_proxies and obs.question_len is not None:
+            need = 1  # the plan widened the window to the question's bucket
         if w < need:
             raise ValueError(f"observation window {w} holds fewer rows than the {need} proxy "
                              f"tokens of {self}: prefill with this press's obs_spec")
         t = ctx.prompt_len
         q_pos = t[:, None] - w + jnp.arange(w)[None, :]  # [B, W]
-        rows = obs.window_valid & (q_pos >= (t - self.proxy_rows(t))[:, None])
+        rows = obs.window_valid & (q_pos >= (t - self.proxy_rows(t, obs))[:, None])
         s = proxy_scores_reference(obs.q_window, q_pos, rows, prefix.k, prefix.pos,
                                    prefix.length, causal=self.causal, chunk=self.chunk_size)
         s = group_scores(s, prefix.k.shape[1], self.gqa)

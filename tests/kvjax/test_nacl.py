@@ -359,3 +359,59 @@ def test_missing_observation_is_a_clear_error(model, prompts):
         press.proxy_scores(layers[0][0], Observation(), LayerContext(next_pos))
     with pytest.raises(dataclasses.FrozenInstanceError):
         press.seed = 2
+
+
+def _kept(cache):
+    return [[kvjax.kept_positions(cache, layer)[b][h].tolist()
+             for h in range(cache.store.n_kv_heads)]
+            for layer in range(cache.n_layers) for b in range(cache.store.k.shape[0])]
+
+
+def test_question_proxies_are_the_question_tokens(model, prompts):
+    """With the question's span known (question_len, ragged: 9 and 3 tokens), NACL's
+    `question_proxies` keeps exactly what `proxy_tokens=n` keeps for each prompt alone."""
+    fn, params = model.kvjax_split()
+    press = NACLPress(compression_ratio=0.6, random_fraction=0.0, question_proxies=True)
+    state, _ = loops.start(fn, params, prompts, max_new_tokens=1, press=press,
+                           question_len=[9, 3])
+    got = _kept(state.cache)
+    for b, (ids, n) in enumerate(zip(prompts, (9, 3))):
+        alone = dataclasses.replace(press, question_proxies=False, proxy_tokens=n)
+        ref, _ = loops.start(fn, params, [ids], max_new_tokens=1, press=alone)
+        want = _kept(ref.cache)
+        assert [got[2 * layer + b] for layer in range(2)] == want, (b, n)
+    # without a span it is the ratio form
+    plain, _ = loops.start(fn, params, prompts, max_new_tokens=1, press=press)
+    ratio, _ = loops.start(fn, params, prompts, max_new_tokens=1,
+                           press=dataclasses.replace(press, question_proxies=False))
+    assert _kept(plain.cache) == _kept(ratio.cache)
+
+
+def test_pipeline_passes_the_question_span():
+    """`Pipeline.run(question_aware=True)` hands NACL the question's own tokens (a character
+    tokenizer: the question's token count is its length)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    from eval_helpers import char_tokenizer, tiny_model
+    pipe = kvjax.Pipeline(tiny_model(), char_tokenizer())
+    context, question = "The door code is 4417. " * 8, " Which code opens the door?"
+    press = NACLPress(compression_ratio=0.6, random_fraction=0.0, question_proxies=True)
+    got = pipe.run(context, question, press=press, question_aware=True, max_new_tokens=2)
+    want = pipe.run(context, question, question_aware=True, max_new_tokens=2,
+                    press=dataclasses.replace(press, question_proxies=False,
+                                              proxy_tokens=len(question)))
+    assert _kept(got.cache) == _kept(want.cache)
+    assert got.tokens == want.tokens
+    ratio = pipe.run(context, question, question_aware=True, max_new_tokens=2,
+                     press=dataclasses.replace(press, question_proxies=False))
+    assert _kept(ratio.cache) != _kept(got.cache)  # the span changed what was kept
+
+
+@pytest.mark.parametrize("span, says", [([58, 3], "outside the prompt"), ([-1, 3], "outside"),
+                                        ([3], "an int per prompt"), ([1.5, 2], "int per")])
+def test_a_question_span_outside_the_prompt_is_refused(model, prompts, span, says):
+    fn, params = model.kvjax_split()
+    with pytest.raises(ValueError, match=says):
+        loops.start(fn, params, prompts, max_new_tokens=1, press=NACLPress(
+            compression_ratio=0.5, question_proxies=True), question_len=span)
