@@ -273,8 +273,9 @@ def for_batch(cache: KVCache, n: int) -> KVCache:
 
 def share(cache: KVCache, n: int) -> KVCache:
     """The cache for n sequences that share its store (batch 1, not copied): tail, positions
-    and table broadcast to batch n. Decode attention reads a shared store through the jnp path
-    (`kvjax.store_attention`), which gathers only the blocks it reads."""
+    and table broadcast to batch n. Decode attention reads a shared store in place, every
+    sequence at its own offsets: the decode kernels (`kvjax.dispatch`) and the jnp block walk
+    (`kvjax.store_attention`) alike."""
     if cache.hook is not None:
         raise ValueError(f"a store that {type(cache.hook).__name__} rewrites per sequence "
                          "cannot be shared: use `for_batch`, which copies it")

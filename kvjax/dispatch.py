@@ -58,6 +58,9 @@ def decode_attention(q: jax.Array, q_pos: jax.Array, cache: KVCache, layer, *, a
     The kernels get the whole store (k [B, R, P, Dk], v, pos) with the layer's segment
     offsets and lengths [B, K] and read the segments in place; without a kernel
     `store_attention` walks the segments block by block in jnp. Neither copies a segment.
+    A store shared by the batch (slot arrays of batch 1: `kvjax.context.share`, the engine's
+    pool in kvjax/engine/pool.py) goes to the kernels as it is: every sequence reads it at
+    its own offsets.
 
     Args:
       q: [B, T, N, H] post-RoPE queries; q_pos: [B, T]; cache: the cache (new tokens already
@@ -69,8 +72,7 @@ def decode_attention(q: jax.Array, q_pos: jax.Array, cache: KVCache, layer, *, a
     """
     store, tail = cache.store, cache.tail.layer(layer)
     kernels = _kernels(attn_impl)
-    shared = store.k.shape[0] != q.shape[0]  # a store shared by the batch: the jnp path
-    use_kernel = kernels is not None and q.shape[1] == 1 and not shared and _kernel_reads(
+    use_kernel = kernels is not None and q.shape[1] == 1 and _kernel_reads(
         attn_impl, store) and (attn_impl != "pallas_gpu" or _gpu_shapes_ok(
             q.shape[2], store.n_kv_heads, q.shape[3], store.k.shape[3], store.v.shape[3]))
     if not use_kernel:

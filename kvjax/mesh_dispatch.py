@@ -27,15 +27,22 @@ def _axes(mesh, batch: int, n_kv: int) -> tuple[str | None, str | None]:
             "model" if m > 1 and n_kv % m == 0 else None)
 
 
+_STORE_KEYWORDS = ("prefix_k_scale", "prefix_v_scale")  # slot arrays [B or 1, R, P]
+
+
 def sharded_decode(kernel, mesh, q, store_k, store_v, length, store_pos, tail_k, tail_v,
                    tail_pos, tail_count, q_pos, **kw):
     """`kernel(q [B, N, H], store_k [B, R, P, Dk], ...)` (a decode kernel's positional
     arguments, see `pallas_kernels.tpu.decode_attention`) under shard_map -> [B, N, H].
 
     Keyword array arguments (channels, value_channels [B, K, D], prefix_offset [B, K],
-    scales [B, R, P]) are split like the store; other keywords are passed as they are."""
+    scales [B, R, P]) are split like the table and the store; other keywords are passed as
+    they are. A store shared by the batch (store_k, store_v, store_pos and the scales of
+    batch 1, everything else of batch B: the engine's pool) keeps its batch axis whole on
+    every "data" device; its rows are split over "model" like any store's."""
     b, h = _axes(mesh, q.shape[0], length.shape[1])
     heads, batch = P(b, h), P(b)
+    store = P(None, h) if store_k.shape[0] != q.shape[0] else heads
     arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
     static = {k: v for k, v in kw.items() if k not in arrays}
     names = tuple(arrays)
@@ -44,7 +51,8 @@ def sharded_decode(kernel, mesh, q, store_k, store_v, length, store_pos, tail_k,
         return kernel(q, sk, sv, ln, sp, tk, tv, tp, tc, qp, **dict(zip(names, extra)),
                       **static)
 
-    specs = (heads,) * 5 + (heads, heads, batch, batch, batch) + (heads,) * len(names)
+    specs = ((heads, store, store, heads, store) + (heads, heads, batch, batch, batch)
+             + tuple(store if n in _STORE_KEYWORDS else heads for n in names))
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(
         q, store_k, store_v, length, store_pos, tail_k, tail_v, tail_pos, tail_count, q_pos,
         *arrays.values())

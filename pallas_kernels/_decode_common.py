@@ -11,22 +11,27 @@ def check_decode_args(q, prefix_k, prefix_v, prefix_len, prefix_pos, tail_k, tai
                       value_channels=None) -> tuple[float, jax.Array]:
     """Validate the decode kernels' shapes; return (scale, q grouped as [B, K, G, H]).
 
+    The store's slot arrays (prefix_k, prefix_v, prefix_pos) have batch B, or batch 1 for a
+    store shared by the B sequences (`kvjax.context.share`, the engine's pool
+    `kvjax/engine/pool.py`); every other argument has batch B.
+
     Raises:
       ValueError: on any shape mismatch.
     """
     b, n, h = q.shape
-    if prefix_k.ndim != 4 or prefix_k.shape[0] != b:
-        raise ValueError(f"prefix_k.shape={prefix_k.shape} must be [B={b}, R, C, Dk]")
-    _, rows, c, dk = prefix_k.shape
+    if prefix_k.ndim != 4 or prefix_k.shape[0] not in (1, b):
+        raise ValueError(f"prefix_k.shape={prefix_k.shape} must be [B={b}, R, C, Dk] or "
+                         "[1, R, C, Dk] (a store shared by the batch)")
+    sb, rows, c, dk = prefix_k.shape
     n_kv = tail_k.shape[1] if tail_k.ndim == 4 else rows
     s = tail_k.shape[2]
     if n % n_kv:
         raise ValueError(f"N={n} query heads must be a multiple of K={n_kv} kv heads")
     if n_kv % rows:
         raise ValueError(f"prefix rows R={rows} must divide the K={n_kv} kv heads")
-    expected = {"prefix_v": (prefix_v.shape[:3], (b, rows, c)),
+    expected = {"prefix_v": (prefix_v.shape[:3], (sb, rows, c)),
                 "prefix_len": (prefix_len.shape, (b, n_kv)),
-                "prefix_pos": (prefix_pos.shape, (b, rows, c)),
+                "prefix_pos": (prefix_pos.shape, (sb, rows, c)),
                 "tail_k": (tail_k.shape, (b, n_kv, s, h)),
                 "tail_v": (tail_v.shape, (b, n_kv, s, h)),
                 "tail_pos": (tail_pos.shape, (b, s)),
@@ -34,8 +39,8 @@ def check_decode_args(q, prefix_k, prefix_v, prefix_len, prefix_pos, tail_k, tai
                 "q_pos": (q_pos.shape, (b,))}
     for name, (got, want) in expected.items():
         if tuple(got) != want:
-            raise ValueError(f"{name}.shape={tuple(got)} must be {want} (B={b}, K={n_kv}, "
-                             f"R={rows}, C={c}, S={s}, H={h})")
+            raise ValueError(f"{name}.shape={tuple(got)} must be {want} (B={b}, store "
+                             f"batch {sb}, K={n_kv}, R={rows}, C={c}, S={s}, H={h})")
     if channels is None and dk != h:
         raise ValueError(f"prefix keys have Dk={dk} != H={h} channels but channels is None")
     if channels is not None and tuple(channels.shape) != (b, n_kv, dk):
@@ -105,7 +110,8 @@ QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
 
 
 def check_prefix_scales(prefix_k, prefix_v, k_scale, v_scale) -> tuple:
-    """() for a float prefix, (k_scale, v_scale) [B, R, C] for a quantized one.
+    """() for a float prefix, (k_scale, v_scale) [B, R, C] for a quantized one (batch 1 with
+    a shared store: the scales are slot arrays, shaped like prefix_k's first three axes).
 
     Raises:
       ValueError: scales missing for int8/fp8 keys or values, given for float ones, or of

@@ -129,8 +129,9 @@ def _init_carry(rows, width, interpret):
 def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B], [B]
             qp_ref,  # [B*K, 64, Dk] queries on the kept key channels (rows >= G are zero)
             qt_ref,  # [B*K, 64, H] full-width queries
-            pk_ref, pv_ref,  # [B*R, C, Dk], [B*R, C, Hv] prefix rows (the whole store)
-            ppos_ref,  # [B*R, C] prefix positions
+            pk_ref, pv_ref,  # [B*R, C, Dk], [B*R, C, Hv] prefix rows (the whole store);
+            # a shared store: [R, C, Dk], [R, C, Hv], read by every sequence
+            ppos_ref,  # [B*R, C] prefix positions ([R, C] shared)
             tk_ref, tv_ref,  # [B*K, S, H] tail
             tpos_ref,  # [B, S] tail positions
             op_ref,  # [B*K, splits, 64, Hv] f32 unnormalised prefix partials
@@ -138,11 +139,13 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B
             m_ref, l_ref,  # [B*K, splits, 2, 64] f32 partial max / sum (prefix, tail)
             qp_smem, qt_smem, kv_smem, pos_smem, op_smem, ot_smem, m_smem, l_smem, q_bar,
             prefix_bars, tail_bars,
-            *, n_kv, n_rows, scale, bs, prefix_chunk, tail_chunk, sliding_window, interpret):
+            *, n_kv, n_rows, shared, scale, bs, prefix_chunk, tail_chunk, sliding_window,
+            interpret):
     row, split = jax.lax.axis_index("bk"), jax.lax.axis_index("split")
     b = jax.lax.div(row, n_kv)
-    # the prefix row (of R per sequence) that holds kv head `row - b * K`'s segments
-    prow = b * n_rows + jax.lax.div(row - b * n_kv, n_kv // n_rows)
+    # the prefix row (of R per store sequence: batch 0 of a shared store) that holds kv head
+    # `row - b * K`'s segments
+    prow = jax.lax.div(row - b * n_kv, n_kv // n_rows) + (0 if shared else b * n_rows)
     length, count, q_pos = len_ref[row], cnt_ref[b], qpos_ref[b]
     offset = off_ref[row]  # the prefix is slots [offset, offset + length) of its row
     base = jax.lax.div(offset, 8) * 8
@@ -186,7 +189,7 @@ def _kernel(len_ref, off_ref, cnt_ref, qpos_ref,  # GMEM int32: [B*K], [B*K], [B
 
 
 def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, n_kv, n_rows,
-          scale, bs, splits, prefix_span, sliding_window, interpret):
+          shared, scale, bs, splits, prefix_span, sliding_window, interpret):
     bk_rows, rows, dk = qp.shape
     h, hv, dt = qt.shape[2], pv.shape[2], pk.dtype
     prefix_chunk = pl.cdiv(pl.cdiv(prefix_span, bs), splits)
@@ -209,8 +212,8 @@ def _call(qp, qt, pk, pv, ppos, tk, tv, tpos, lens, offs, counts, q_pos, *, n_kv
         plgpu.Barrier(num_barriers=2),
         *(tuple(plgpu.Barrier(num_barriers=2) for _ in range(3)) for _ in range(2)),
     ]
-    kernel = functools.partial(_kernel, n_kv=n_kv, n_rows=n_rows, scale=scale, bs=bs,
-                               prefix_chunk=prefix_chunk, tail_chunk=tail_chunk,
+    kernel = functools.partial(_kernel, n_kv=n_kv, n_rows=n_rows, shared=shared, scale=scale,
+                               bs=bs, prefix_chunk=prefix_chunk, tail_chunk=tail_chunk,
                                sliding_window=sliding_window, interpret=interpret is not None)
     f32 = jnp.float32
     out_type = (jax.ShapeDtypeStruct((bk_rows, splits, rows, hv), f32),
@@ -274,12 +277,17 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     rows), so no segment is copied. Keep C a multiple of 8 and >= block_kv, or the store is
     padded (a copy).
 
+    A shared store (batch 1 in prefix_k, prefix_v and prefix_pos, while q, the table and the
+    tail have batch B: `kvjax.context.share`, the engine's pool in kvjax/engine/pool.py) is
+    read by every sequence at its own offsets: each CTA's TMA copies come from the store's
+    batch-0 rows, nothing is broadcast to B.
+
     Args:
       q: [B, N, H] post-RoPE queries (bf16/f16; f32 is rounded to bf16 for the MMAs).
-      prefix_k: [B, R, C, Dk] store keys (Dk < H with thin keys); prefix_v: [B, R, C, Hv];
-        R = K (one row per kv head) or any divisor of K.
+      prefix_k: [B, R, C, Dk] store keys (Dk < H with thin keys), or [1, R, C, Dk] shared;
+        prefix_v: [B or 1, R, C, Hv]; R = K (one row per kv head) or any divisor of K.
       prefix_len: [B, K] valid prefix slots per kv head (0 allowed).
-      prefix_pos: [B, R, C] original positions (used by the sliding window).
+      prefix_pos: [B or 1, R, C] original positions (used by the sliding window).
       tail_k, tail_v: [B, K, S, H] dense tail; tail_pos: [B, S]; tail_count: [B] valid slots.
       q_pos: [B] position of the query (tail slots after it are masked).
       prefix_offset: [B, K] int32 first slot of each head's segment in its row.
@@ -329,7 +337,8 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
         _as_rows(_pad_slots(tail_k, 2, bs.block_kv), dt),
         _as_rows(_pad_slots(tail_v, 2, bs.block_kv), dt),
         _pad_slots(i32(tail_pos), 1, bs.block_kv), i32(prefix_len).reshape(-1), offsets,
-        i32(tail_count), i32(q_pos), n_kv=n_kv, n_rows=prefix_k.shape[1], scale=scale,
+        i32(tail_count), i32(q_pos), n_kv=n_kv, n_rows=prefix_k.shape[1],
+        shared=prefix_k.shape[0] != b, scale=scale,
         bs=bs.block_kv, splits=splits,
         prefix_span=span, sliding_window=sliding_window,
         interpret=_interpret.gpu_interpret(interpret))

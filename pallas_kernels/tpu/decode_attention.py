@@ -166,10 +166,12 @@ def _prefix_blocks(c, bp, max_len):
 
 def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos, *, scale,
           sliding_window, bp, bt, max_len, interpret):
-    """The prefix arrays are the store (pk [B, R, C, Dk], ppos [B, R, C]) read at `offs`;
-    `scales`: () or (k_scale, v_scale) [B, R, C] f32."""
+    """The prefix arrays are the store (pk [B or 1, R, C, Dk], ppos [B or 1, R, C]) read at
+    `offs`; `scales`: () or (k_scale, v_scale) [B or 1, R, C] f32. A batch-1 store with
+    B > 1 is shared: every sequence's blocks come from store batch 0."""
     b, n_kv, g, dk = qp.shape
     rows = pk.shape[1]
+    shared = pk.shape[0] != b
     per_row = n_kv // rows
     c, hv, s, h = pk.shape[2], pv.shape[3], tk.shape[2], qt.shape[3]
     n_pb, n_tb = _prefix_blocks(c, bp, max_len), pl.cdiv(s, bt)
@@ -179,18 +181,19 @@ def _call(qp, qt, pk, pv, ppos, scales, tk, tv, tpos, lens, offs, counts, q_pos,
         off = off_ref[r]
         last = _last_block(jax.lax.rem(off, bp) + len_ref[r], bp)  # later steps repeat it
         blk = jax.lax.div(off, bp) + jnp.minimum(j, last)
-        return bi, jax.lax.div(hi, per_row), jnp.minimum(blk, pl.cdiv(c, bp) - 1), 0
+        sbi = 0 if shared else bi  # the store's batch index: 0 for a shared store
+        return sbi, jax.lax.div(hi, per_row), jnp.minimum(blk, pl.cdiv(c, bp) - 1), 0
 
     def tail_map(bi, hi, j, len_ref, off_ref, cnt_ref, qpos_ref):
         return bi, hi, jnp.clip(j - n_pb, 0, _last_block(cnt_ref[bi], bt)), 0
 
     def store_pos_map(*args):  # store positions [B, R, P]: all R rows (an R-row block is legal)
-        bi, _, blk, _ = prefix_map(*args)
-        return bi, 0, blk if sliding_window is not None else 0  # unread without a window
+        sbi, _, blk, _ = prefix_map(*args)
+        return sbi, 0, blk if sliding_window is not None else 0  # unread without a window
 
     def store_scale_map(*args):  # store scales [B, R, P]: all R rows, always read
-        bi, _, blk, _ = prefix_map(*args)
-        return bi, 0, blk
+        sbi, _, blk, _ = prefix_map(*args)
+        return sbi, 0, blk
 
     def tpos_map(*args):  # positions [B, 1, S]
         bi, _, blk, _ = tail_map(*args)
@@ -249,12 +252,17 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
     h // (K // R) in place: the index maps start at the block holding `offset` (one extra
     block at most), so no segment is copied.
 
+    A shared store (batch 1 in prefix_k, prefix_v, prefix_pos and the scales, while q, the
+    table and the tail have batch B: `kvjax.context.share`, the engine's pool in
+    kvjax/engine/pool.py) is read by every sequence at its own offsets: the store's index
+    maps use batch 0 for every query, nothing is broadcast to B.
+
     Args:
       q: [B, N, H] post-RoPE queries (bf16 or f32).
-      prefix_k: [B, R, C, Dk] store keys (Dk < H with thin keys); prefix_v: [B, R, C, Hv];
-        R = K (one row per kv head) or any divisor of K.
+      prefix_k: [B, R, C, Dk] store keys (Dk < H with thin keys), or [1, R, C, Dk] shared;
+        prefix_v: [B or 1, R, C, Hv]; R = K (one row per kv head) or any divisor of K.
       prefix_len: [B, K] valid prefix slots per kv head (0 allowed).
-      prefix_pos: [B, R, C] original positions (used by the sliding window).
+      prefix_pos: [B or 1, R, C] original positions (used by the sliding window).
       tail_k, tail_v: [B, K, S, H] dense tail; tail_pos: [B, S]; tail_count: [B] valid slots.
       q_pos: [B] position of the query (tail slots after it are masked).
       prefix_offset: [B, K] int32 first slot of each head's segment in its row.
@@ -264,7 +272,7 @@ def decode_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
         those output channels only), or None for full-width values (Hv = H).
       scale: logit scale, default 1/sqrt(H) (full H even with thin keys).
       sliding_window: Mistral-style window on positions, or None.
-      prefix_k_scale, prefix_v_scale: [B, R, C] f32 per-slot scales of a quantized prefix
+      prefix_k_scale, prefix_v_scale: [B or 1, R, C] f32 per-slot scales of a quantized prefix
         (`kvjax.quant`, scheme "token": prefix_k/v in int8 or float8_e4m3fn), or None. The
         kernel reads the quantized blocks and applies the scales to the logits and to the
         probabilities of P V.
