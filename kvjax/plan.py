@@ -21,6 +21,7 @@ from kvjax.buckets import as_rows, bucket_length, pad_prompts
 from kvjax.compress import obs_spec_for
 from kvjax.hooks import DecodeHook, hook_or_default
 from kvjax.model import check_hook_support, check_model_fn
+from kvjax.observation import ObsSpec
 from kvjax.presses.base import check_press_arg
 from kvjax.quant import resolve_kv_quant
 from kvjax.sharding import check_batch, mesh_of
@@ -66,8 +67,12 @@ class RequestPlan:
         return len(self.lengths)
 
     def prefill_parts(self, *, observer: bool = True) -> dict:
-        """The static arguments of `kvjax.prefill.prefill_prompt` for this plan's press."""
-        return prefill_parts(self.press, self.hook, observer=observer)
+        """The static arguments of `kvjax.prefill.prefill_prompt` for this plan's press (the
+        observation window widened to the question when the press reads its span)."""
+        parts = prefill_parts(self.press, self.hook, observer=observer)
+        if self.question_rows:
+            parts["obs_spec"] = parts["obs_spec"].merge(ObsSpec(window=self.question_rows))
+        return parts
 
     def compress_parts(self) -> dict:
         """The static arguments of `kvjax.prefill.compress_cache` for this plan."""

@@ -94,7 +94,10 @@ def compress_cache(press, prompt, *, tail_capacity, hook=None, quant=None, mesh=
 def compress_prompt(press, prompt, plan) -> KVCache:
     """`compress_cache` with the static choices of a `kvjax.plan.RequestPlan` (its tail,
     decode hook, quantization and mesh); `press` may differ from `plan.press` when several
-    presses share one prefill (the eval), as long as their prefill parts are equal."""
+    presses share one prefill (the eval), as long as their prefill parts are equal. The
+    plan's question span, when a press reads it, joins the observation first."""
+    if plan.question_rows:
+        prompt = with_question(prompt, jnp.asarray(plan.question_len))
     return compress_cache(press, prompt, **plan.compress_parts())
 
 

@@ -89,9 +89,12 @@ def answer_sample(pipeline, sample: Sample, presses: Sequence, *,
     ctx_ids, q_ids = pipeline.encode(sample.context, sample.question,
                                      answer_prefix=sample.answer_prefix,
                                      question_aware=question_aware)
+    span = pipeline.question_len(sample.context, sample.question, ctx_ids) \
+        if question_aware else None
     plans = [plan_request(fn, [ctx_ids], max_new_tokens=sample.max_new_tokens, press=p,
                           kv_dtype=pipeline.kv_quant, tail_extra=len(q_ids),
-                          attn_impl=pipeline.attn_impl, tokenizer=pipeline.tokenizer)
+                          attn_impl=pipeline.attn_impl, tokenizer=pipeline.tokenizer,
+                          question_len=span)
              for p in presses]
     tokens, lengths = jnp.asarray(plans[0].tokens), jnp.asarray(plans[0].lengths)
     answers: list[Answer | None] = [None] * len(presses)

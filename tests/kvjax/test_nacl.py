@@ -380,6 +380,12 @@ def test_question_proxies_are_the_question_tokens(model, prompts):
         ref, _ = loops.start(fn, params, [ids], max_new_tokens=1, press=alone)
         want = _kept(ref.cache)
         assert [got[2 * layer + b] for layer in range(2)] == want, (b, n)
+    # the eval's two primitives (one prefill, then compress_prompt per press) agree
+    from kvjax.plan import plan_request
+    plan = plan_request(fn, prompts, max_new_tokens=1, press=press, question_len=[9, 3])
+    _, prompt = loops.prefill_prompt(fn, params, jnp.asarray(plan.tokens),
+                                     jnp.asarray(plan.lengths), **plan.prefill_parts())
+    assert _kept(loops.compress_prompt(press, prompt, plan)) == got
     # without a span it is the ratio form
     plain, _ = loops.start(fn, params, prompts, max_new_tokens=1, press=press)
     ratio, _ = loops.start(fn, params, prompts, max_new_tokens=1,
