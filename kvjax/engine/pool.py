@@ -5,7 +5,7 @@ way `kvjax.context.share` shares a compressed context: the store's slot arrays a
 the table (`offset`, `length` [S, L, K]), the tail ([L, S, K, T, H]) and `next_pos` [S] are
 per slot. A request's compressed store is written into one block of the pool
 (`write_block`), and its slot's table points into that block (`attach`), so decode attention
-(`kvjax.dispatch.decode_attention`, the jnp block walk for a shared store) reads every
+(`kvjax.dispatch.decode_attention`: the decode kernels or the jnp block walk) reads every
 request's kept entries in place, with no per-request padding to the longest request.
 
 Shapes: S = max_running slots, L layers, K kv heads, R store rows, P pool slots per row,
