@@ -43,9 +43,14 @@ def build_press(args):
     return make_press(args.press, args.compression_ratio, **kwargs)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_source_arg(p: argparse.ArgumentParser) -> None:
+    """--model: what `load_model` loads."""
     p.add_argument("--model", default="smollm2",
                    help="'smollm2', a .gguf file, an HF checkpoint dir or a saved kvjax dir")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    add_source_arg(p)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--kv-dtype", choices=("int8", "float8_e4m3fn"), default=None,
                    help="keep the compressed store quantized (default: the compute dtype)")

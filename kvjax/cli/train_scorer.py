@@ -11,7 +11,7 @@ same weights in one small file, the format kvjax ships); use them with
 import argparse
 import shlex
 
-from kvjax.cli.common import load_model
+from kvjax.cli.common import add_source_arg, load_model
 from kvjax.kvzap.weights import scorer_named
 from kvjax.tools.kvzap_train import TrainConfig
 
@@ -25,8 +25,7 @@ def add_train_scorer_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `train-scorer` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser("train-scorer", help="train KVzap scorer weights (a learned "
                               "approximation of KVzip's scores, arXiv 2601.07891)")
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2', a .gguf file, an HF checkpoint dir or a saved kvjax dir")
+    add_source_arg(p)
     p.add_argument("--out", required=True, help="output directory (orbax checkpoint + npz)")
     p.add_argument("--kind", choices=("linear", "mlp"), default=_D.scorer.name)
     p.add_argument("--hidden-dim", type=int, default=None,

@@ -5,7 +5,7 @@
 
 import argparse
 
-from kvjax.cli.common import load_model
+from kvjax.cli.common import add_source_arg, load_model
 from kvjax.uncomp.calibration import DEFAULT_THRESHOLD
 
 # What the shipped SmolLM2 file was made with (tests/uncomp reproduce it).
@@ -16,8 +16,7 @@ def add_uncomp_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `uncomp-calibrate` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser("uncomp-calibrate", help="calibrate UNComp head groups and "
                               "layer stages (matrix entropy, arXiv 2410.03090)")
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2', a .gguf file, an HF checkpoint dir or a saved kvjax dir")
+    add_source_arg(p)
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--k", type=int, default=SHIPPED_RECIPE["k"], help="entropy truncation")
     p.add_argument("--groups", type=int, default=SHIPPED_RECIPE["groups"],

@@ -6,12 +6,12 @@
 import json
 from pathlib import Path
 
-from kvjax.cli.common import load_model
+from kvjax.cli.common import add_source_arg, load_model
 
 
 def add_zigzag_parser(sub) -> None:
     p = sub.add_parser("zigzag-profile", help="per-layer LMBA/LMBO for ZigZagKVPress(profile=)")
-    p.add_argument("--model", default="smollm2")
+    add_source_arg(p)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--out", required=True)
     p.add_argument("--prompts", type=int, default=4)
