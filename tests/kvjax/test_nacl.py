@@ -361,7 +361,7 @@ def test_missing_observation_is_a_clear_error(model, prompts):
         press.seed = 2
 
 
-def _kept(cache):
+def _kept_all(cache):
     return [[kvjax.kept_positions(cache, layer)[b][h].tolist()
              for h in range(cache.store.n_kv_heads)]
             for layer in range(cache.n_layers) for b in range(cache.store.k.shape[0])]
@@ -374,23 +374,23 @@ def test_question_proxies_are_the_question_tokens(model, prompts):
     press = NACLPress(compression_ratio=0.6, random_fraction=0.0, question_proxies=True)
     state, _ = loops.start(fn, params, prompts, max_new_tokens=1, press=press,
                            question_len=[9, 3])
-    got = _kept(state.cache)
+    got = _kept_all(state.cache)
     for b, (ids, n) in enumerate(zip(prompts, (9, 3))):
         alone = dataclasses.replace(press, question_proxies=False, proxy_tokens=n)
         ref, _ = loops.start(fn, params, [ids], max_new_tokens=1, press=alone)
-        want = _kept(ref.cache)
+        want = _kept_all(ref.cache)
         assert [got[2 * layer + b] for layer in range(2)] == want, (b, n)
     # the eval's two primitives (one prefill, then compress_prompt per press) agree
     from kvjax.plan import plan_request
     plan = plan_request(fn, prompts, max_new_tokens=1, press=press, question_len=[9, 3])
     _, prompt = loops.prefill_prompt(fn, params, jnp.asarray(plan.tokens),
                                      jnp.asarray(plan.lengths), **plan.prefill_parts())
-    assert _kept(loops.compress_prompt(press, prompt, plan)) == got
+    assert _kept_all(loops.compress_prompt(press, prompt, plan)) == got
     # without a span it is the ratio form
     plain, _ = loops.start(fn, params, prompts, max_new_tokens=1, press=press)
     ratio, _ = loops.start(fn, params, prompts, max_new_tokens=1,
                            press=dataclasses.replace(press, question_proxies=False))
-    assert _kept(plain.cache) == _kept(ratio.cache)
+    assert _kept_all(plain.cache) == _kept_all(ratio.cache)
 
 
 def test_pipeline_passes_the_question_span():
@@ -407,11 +407,11 @@ def test_pipeline_passes_the_question_span():
     want = pipe.run(context, question, question_aware=True, max_new_tokens=2,
                     press=dataclasses.replace(press, question_proxies=False,
                                               proxy_tokens=len(question)))
-    assert _kept(got.cache) == _kept(want.cache)
+    assert _kept_all(got.cache) == _kept_all(want.cache)
     assert got.tokens == want.tokens
     ratio = pipe.run(context, question, question_aware=True, max_new_tokens=2,
                      press=dataclasses.replace(press, question_proxies=False))
-    assert _kept(ratio.cache) != _kept(got.cache)  # the span changed what was kept
+    assert _kept_all(ratio.cache) != _kept_all(got.cache)  # the span changed what was kept
 
 
 @pytest.mark.parametrize("span, says", [([58, 3], "outside the prompt"), ([-1, 3], "outside"),
