@@ -338,10 +338,12 @@ def kept_positions(cache: KVCache, layer: int) -> list[list[np.ndarray]]:
              for h in range(length.shape[1])] for b in range(length.shape[0])]
 
 
-def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None = None
-               ) -> KVStore:
-    """Write a [B, K, M] view back over layer `layer`'s segments (their lengths unchanged:
-    entries j < length go to slot offset + j). `extra` [B, K, M, E] updates the hook state.
+def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None = None,
+               *, resize: bool = False) -> KVStore:
+    """Write a [B, K, M] view back over layer `layer`'s segments (entries j < length go to
+    slot offset + j). `extra` [B, K, M, E] updates the hook state. Lengths stay unchanged, or
+    with `resize` become the view's (a decode budget: the caller keeps every length within
+    the segment's room, `max_segment`).
 
     Used by decode hooks that rewrite a segment (periodic merge, ring decode). A quantized
     store with per-entry scales (`TokenScales`) gets the view's entries quantized and written with
@@ -349,8 +351,11 @@ def write_view(store: KVStore, layer, view: LayerView, extra: jax.Array | None =
     requantized whole (an untouched entry requantizes to the same bytes).
     """
     if store.quant is not None and not store.quant.scheme.per_entry:
-        written = write_view(dequantize_store(store), layer, view, extra)
+        written = write_view(dequantize_store(store), layer, view, extra, resize=resize)
         return quantize_store(written, store.quant)
+    if resize:
+        store = dataclasses.replace(
+            store, length=store.length.at[:, layer].set(view.length.astype(jnp.int32)))
     idx, ok = slot_index(store, layer, view.capacity)
     put = lambda buf, x: scatter_rows(buf, idx, ok, x)
 

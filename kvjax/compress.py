@@ -134,7 +134,7 @@ def _stack(groups, extras) -> Selection:
 
 
 def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None,
-             rows: int = 1) -> KVCache:
+             rows: int = 1, decode_len: int = 0) -> KVCache:
     """Compress a prefill with `press` (None keeps every entry) into a KVCache.
 
     Args:
@@ -146,6 +146,8 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None
         the press scored full-precision keys), or None.
       rows: store rows R (dividing K): the mesh's "model" size when the store is sharded
         over it (`kvjax.sharding`), so every row holds the segments of one device's heads.
+      decode_len: tokens the request may generate (the plan's buffer), for a decode hook
+        whose budget grows segments (`DecodeHook.segment_room`); 0 otherwise.
 
     Returns:
       KVCache whose store holds exactly the kept entries (plus alignment).
@@ -168,9 +170,13 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None
     extras = _hook_extra(hook, groups, prompt.next_pos, n_layers)
     multiple = 1 if quant is None else quant.slot_multiple
     per_row = min(size.total, n_kv // rows * sum(size.segments))  # static bound of one row
+    width = max(1, min(max(size.segments), max(g.width for g in groups)))
+    room = None if hook is None else hook.segment_room(
+        width, max(g.full.capacity for g in groups) + decode_len)
+    if room is not None:  # every segment gets room to grow into
+        per_row = n_kv // rows * n_layers * room
     store = write_store(_stack(groups, extras), slots=aligned_slots(per_row, multiple),
-                        rows=rows,
-                        max_segment=max(1, min(max(size.segments), max(g.width for g in groups))))
+                        rows=rows, max_segment=width, room=room)
     if quant is not None:
         store = quantize_store(store, quant)
     reserve = 0 if recent is None else recent[0].shape[3]

@@ -36,6 +36,11 @@ class DecodeHook:
                              f"{type(press).__name__}: decode-time re-selection needs "
                              "full-width keys")
 
+    def segment_room(self, width: int, seen_bound: int) -> int | None:
+        """Static slots every segment needs when the hook grows segments past `width` (what
+        the prefill keeps at most) for up to `seen_bound` tokens; None: no growth."""
+        return None
+
     def tail_slots(self, out_len: int, reserved: int) -> int:
         """Tail capacity for `out_len` generated tokens and `reserved` appended ones."""
         return out_len

@@ -74,10 +74,15 @@ class RequestPlan:
             parts["obs_spec"] = parts["obs_spec"].merge(ObsSpec(window=self.question_rows))
         return parts
 
+    @property
+    def decode_len(self) -> int:
+        """Generated tokens a decode hook may grow segments for (0 without a hook)."""
+        return 0 if self.hook is None else self.out_len
+
     def compress_parts(self) -> dict:
         """The static arguments of `kvjax.prefill.compress_cache` for this plan."""
         return dict(tail_capacity=self.tail_capacity, hook=self.hook, quant=self.quant,
-                    mesh=self.mesh)
+                    mesh=self.mesh, decode_len=self.decode_len)
 
 
 def check_hooks(press, decoding_press):

@@ -57,10 +57,11 @@ def _prefill_body(fn, params, tokens, lengths, obs_spec, attn_impl, between, obs
     return logits, prompt
 
 
-def _compress_body(press, prompt: Prompt, tail_capacity, hook, quant, mesh) -> KVCache:
+def _compress_body(press, prompt: Prompt, tail_capacity, hook, quant, mesh,
+                   decode_len=0) -> KVCache:
     rows = store_rows(mesh, prompt.groups[0].layers.k.shape[2])
     cache = compress(press, prompt, tail_capacity=tail_capacity, hook=hook, quant=quant,
-                     rows=rows)
+                     rows=rows, decode_len=decode_len)
     return constrain_cache(cache, mesh)
 
 
@@ -84,11 +85,14 @@ def observe_prompt(fn, params, tokens, prompt, *, observer, attn_impl="auto"):
                         resolve_attn_impl(attn_impl))
 
 
-@functools.partial(jax.jit, static_argnames=("press", "tail_capacity", "hook", "quant", "mesh"))
-def compress_cache(press, prompt, *, tail_capacity, hook=None, quant=None, mesh=None):
+@functools.partial(jax.jit, static_argnames=("press", "tail_capacity", "hook", "quant", "mesh",
+                                             "decode_len"))
+def compress_cache(press, prompt, *, tail_capacity, hook=None, quant=None, mesh=None,
+                   decode_len=0):
     """The prompt compressed by `press` into a new KVCache (the Prompt's buffers survive, so
-    other presses can compress the same prefill)."""
-    return _compress_body(press, prompt, tail_capacity, hook, quant, mesh)
+    other presses can compress the same prefill). `decode_len`: the generated-token buffer,
+    for a decode hook whose budget grows segments."""
+    return _compress_body(press, prompt, tail_capacity, hook, quant, mesh, decode_len)
 
 
 def compress_prompt(press, prompt, plan) -> KVCache:
@@ -102,9 +106,10 @@ def compress_prompt(press, prompt, plan) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl",
-                                             "hook", "quant", "question_rows"))
+                                             "hook", "quant", "question_rows", "decode_len"))
 def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto",
-            hook=None, quant=None, question_len=None, question_rows: int = 0):
+            hook=None, quant=None, question_len=None, question_rows: int = 0,
+            decode_len: int = 0):
     """`prefill_prompt` then `compress_prompt` in one jitted call -> (logits [B, V], KVCache).
 
     `hook` is the decode hook the cache will carry (`kvjax.plan.check_hooks`); None: the
@@ -122,7 +127,8 @@ def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl
                                    observer)
     if question_len is not None:
         prompt = with_question(prompt, question_len)
-    return logits, _compress_body(press, prompt, tail_capacity, hook, quant, mesh_of(fn))
+    return logits, _compress_body(press, prompt, tail_capacity, hook, quant, mesh_of(fn),
+                                  decode_len)
 
 
 def with_question(prompt: Prompt, question_len: jax.Array) -> Prompt:
@@ -142,4 +148,4 @@ def prefill_request(fn, params, plan):
                    tail_capacity=plan.tail_capacity, press=plan.press,
                    attn_impl=plan.attn_impl, hook=plan.hook, quant=plan.quant,
                    question_len=jnp.asarray(plan.question_len) if rows else None,
-                   question_rows=rows)
+                   question_rows=rows, decode_len=plan.decode_len)

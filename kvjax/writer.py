@@ -58,20 +58,26 @@ def segment_offsets(length: jax.Array, rows: int) -> jax.Array:
     return off.reshape(b, n_layers, n_kv).astype(jnp.int32)
 
 
-def write_store(sel: Selection, *, slots: int, rows: int = 1, max_segment: int) -> KVStore:
+def write_store(sel: Selection, *, slots: int, rows: int = 1, max_segment: int,
+                room: int | None = None) -> KVStore:
     """Pack a selection into a store of `rows` rows of `slots` slots.
 
     The caller guarantees that every row's total kept count fits in `slots` (the press's
     static bound); entries past it would be dropped, never written over another segment.
+    With `room` (a decode budget that grows segments, `kvjax.presses.decode_budget`) every
+    segment gets `room` slots (>= max_segment) whatever it holds now, and `slots` must fit
+    L * K / R * room.
 
     Returns:
       KVStore with k [B, R, slots, Dk], v, pos, offset/length [B, L, K] and the channels.
     """
+    if room is not None:
+        sel, max_segment = with_width(sel, room), room
     n_layers, b, n_kv, m = sel.pos.shape
     if rows == 1 and n_layers * n_kv * m <= slots:
         return _strided(sel, slots=slots, max_segment=max_segment)
     length = sel.length.transpose(1, 0, 2).astype(jnp.int32)  # [B, L, K]
-    offset = segment_offsets(length, rows)
+    offset = segment_offsets(length if room is None else jnp.full_like(length, room), rows)
     j = jnp.arange(m)
     dest = jnp.where(j < sel.length[..., None], offset.transpose(1, 0, 2)[..., None] + j,
                      slots)  # [L, B, K, M] slot within the head's row; padding: dropped
@@ -93,6 +99,22 @@ def write_store(sel: Selection, *, slots: int, rows: int = 1, max_segment: int) 
                    value_channels=tr(sel.value_channels),
                    extra=None if sel.extra is None else pack(sel.extra),
                    max_segment=max_segment)
+
+
+def with_width(sel: Selection, width: int) -> Selection:
+    """The selection's per-slot arrays padded or cut to `width` slots (entries past every
+    length are padding, so a cut to >= the longest segment loses nothing)."""
+    m = sel.pos.shape[3]
+
+    def fit(x):
+        if x is None:
+            return None
+        if width <= m:
+            return x[:, :, :, :width]
+        return jnp.pad(x, [(0, 0)] * 3 + [(0, width - m)] + [(0, 0)] * (x.ndim - 4))
+
+    return dataclasses.replace(sel, k=fit(sel.k), v=fit(sel.v), pos=fit(sel.pos),
+                               extra=fit(sel.extra))
 
 
 def full_store(view: LayerView) -> KVStore:
