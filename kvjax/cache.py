@@ -101,12 +101,15 @@ class Tail:
         [B, K, S, H] for one layer (`Tail.layer`, what attention reads);
       pos: [B, S] int32 positions; count: [B] valid slots (in order). Both are shared by all
         layers.
+      score: [L, B, K, S] (or [B, K, S] for one layer) f32 per-slot state of a decode hook
+        that scores tokens as they arrive (KVzap, TOVA, H2O), or None.
     """
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
     count: jax.Array
+    score: jax.Array | None = None
 
     @property
     def capacity(self) -> int:
@@ -117,7 +120,8 @@ class Tail:
         if self.k.ndim != 5:
             raise ValueError(f"tail k of shape {self.k.shape} is one layer's, not stacked over "
                              "layers [L, B, K, S, H]")
-        return Tail(k=self.k[layer], v=self.v[layer], pos=self.pos, count=self.count)
+        return Tail(k=self.k[layer], v=self.v[layer], pos=self.pos, count=self.count,
+                    score=None if self.score is None else self.score[layer])
 
 
 @jax.tree_util.register_dataclass

@@ -7,6 +7,8 @@ shrink to the stage's static bound. A channel pruner (ThinK) thins the result, a
 may attach per-slot state, and `kvjax.writer.write_store` packs everything into the store.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -182,6 +184,8 @@ def compress(press, prompt: Prompt, *, tail_capacity: int, hook=None, quant=None
     reserve = 0 if recent is None else recent[0].shape[3]
     dtype = groups[0].view.k.dtype
     tail = init_tail(n_layers, b, n_kv, tail_capacity + reserve, h, dtype)
+    if hook is not None and hook.tail_state:
+        tail = dataclasses.replace(tail, score=jnp.zeros(tail.k.shape[:4], jnp.float32))
     if recent is not None:
         tail = _prepend(tail, *recent)
     return KVCache(store=store, tail=tail, next_pos=prompt.next_pos, hook=hook)

@@ -23,6 +23,9 @@ class DecodeHook:
 
     owns_attention = False  # decode_layer delegates attention to the hook
     needs_extra = False  # the store carries per-slot state (`init_extra`)
+    tail_state = False  # the tail carries a score per slot (`Tail.score`)
+    scores_hidden = False  # decode_layer hands the new tokens' hidden states to the hook
+    attachable = True  # may join a cache compressed without it (`Pipeline.ask`)
 
     @property
     def obs_spec(self) -> ObsSpec:
@@ -35,6 +38,12 @@ class DecodeHook:
             raise ValueError(f"{type(self).__name__} cannot rewrite the thin keys of "
                              f"{type(press).__name__}: decode-time re-selection needs "
                              "full-width keys")
+
+    def write_hidden_scores(self, cache: KVCache, layer, hidden: jax.Array,
+                            positions: jax.Array, start: jax.Array) -> KVCache:
+        """Score the new tokens of layer `layer` from hidden [B, T, D] into the tail's
+        slots [start, start + T) (only hooks with `scores_hidden`)."""
+        return cache
 
     def segment_room(self, width: int, seen_bound: int) -> int | None:
         """Static slots every segment needs when the hook grows segments past `width` (what

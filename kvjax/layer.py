@@ -72,14 +72,16 @@ def begin_decode(cache: KVCache, n_tokens: int,
 
 def decode_layer(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                  n_new: jax.Array, cache: KVCache, layer, *, sliding_window: int | None = None,
-                 attn_impl: str = "auto",
-                 scale: float | None = None) -> tuple[jax.Array, KVCache]:
+                 attn_impl: str = "auto", scale: float | None = None,
+                 hidden: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Store the new tokens of layer `layer` and attend over its kept entries + tail.
 
     Args:
       q: [B, T, N, H] post-RoPE queries; k, v: [B, T, K, H] of the new tokens.
       positions: [B, T] from `begin_decode`; n_new: [B] real tokens among the T.
       cache: the cache after `begin_decode`; layer: the layer index (static or traced).
+      hidden: [B, T, D] the attention's input (after the layer's norm); only decode hooks
+        that score tokens from hidden states (a DecodingPress over KVzap) need it.
 
     Returns:
       out [B, T, N, H] and the cache. A decode hook that owns attention (UNComp's ring)
@@ -92,6 +94,12 @@ def decode_layer(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                                  sliding_window=sliding_window, scale=scale)
     start = cache.tail.count - n_new.astype(jnp.int32)
     cache = dataclasses.replace(cache, tail=write_tail(cache.tail, layer, k, v, start))
+    if hook is not None and hook.scores_hidden:
+        if hidden is None:
+            raise ValueError(f"{type(hook).__name__} scores new tokens from their hidden "
+                             "states: pass hidden= (the attention's input) to "
+                             "kvjax.decode_layer")
+        cache = hook.write_hidden_scores(cache, layer, hidden, positions, start)
     out = dispatch.decode_attention(q, positions, cache, layer,
                                     attn_impl=resolve_attn_impl(attn_impl), scale=scale,
                                     sliding_window=sliding_window)

@@ -305,4 +305,8 @@ def _with_hook(cache: KVCache, decoding_press) -> KVCache:
     if cache.store.channels is not None or cache.store.value_channels is not None:
         raise ValueError(f"{type(decoding_press).__name__} cannot rewrite the thin keys of a "
                          "ThinK-compressed context")
+    if not decoding_press.attachable:
+        raise ValueError(f"{decoding_press} needs per-slot scores or room that a context "
+                         "compressed without it lacks: pass it to Pipeline.run, or use a "
+                         "query-free scorer with the default KeepSize() budget")
     return dataclasses.replace(cache, hook=decoding_press)

@@ -74,7 +74,8 @@ class Attention(nnx.Module):
         """x [B, T, D] new tokens -> (y [B, T, D], KVCache with layer `layer` updated)."""
         q, k, v, _ = self._qkv(x, positions)
         o, cache = kvjax.decode_layer(q, k, v, positions, n_new, cache, layer,
-                                      sliding_window=self.sliding_window, attn_impl=attn_impl)
+                                      sliding_window=self.sliding_window, attn_impl=attn_impl,
+                                      hidden=x)
         return self._out(o), cache
 
 

@@ -14,7 +14,8 @@ from flax import nnx
 import kvjax
 import models
 from kvjax import loops
-from kvjax.presses.decode_budget import FixedSize, RatioOfSeen, ScoreThreshold
+from kvjax.kvzap import UntrainedWeights
+from kvjax.presses.decode_budget import FixedSize, KeepSize, RatioOfSeen, ScoreThreshold
 from kvjax.presses.decoding import DecodingPress
 
 
@@ -24,55 +25,76 @@ def model():
     return models.Decoder(cfg, rngs=nnx.Rngs(3))
 
 
-def _streaming_scores(pos, k):
+def _streaming_scores(pos, k, state, seen):
     """StreamingLLM's scores: sinks (pos < 4) first, then later positions higher."""
     return np.where(pos < 4, np.inf, pos.astype(np.float64))
 
 
-def _keydiff_scores(pos, k):
+def _keydiff_scores(pos, k, state, seen):
     """KeyDiff: minus the cosine similarity to the mean unit key of the candidates."""
     k = k.astype(np.float64)
     anchor = (k / np.linalg.norm(k, axis=-1, keepdims=True)).mean(0)
     return -(k @ anchor) / (np.linalg.norm(k, axis=-1) * np.linalg.norm(anchor))
 
 
-def _budget(rule, seen, n_cand, length):
+def _state_scores(pos, k, state, seen):
+    """TOVA's and KVzap's decode scores: the per-slot state itself."""
+    return state
+
+
+def _h2o_scores(pos, k, state, seen):
+    """H2O: summed attention over the queries that could see the slot."""
+    return state / np.maximum(seen - pos, 1)
+
+
+def _budget(rule, seen, n_cand, length, scores):
     """The number of entries a merge keeps, computed by hand from the rule."""
     if isinstance(rule, FixedSize):
         return min(rule.size, n_cand)
     if isinstance(rule, RatioOfSeen):
         return min(math.ceil((1 - rule.compression_ratio) * seen - 1e-9), n_cand)
+    if isinstance(rule, ScoreThreshold):
+        return int(np.sum(scores >= rule.threshold))
     return min(length, n_cand)
 
 
 def _numpy_merge(cache, rule, score, window):
     """Per layer, sequence and kv head: candidates = segment + tail in position order; the
     `window` most recent always survive, the rest by `score` (stable: ties to the earlier
-    candidate); the kept ones are written from the segment's offset, its length updated."""
+    candidate); the kept ones (and their per-slot state) are written from the segment's
+    offset, its length updated."""
     st, t = cache.store, cache.tail
     k, v, pos = (np.array(x) for x in (st.k, st.v, st.pos))
+    extra = None if st.extra is None else np.array(st.extra)
     off, length = np.asarray(st.offset), np.array(st.length)
     tk, tv, tpos, count = (np.asarray(x) for x in (t.k, t.v, t.pos, t.count))
+    tscore = None if t.score is None else np.asarray(t.score)
     seen = np.asarray(cache.next_pos)
     b_size, n_layers, n_kv = length.shape
     row = np.arange(n_kv) // (n_kv // st.rows)
     for layer in range(n_layers):
         for i in range(b_size):
             for j in range(n_kv):
-                o, n, r = off[i, layer, j], length[i, layer, j], row[j]
-                cp = np.concatenate([pos[i, r, o:o + n], tpos[i, :count[i]]])
-                ck = np.concatenate([k[i, r, o:o + n], tk[layer, i, j, :count[i]]])
-                cv = np.concatenate([v[i, r, o:o + n], tv[layer, i, j, :count[i]]])
-                s = score(cp, ck)
+                o, n, r, c = off[i, layer, j], length[i, layer, j], row[j], count[i]
+                cp = np.concatenate([pos[i, r, o:o + n], tpos[i, :c]])
+                ck = np.concatenate([k[i, r, o:o + n], tk[layer, i, j, :c]])
+                cv = np.concatenate([v[i, r, o:o + n], tv[layer, i, j, :c]])
+                cs = None if extra is None else np.concatenate(
+                    [extra[i, r, o:o + n, 0], tscore[layer, i, j, :c]])
+                s = score(cp, ck, cs, seen[i])
                 s = np.where(cp >= seen[i] - window, np.inf, s)
-                keep = _budget(rule, seen[i], len(cp), n)
+                keep = _budget(rule, seen[i], len(cp), n, s)
                 chosen = np.sort(np.argsort(-s, kind="stable")[:keep])
                 pos[i, r, o:o + keep] = cp[chosen]
                 k[i, r, o:o + keep], v[i, r, o:o + keep] = ck[chosen], cv[chosen]
+                if extra is not None:
+                    extra[i, r, o:o + keep, 0] = cs[chosen]
                 length[i, layer, j] = keep
     store = dataclasses.replace(st, k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos),
-                                length=jnp.asarray(length))
-    tail = dataclasses.replace(t, count=jnp.zeros_like(t.count))
+                                length=jnp.asarray(length),
+                                extra=None if extra is None else jnp.asarray(extra))
+    tail = dataclasses.replace(t, count=jnp.zeros_like(t.count),
+                               score=None if t.score is None else jnp.zeros_like(t.score))
     return dataclasses.replace(cache, store=store, tail=tail)
 
 
@@ -84,14 +106,23 @@ PREFILL = {
     "zigzagkv": lambda: kvjax.ZigZagKVPress(compression_ratio=0.5, window_size=4),
 }
 SCORERS = {"streaming_llm": (kvjax.StreamingLLMPress, _streaming_scores),
-           "keydiff": (kvjax.KeyDiffPress, _keydiff_scores)}
+           "keydiff": (kvjax.KeyDiffPress, _keydiff_scores),
+           "tova": (kvjax.TOVAPress, _state_scores),
+           "h2o": (kvjax.ObservedAttentionPress, _h2o_scores),
+           "kvzap": (lambda: kvjax.KVzapPress(weights=UntrainedWeights(seed=1),
+                                              allocation="uniform"), _state_scores)}
 CASES = [(p, "ratio", "streaming_llm", 0) for p in PREFILL] + [
     ("snapkv", "fixed", "streaming_llm", 0), ("full", "fixed", "keydiff", 3),
-    ("adakv", "ratio", "keydiff", 3), ("zigzagkv", "fixed", "keydiff", 0)]
+    ("adakv", "ratio", "keydiff", 3), ("zigzagkv", "fixed", "keydiff", 0),
+    ("full", "keep", "tova", 0), ("snapkv", "fixed", "tova", 2), ("adakv", "ratio", "tova", 0),
+    ("full", "ratio", "h2o", 0), ("zigzagkv", "keep", "h2o", 2), ("snapkv", "fixed", "h2o", 0),
+    ("full", "ratio", "kvzap", 0), ("adakv", "keep", "kvzap", 0),
+    ("full", "threshold", "kvzap", 2), ("zigzagkv", "threshold", "kvzap", 0)]
 
 
 def _rule(kind):
-    return RatioOfSeen(0.5) if kind == "ratio" else FixedSize(24)
+    return {"ratio": RatioOfSeen(0.5), "fixed": FixedSize(24), "keep": KeepSize(),
+            "threshold": ScoreThreshold(0.0)}[kind]
 
 
 @pytest.mark.parametrize("prefill, kind, scorer, window", CASES)
@@ -172,3 +203,94 @@ def test_bad_budgets_are_named():
         ScoreThreshold(float("nan"))
     with pytest.raises(ValueError, match="budget=0.5"):
         DecodingPress(press=kvjax.KnormPress(), budget=0.5)
+
+
+def _state_by_position(cache, layer):
+    """{(seq, kv head, position): state} of layer `layer`'s segment and tail slots."""
+    st, t = cache.store, cache.tail
+    view = kvjax.cache.layer_view(st, layer)
+    idx, _ = kvjax.cache.slot_index(st, layer, view.capacity)
+    seg = np.asarray(kvjax.cache.gather_rows(st.extra, idx))[..., 0]
+    pos, length = np.asarray(view.pos), np.asarray(view.length)
+    tpos, count, tsc = np.asarray(t.pos), np.asarray(t.count), np.asarray(t.score[layer])
+    out = {}
+    for b in range(length.shape[0]):
+        for h in range(length.shape[1]):
+            out.update({(b, h, int(pos[b, h, s])): seg[b, h, s] for s in range(length[b, h])})
+            out.update({(b, h, int(tpos[b, s])): tsc[b, h, s] for s in range(count[b])})
+    return out
+
+
+def _whole_sequence(model, prompt, out, obs_spec):
+    """The prefill of prompt + every fed token: (fn, params, Prompt)."""
+    fn, params = model.kvjax_split()
+    seq = prompt + out.tokens[0, :out.lengths[0]].tolist()
+    tokens, lengths = loops.pad_prompts([seq])
+    _, whole = loops.prefill_prompt(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                    obs_spec=obs_spec, attn_impl="reference")
+    return fn, params, whole, len(seq)
+
+
+@pytest.mark.parametrize("mode", ["h2o", "tova"])
+def test_attention_state_equals_the_whole_sequence_prefill(model, mode):
+    """Before any merge, a full cache's H2O sums are the column sums of a prefill over the
+    whole sequence, and TOVA's state is that prefill's last-query attention (means over each
+    kv head's query group); the hook's own attention gives plain generate's tokens."""
+    prompt, n_new = list(range(2, 35)), 12
+    scorer = kvjax.ObservedAttentionPress() if mode == "h2o" else kvjax.TOVAPress()
+    dp = DecodingPress(press=scorer, compression_interval=64)
+    out = kvjax.generate(model, [prompt], max_new_tokens=n_new, decoding_press=dp)
+    assert out.tokens.tolist() == kvjax.generate(model, [prompt], max_new_tokens=n_new).tokens.tolist()
+    spec = kvjax.ObsSpec(column_sums=True) if mode == "h2o" else kvjax.ObsSpec(window=1)
+    fn, params, whole, n = _whole_sequence(model, prompt, out, spec)
+    assert int(out.cache.next_pos[0]) == n
+    obs = whole.groups[0].layers.obs
+    for layer in range(out.cache.n_layers):
+        got = _state_by_position(out.cache, layer)
+        if mode == "h2o":
+            cols = np.asarray(obs.column_sums[layer])  # [B, N, T]
+            want = cols.reshape(1, 2, 2, -1).mean(axis=2)
+        else:
+            full = jax.tree.map(lambda x: x[layer], whole.groups[0].views())
+            o = jax.tree.map(lambda x: x[layer], obs)
+            probs = kvjax.presses.window.window_attention(full, o, jnp.array([n]), 1)
+            want = np.asarray(probs[:, :, :, 0]).mean(axis=2)
+        assert len(got) == 2 * n
+        for (b, h, p), value in got.items():
+            np.testing.assert_allclose(value, want[b, h, p], rtol=2e-4, atol=1e-6)
+
+
+def test_kvzap_state_equals_its_prefill_scores(model):
+    """Every token's decode-time KVzap score, prompt and generated, equals the press's score
+    of that token in a prefill of the whole sequence (same hidden states: nothing evicted)."""
+    prompt, n_new = list(range(2, 35)), 12
+    press = kvjax.KVzapPress(weights=UntrainedWeights(seed=1), allocation="uniform")
+    out = kvjax.generate(model, [prompt], max_new_tokens=n_new,
+                         decoding_press=DecodingPress(press=press, compression_interval=64))
+    fn, params, whole, n = _whole_sequence(model, prompt, out, kvjax.ObsSpec(hidden=True))
+    views, obs = whole.groups[0].views(), whole.groups[0].layers.obs
+    for layer in range(out.cache.n_layers):
+        pick = lambda x: x[layer]
+        ctx = kvjax.presses.base.LayerContext(jnp.array([n]), layer, out.cache.n_layers)
+        want = np.asarray(press.score(jax.tree.map(pick, views), jax.tree.map(pick, obs), ctx))
+        got = _state_by_position(out.cache, layer)
+        assert len(got) == 2 * n
+        for (b, h, p), value in got.items():
+            np.testing.assert_allclose(value, want[b, h, p], rtol=1e-4, atol=1e-5)
+
+
+def test_threshold_budget_follows_the_scores(model):
+    """ScoreThreshold(t) keeps, after the last merge, exactly the candidates scoring >= t
+    (numpy re-selection above), so a higher threshold keeps fewer; one compilation serves
+    prompts of one bucket (the threshold is part of the static hook)."""
+    press = kvjax.KVzapPress(weights=UntrainedWeights(seed=1), allocation="uniform")
+    kept = []
+    for t in (-0.5, 0.0, 0.5):
+        dp = DecodingPress(press=press, compression_interval=8, budget=ScoreThreshold(t))
+        out = kvjax.generate(model, [list(range(2, 40))], max_new_tokens=24, decoding_press=dp)
+        kept.append(int(np.sum(np.asarray(out.cache.store.length))))
+    assert kept[0] > kept[1] > kept[2] > 0
+    loops.decode.clear_cache()
+    for prompt in (list(range(2, 40)), list(range(5, 50))):
+        kvjax.generate(model, [prompt], max_new_tokens=20, decoding_press=dp)
+    assert loops.decode._cache_size() == 1
