@@ -8,8 +8,9 @@ A budget is a frozen dataclass with two methods:
     its own room: packed end to end (per-layer and per-head budgets), it would grow into
     its neighbour;
   * `keep(length, n_valid, seen, scores)`: the traced budget [B, K] of one merge.
-Every budget is data inside the jitted loop: a new prompt, ratio or threshold value never
-recompiles.
+The budget of each merge is computed inside the jitted loop (a new prompt or output never
+recompiles); the budget's own value (size, ratio, threshold) is part of the static hook, so a
+new value compiles once, like a press's compression_ratio.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.presses.base import ScorerPress, WrapperPress
+from kvjax.presses.decode_budget import ScoreThreshold
+from kvjax.presses.decoding import DecodingPress
 from kvjax.presses.parts import Allocator, Stage, check_fields
 
 SCALES = ("log", "attention")
@@ -57,7 +59,8 @@ class Threshold(Allocator):
 class ThresholdPress(WrapperPress):
     """Keep what `press` scores at or above `threshold` in every layer and kv head.
 
-    Budgets are data (a new input or threshold never recompiles) and bounded by the prompt:
+    Budgets are data (a new input never recompiles; a new threshold value compiles once, as
+    a new compression_ratio does) and bounded by the prompt:
     the store `kvjax.compress` writes is sized for the whole prompt (its bytes are the bound),
     while the serving engine's pool (`kvjax.Engine`) and `memory_report(...).prefix_tokens`
     hold and count only the kept entries; `achieved_ratio(cache, prompt_lengths)` reports the
@@ -69,11 +72,18 @@ class ThresholdPress(WrapperPress):
         compression_ratio must stay 0: the threshold sets the budget).
       threshold: the score to reach ("log"), or the share of attention mass to keep in (0, 1]
         ("attention").
+      decoding: also while generating (kvpress's `decoding=True`; "log" scorers only): the
+        press brings a `DecodingPress(press, compression_interval, ScoreThreshold(threshold))`
+        as its decode hook, so every `compression_interval` generated tokens each (layer, kv
+        head) keeps the prompt and generated entries scoring >= `threshold`.
+      compression_interval: generated tokens between decode-time merges (with `decoding`).
     """
 
     press: ScorerPress
     threshold: float
     compression_ratio: float = 0.0  # unknown before the input: the static bound keeps all
+    decoding: bool = False
+    compression_interval: int = 64
 
     def __post_init__(self):
         check_fields(self)
@@ -98,7 +108,22 @@ class ThresholdPress(WrapperPress):
         if self.compression_ratio != 0:
             raise ValueError(f"ThresholdPress(compression_ratio={self.compression_ratio}): the "
                              "ratio follows the input; see kvjax.achieved_ratio")
+        if self.decoding and scale != "log":
+            raise ValueError(f"ThresholdPress(decoding=True) over {type(self.press).__name__}: "
+                             "a decode-time threshold needs log scores that mean the same at "
+                             "every step (KVzapPress); attention-mass thresholds are per prompt")
         super().__post_init__()
+        if self.decoding:
+            self.decode_hook.check_press(self)  # the interval, the scorer's decode form
+
+    @property
+    def decode_hook(self):
+        """With `decoding`: the decode-time threshold (`kvjax.DecodingPress`), else the inner
+        press's hook (None for every scorer a threshold takes)."""
+        if not self.decoding:
+            return super().decode_hook
+        return DecodingPress(press=self.press, compression_interval=self.compression_interval,
+                             budget=ScoreThreshold(float(self.threshold)))
 
     def stages(self):
         return (Stage(scorer=self.press,

@@ -125,15 +125,16 @@ def _rule(kind):
             "threshold": ScoreThreshold(0.0)}[kind]
 
 
-@pytest.mark.parametrize("prefill, kind, scorer, window", CASES)
-def test_matches_stepwise_numpy_reference(model, prefill, kind, scorer, window):
+def _check_against_numpy(model, press, dp, rule, score, window, *, hooked=None):
+    """kvjax.generate(press, hooked or dp) against a step-by-step decode whose merges are
+    `_numpy_merge(rule, score, window)`: same tokens, same kept positions at the end."""
     prompts = [list(range(3, 40)), list(range(5, 30))]
-    interval, n_new = 8, 36
-    press, rule = PREFILL[prefill](), _rule(kind)
-    make, score = SCORERS[scorer]
-    dp = DecodingPress(press=make(), compression_interval=interval, budget=rule,
-                       window_size=window)
-    got = kvjax.generate(model, prompts, max_new_tokens=n_new, press=press, decoding_press=dp)
+    n_new, interval = 36, dp.compression_interval
+    if hooked is None:
+        got = kvjax.generate(model, prompts, max_new_tokens=n_new, press=press,
+                             decoding_press=dp)
+    else:
+        got = kvjax.generate(model, prompts, max_new_tokens=n_new, press=hooked)
     fn, params = model.kvjax_split()
     plan = kvjax.plan.plan_request(fn, prompts, max_new_tokens=n_new, press=press,
                                    decoding_press=dp)
@@ -153,7 +154,28 @@ def test_matches_stepwise_numpy_reference(model, prefill, kind, scorer, window):
         want, have = kvjax.kept_positions(cache, layer), kvjax.kept_positions(got.cache, layer)
         for w_seq, h_seq in zip(want, have):
             for w, h in zip(w_seq, h_seq):
-                assert h.tolist() == w.tolist(), (prefill, layer)
+                assert h.tolist() == w.tolist(), layer
+
+
+@pytest.mark.parametrize("prefill, kind, scorer, window", CASES)
+def test_matches_stepwise_numpy_reference(model, prefill, kind, scorer, window):
+    press, rule = PREFILL[prefill](), _rule(kind)
+    make, score = SCORERS[scorer]
+    dp = DecodingPress(press=make(), compression_interval=8, budget=rule, window_size=window)
+    _check_against_numpy(model, press, dp, rule, score, window)
+
+
+def test_threshold_press_decoding_keeps_what_reaches_the_threshold(model):
+    """ThresholdPress(KVzap, t, decoding=True): the prompt's threshold table, then every 8
+    generated tokens each (layer, kv head) keeps exactly the candidates scoring >= t."""
+    scorer = SCORERS["kvzap"][0]()
+    hooked = kvjax.ThresholdPress(press=scorer, threshold=0.0, decoding=True,
+                                  compression_interval=8)
+    assert hooked.decode_hook == DecodingPress(press=scorer, compression_interval=8,
+                                               budget=ScoreThreshold(0.0))
+    _check_against_numpy(model, kvjax.ThresholdPress(press=scorer, threshold=0.0),
+                         hooked.decode_hook, ScoreThreshold(0.0), _state_scores, 0,
+                         hooked=hooked)
 
 
 def test_ratio_budget_grows_with_the_tokens_seen(model):
@@ -203,6 +225,8 @@ def test_bad_budgets_are_named():
         ScoreThreshold(float("nan"))
     with pytest.raises(ValueError, match="budget=0.5"):
         DecodingPress(press=kvjax.KnormPress(), budget=0.5)
+    with pytest.raises(ValueError, match=r"ThresholdPress\(decoding=True\) over SnapKVPress"):
+        kvjax.ThresholdPress(press=kvjax.SnapKVPress(), threshold=0.5, decoding=True)
 
 
 def _state_by_position(cache, layer):

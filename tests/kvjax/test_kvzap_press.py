@@ -190,7 +190,9 @@ def test_shipped_weights():
         shipped_weights("llama")
 
 
-def test_refused_as_decoding_press():
-    with pytest.raises(ValueError, match="query-free scorer"):
-        kvjax.DecodingPress(press=kvjax.KVzapPress(compression_ratio=0.5,
-                                                   weights=UntrainedWeights()))
+def test_decoding_press_scores_from_the_hidden_state():
+    """KVzap joins a DecodingPress as a hidden-state scorer (its per-token scores need no
+    query); the hook's budget, not the scorer's compression_ratio, sets what a merge keeps."""
+    dp = kvjax.DecodingPress(press=kvjax.KVzapPress(compression_ratio=0.5,
+                                                    weights=UntrainedWeights()))
+    assert dp.scores_hidden and dp.needs_extra and not dp.owns_attention
