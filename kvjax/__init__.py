@@ -20,6 +20,7 @@ from kvjax.presses import (AdaKVPress, ComposedPress, DecodingPress, ExpectedAtt
                            KeyDiffPress, KnormPress, KVzapPress, KVzipPress, NACLPress,
                            ObservedAttentionPress, Press, PyramidKVPress, RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress, ThinKPress,
                            ThresholdPress, TOVAPress, UNCompPress, ZigZagKVPress, make_press)
+from kvjax.presses.decode_budget import FixedSize, KeepSize, RatioOfSeen, ScoreThreshold
 from kvjax.sampling import Greedy, Temperature, TopK, TopP
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "ScorerPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress",
     "ThresholdPress", "UNCompPress",
     "ZigZagKVPress", "make_press",
+    # decode budgets (DecodingPress(budget=...))
+    "FixedSize", "KeepSize", "RatioOfSeen", "ScoreThreshold",
     # loops, pipeline, sampling
     "CompressedContext", "GenerateOutput", "Greedy", "Pipeline", "PipelineResult", "Temperature", "TopK", "TopP",
     "generate", "generate_stream",
