@@ -42,6 +42,10 @@ def add_eval_parser(subparsers) -> None:
                    help="compress the context with the question in it (default: agnostic)")
     p.add_argument("--ppl-tokens", type=int, default=256,
                    help="tokens scored after the compressed context (task 'perplexity')")
+    p.add_argument("--long-tokens", type=int, default=2048,
+                   help="tokens scored while compressing (task 'long_generation')")
+    p.add_argument("--interval", type=int, default=64,
+                   help="tokens between decode-time merges (task 'long_generation')")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on accelerators")
     p.add_argument("--plot", type=Path, metavar="DIR", default=None,
@@ -63,6 +67,9 @@ def run_eval_command(args) -> int:
         for name, spec in tasks.TASKS.items():
             print(f"{name:20s} {spec}")
         print(f"{'perplexity':20s} perplexity of the shipped corpus after the compressed context")
+        print(f"{'long_generation':20s} perplexity of --long-tokens corpus tokens while the "
+              "press keeps compressing every --interval (a DecodingPress keeping 1 - ratio "
+              "of the tokens seen)")
         return 0
     if args.plot is not None:
         print(results.write_summary(args.plot).read_text())
@@ -84,13 +91,15 @@ def run_eval_command(args) -> int:
 def _run(args) -> Path:
     import jax
 
-    from kvjax.eval.runner import Grid, check_kvjax_presses, kvjax_rows, run_grid
+    from kvjax.eval.runner import (Grid, check_decode_scorers, check_kvjax_presses, kvjax_rows,
+                                   run_grid)
     from kvjax.pipeline import Pipeline
 
     grid = Grid(tasks=args.tasks, lengths=args.lengths, presses=args.presses,
                 ratios=args.ratios, samples=args.samples, seed=args.seed,
                 question_aware=args.question_aware)
     check_kvjax_presses(grid.presses)
+    check_decode_scorers(grid)
     if args.out.exists() and not args.out.is_dir():  # resumable folder, but not a file
         raise NotADirectoryError(f"--out {str(args.out)!r} is not a directory")
     model, tokenizer = load_model(args.model, args.dtype, args.mesh, progress=not args.no_progress)
@@ -102,8 +111,11 @@ def _run(args) -> Path:
             "backend": jax.default_backend()}
     if args.kv_dtype is not None:  # unquantized folders keep their earlier meta (resumable)
         meta["kv_dtype"] = args.kv_dtype
-    return run_grid(grid, kvjax_rows(pipeline, tokenizer, args.seed, args.ppl_tokens),
-                    args.out, meta=meta, progress=not args.no_progress)
+    if "long_generation" in grid.tasks:  # a resumed run must score the same tokens
+        meta.update(long_tokens=args.long_tokens, interval=args.interval)
+    rows = kvjax_rows(pipeline, tokenizer, args.seed, args.ppl_tokens, args.long_tokens,
+                      args.interval)
+    return run_grid(grid, rows, args.out, meta=meta, progress=not args.no_progress)
 
 
 

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from kvjax.eval.perplexity import LONG_GENERATION, PERPLEXITY_TASKS
+
 FULL = "full"
 SUMMARY_FILES = ("summary.json",)
 
@@ -76,7 +78,7 @@ def cell_result(cell: Cell, meta: dict, records: dict[int, dict]) -> dict:
     errors = sorted({r["error"] for r in rows if r.get("error")})
     out = {"cell": dataclasses.asdict(cell), "meta": meta, "n_samples": len(rows),
            "accuracy": None if errors else _mean([r["score"] for r in rows])}
-    for key in ("kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context"):
+    for key in ("kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context", "kept_share"):
         out[key] = _mean([r.get(key) for r in rows])
     for key in ("prefill_s", "compress_s", "decode_s"):  # medians: the first call compiles
         out[key] = _median([r.get(key) for r in rows])
@@ -135,15 +137,19 @@ def summary_tables(results: Iterable[dict]) -> str:
         mode = "question-aware" if qa else "question-agnostic"
         parts.append(f"### {task}, {length} tokens, {library}, {mode} ({n} samples)\n")
         head = " / ".join(f"{x:g}" for x in ratios) or "0"
-        what = "perplexity" if task == "perplexity" else "accuracy %"
-        parts.append(f"| press | {what} at ratio {head} | compressed context KV MiB | "
-                     "compression / prefill |")
+        what = "perplexity" if task in PERPLEXITY_TASKS else "accuracy %"
+        size = ("kept % of the tokens seen, at the end" if task == LONG_GENERATION
+                else "compressed context KV MiB")
+        parts.append(f"| press | {what} at ratio {head} | {size} | compression / prefill |")
         parts.append("|---|---|---|---|")
         for p in presses:
             cols = [0.0] if p == FULL else ratios
             cells = [by.get((p, x)) for x in cols]
             acc = " / ".join(_acc_text(c) for c in cells)
-            mib = " / ".join(fmt_mib(c.get("context_kv_bytes")) if c else "-" for c in cells)
+            if task == LONG_GENERATION:
+                mib = " / ".join(fmt_pct(c.get("kept_share")) if c else "-" for c in cells)
+            else:
+                mib = " / ".join(fmt_mib(c.get("context_kv_bytes")) if c else "-" for c in cells)
             cost = " / ".join(_cost_text(c) for c in cells)
             parts.append(f"| {p} | {acc} | {mib} | {cost} |")
         parts.append("")

@@ -14,11 +14,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kvjax.eval.engine import Answer, answer_sample
-from kvjax.eval.perplexity import PERPLEXITY, corpus_ids, perplexities
+from kvjax.eval.perplexity import (LONG_GENERATION, PERPLEXITY, PERPLEXITY_TASKS, corpus_ids,
+                                   perplexities)
 from kvjax.eval.results import FULL, Cell, load_records, save_cell, write_summary
 from kvjax.eval.sample import Sample
 from kvjax.eval.scoring import exact_match, recall, score
 from kvjax.eval.tasks import TASKS, make_sample
+from kvjax.presses.decode_budget import RatioOfSeen
+from kvjax.presses.decode_scores import decode_scores
+from kvjax.presses.decoding import DecodingPress
 from kvjax.presses.registry import make_press, press_names
 
 AnswerFn = Callable[[Sample, Sequence[Cell]], list[Answer]]
@@ -39,9 +43,10 @@ class Grid:
     question_aware: bool = False
 
     def __post_init__(self):
-        unknown = [t for t in self.tasks if t not in TASKS and t != PERPLEXITY]
+        unknown = [t for t in self.tasks if t not in TASKS and t not in PERPLEXITY_TASKS]
         if unknown:
-            raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}, {PERPLEXITY}")
+            raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}, "
+                             f"{', '.join(PERPLEXITY_TASKS)}")
         if self.samples < 1:
             raise ValueError(f"{self.samples=} must be >= 1")
         if any(n < 64 for n in self.lengths):
@@ -121,11 +126,56 @@ def perplexity_rows(pipeline, tokenizer, seed: int, n_score: int = 256) -> RowsF
     return rows
 
 
-def kvjax_rows(pipeline, tokenizer, seed: int, n_score: int = 256) -> RowsFn:
-    """Rows for any task with kvjax: perplexity or the generated QA tasks."""
+def decoding_hook(press, ratio: float, interval: int) -> DecodingPress | None:
+    """The long-generation task's decode hook of a cell: its press scoring every `interval`
+    tokens with a budget of (1 - ratio) of the tokens seen (None for the full cache)."""
+    if press is None:
+        return None
+    return DecodingPress(press=press, compression_interval=interval, budget=RatioOfSeen(ratio))
+
+
+def check_decode_scorers(grid: Grid) -> None:
+    """ValueError naming a press of a long-generation grid that cannot score while decoding,
+    before anything runs."""
+    if LONG_GENERATION not in grid.tasks:
+        return
+    for cell in grid.cells():
+        press = build_press(cell)
+        if cell.task == LONG_GENERATION and press is not None:
+            try:
+                decode_scores(press)
+            except ValueError as e:
+                raise ValueError(f"task {LONG_GENERATION}, press {cell.press!r}: {e}") from e
+
+
+def long_generation_rows(pipeline, tokenizer, seed: int, n_score: int = 2048,
+                         interval: int = 64) -> RowsFn:
+    """Rows of the long-generation task: `length` context tokens compressed by the cell's
+    press at its ratio, then n_score tokens scored teacher-forced while the same scorer
+    re-selects every `interval` tokens, keeping (1 - ratio) of the tokens seen."""
+    def rows(task: str, length: int, index: int, cells: Sequence[Cell]) -> list[dict]:
+        ids = corpus_ids(tokenizer, length + n_score, seed, index)
+        presses = [_bound(build_press(c), tokenizer) for c in cells]
+        hooks = [decoding_hook(p, c.ratio, interval) for p, c in zip(presses, cells)]
+        results = perplexities(pipeline.fn, pipeline.params, ids, length, n_score, presses,
+                               hooks=hooks, attn_impl=pipeline.attn_impl,
+                               quant=pipeline.kv_quant)
+        return [{"index": index, "score": None, "nll": r.mean_nll, "n_scored": n_score,
+                 "interval": interval, "kv_bytes_needed": r.kv_bytes_needed,
+                 "bytes_held": r.bytes_held, "context_kv_bytes": r.kv_bytes_needed,
+                 "kept_share": r.kept_share,
+                 "n_context": length} for r in results]
+    return rows
+
+
+def kvjax_rows(pipeline, tokenizer, seed: int, n_score: int = 256,
+               long_tokens: int = 2048, interval: int = 64) -> RowsFn:
+    """Rows for any task with kvjax: perplexity, long generation or the generated QA tasks."""
     qa = answer_rows(tokenizer, kvjax_answer_fn(pipeline), seed)
-    ppl = perplexity_rows(pipeline, tokenizer, seed, n_score)
-    return lambda task, *args: (ppl if task == PERPLEXITY else qa)(task, *args)
+    by_task = {PERPLEXITY: perplexity_rows(pipeline, tokenizer, seed, n_score),
+               LONG_GENERATION: long_generation_rows(pipeline, tokenizer, seed, long_tokens,
+                                                     interval)}
+    return lambda task, *args: by_task.get(task, qa)(task, *args)
 
 
 def run_grid(grid: Grid, rows_fn: RowsFn, out_dir: str | Path, *, meta: dict,
