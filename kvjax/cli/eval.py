@@ -46,6 +46,8 @@ def add_eval_parser(subparsers) -> None:
                    help="tokens scored while compressing (task 'long_generation')")
     p.add_argument("--interval", type=int, default=64,
                    help="tokens between decode-time merges (task 'long_generation')")
+    p.add_argument("--window", type=int, default=0,
+                   help="most recent tokens every merge keeps (task 'long_generation')")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on accelerators")
     p.add_argument("--plot", type=Path, metavar="DIR", default=None,
@@ -112,9 +114,9 @@ def _run(args) -> Path:
     if args.kv_dtype is not None:  # unquantized folders keep their earlier meta (resumable)
         meta["kv_dtype"] = args.kv_dtype
     if "long_generation" in grid.tasks:  # a resumed run must score the same tokens
-        meta.update(long_tokens=args.long_tokens, interval=args.interval)
+        meta.update(long_tokens=args.long_tokens, interval=args.interval, window=args.window)
     rows = kvjax_rows(pipeline, tokenizer, args.seed, args.ppl_tokens, args.long_tokens,
-                      args.interval)
+                      args.interval, args.window)
     return run_grid(grid, rows, args.out, meta=meta, progress=not args.no_progress)
 
 

@@ -126,12 +126,14 @@ def perplexity_rows(pipeline, tokenizer, seed: int, n_score: int = 256) -> RowsF
     return rows
 
 
-def decoding_hook(press, ratio: float, interval: int) -> DecodingPress | None:
+def decoding_hook(press, ratio: float, interval: int, window: int = 0) -> DecodingPress | None:
     """The long-generation task's decode hook of a cell: its press scoring every `interval`
-    tokens with a budget of (1 - ratio) of the tokens seen (None for the full cache)."""
+    tokens with a budget of (1 - ratio) of the tokens seen, the `window` most recent kept
+    (None for the full cache)."""
     if press is None:
         return None
-    return DecodingPress(press=press, compression_interval=interval, budget=RatioOfSeen(ratio))
+    return DecodingPress(press=press, compression_interval=interval, budget=RatioOfSeen(ratio),
+                         window_size=window)
 
 
 def check_decode_scorers(grid: Grid) -> None:
@@ -149,19 +151,20 @@ def check_decode_scorers(grid: Grid) -> None:
 
 
 def long_generation_rows(pipeline, tokenizer, seed: int, n_score: int = 2048,
-                         interval: int = 64) -> RowsFn:
+                         interval: int = 64, window: int = 0) -> RowsFn:
     """Rows of the long-generation task: `length` context tokens compressed by the cell's
     press at its ratio, then n_score tokens scored teacher-forced while the same scorer
-    re-selects every `interval` tokens, keeping (1 - ratio) of the tokens seen."""
+    re-selects every `interval` tokens, keeping (1 - ratio) of the tokens seen (the `window`
+    most recent always)."""
     def rows(task: str, length: int, index: int, cells: Sequence[Cell]) -> list[dict]:
         ids = corpus_ids(tokenizer, length + n_score, seed, index)
         presses = [_bound(build_press(c), tokenizer) for c in cells]
-        hooks = [decoding_hook(p, c.ratio, interval) for p, c in zip(presses, cells)]
+        hooks = [decoding_hook(p, c.ratio, interval, window) for p, c in zip(presses, cells)]
         results = perplexities(pipeline.fn, pipeline.params, ids, length, n_score, presses,
                                hooks=hooks, attn_impl=pipeline.attn_impl,
                                quant=pipeline.kv_quant)
         return [{"index": index, "score": None, "nll": r.mean_nll, "n_scored": n_score,
-                 "interval": interval, "kv_bytes_needed": r.kv_bytes_needed,
+                 "interval": interval, "window": window, "kv_bytes_needed": r.kv_bytes_needed,
                  "bytes_held": r.bytes_held, "context_kv_bytes": r.kv_bytes_needed,
                  "kept_share": r.kept_share,
                  "n_context": length} for r in results]
@@ -169,12 +172,12 @@ def long_generation_rows(pipeline, tokenizer, seed: int, n_score: int = 2048,
 
 
 def kvjax_rows(pipeline, tokenizer, seed: int, n_score: int = 256,
-               long_tokens: int = 2048, interval: int = 64) -> RowsFn:
+               long_tokens: int = 2048, interval: int = 64, window: int = 0) -> RowsFn:
     """Rows for any task with kvjax: perplexity, long generation or the generated QA tasks."""
     qa = answer_rows(tokenizer, kvjax_answer_fn(pipeline), seed)
     by_task = {PERPLEXITY: perplexity_rows(pipeline, tokenizer, seed, n_score),
                LONG_GENERATION: long_generation_rows(pipeline, tokenizer, seed, long_tokens,
-                                                     interval)}
+                                                     interval, window)}
     return lambda task, *args: by_task.get(task, qa)(task, *args)
 
 

@@ -77,6 +77,8 @@ class ThresholdPress(WrapperPress):
         as its decode hook, so every `compression_interval` generated tokens each (layer, kv
         head) keeps the prompt and generated entries scoring >= `threshold`.
       compression_interval: generated tokens between decode-time merges (with `decoding`).
+      sliding_window_size: the most recent tokens every decode-time merge keeps whatever
+        their score (with `decoding`; kvpress's DMSPress uses 128).
     """
 
     press: ScorerPress
@@ -84,6 +86,7 @@ class ThresholdPress(WrapperPress):
     compression_ratio: float = 0.0  # unknown before the input: the static bound keeps all
     decoding: bool = False
     compression_interval: int = 64
+    sliding_window_size: int = 0
 
     def __post_init__(self):
         check_fields(self)
@@ -123,7 +126,8 @@ class ThresholdPress(WrapperPress):
         if not self.decoding:
             return super().decode_hook
         return DecodingPress(press=self.press, compression_interval=self.compression_interval,
-                             budget=ScoreThreshold(float(self.threshold)))
+                             budget=ScoreThreshold(float(self.threshold)),
+                             window_size=self.sliding_window_size)
 
     def stages(self):
         return (Stage(scorer=self.press,

@@ -166,15 +166,16 @@ def test_matches_stepwise_numpy_reference(model, prefill, kind, scorer, window):
 
 
 def test_threshold_press_decoding_keeps_what_reaches_the_threshold(model):
-    """ThresholdPress(KVzap, t, decoding=True): the prompt's threshold table, then every 8
-    generated tokens each (layer, kv head) keeps exactly the candidates scoring >= t."""
+    """ThresholdPress(KVzap, t, decoding=True, sliding_window_size=3): the prompt's threshold
+    table, then every 8 generated tokens each (layer, kv head) keeps exactly the candidates
+    scoring >= t and the 3 most recent."""
     scorer = SCORERS["kvzap"][0]()
     hooked = kvjax.ThresholdPress(press=scorer, threshold=0.0, decoding=True,
-                                  compression_interval=8)
+                                  compression_interval=8, sliding_window_size=3)
     assert hooked.decode_hook == DecodingPress(press=scorer, compression_interval=8,
-                                               budget=ScoreThreshold(0.0))
+                                               budget=ScoreThreshold(0.0), window_size=3)
     _check_against_numpy(model, kvjax.ThresholdPress(press=scorer, threshold=0.0),
-                         hooked.decode_hook, ScoreThreshold(0.0), _state_scores, 0,
+                         hooked.decode_hook, ScoreThreshold(0.0), _state_scores, 3,
                          hooked=hooked)
 
 
