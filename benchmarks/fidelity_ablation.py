@@ -6,11 +6,11 @@ per variant: compress (`kvjax.prefill.compress_cache`), record which original po
 every layer and kv head keeps, append the answer prefix, decode greedily, score. Every variant
 is a library press with options (no subclass):
 
-  ZigZagKV   zz (defaults: window 32, max-pool 7, floor 0.2), zz_snapsel (SnapKV's window 64 /
+  ZigZagKV   zz (window 32, max-pool 7, floor 0.2: the earlier defaults; 0.8 is now), zz_snapsel (SnapKV's window 64 /
              avg-pool 5), zz_uniform (budget_floor_ratio=1: the uniform allocator; with SnapKV's
              selection it must keep exactly SnapKV's indices, checked on every sample),
              zz_uniform_w32 (uniform, window 32 / max-pool 7), budget floors 0 / 0.5 / 0.8.
-  NACL       nacl (defaults: gqa="mean"), nacl_sum / nacl_first (gqa), nacl_rf0 (random share
+  NACL       nacl (gqa="mean", the earlier default; "first" is now), nacl_sum / nacl_first (gqa), nacl_rf0 (random share
              0), nacl_qproxy (proxy_tokens = the question's token count), nacl_noncausal
              (the official call), nacl_pool5 (kernel_size=5: SnapKV's smoothing, not NACL),
              combinations.
@@ -70,10 +70,14 @@ class SampleInfo:
 
 
 def _zz(**kw):
+    # the rows were measured when floor 0.2 was the default: every variant states it
+    kw = {"budget_floor_ratio": 0.2, **kw}
     return lambda r, info: ZigZagKVPress(compression_ratio=r, **kw)
 
 
 def _nacl(**kw):
+    kw = {"gqa": "mean", **kw}  # the rows were measured when the group mean was the default
+
     def make(r, info):
         extra = {k: (info.n_question if v == "question" else v) for k, v in kw.items()}
         return NACLPress(compression_ratio=r, **extra)

@@ -39,8 +39,9 @@ def press_configs(ratios, random_fractions):
     cells = [("full", 0.0, None)]
     for r in ratios:
         for rf in random_fractions:
-            cells.append((f"nacl_rf{rf:g}", r, kvjax.NACLPress(compression_ratio=r,
-                                                                random_fraction=rf, seed=0)))
+            # gqa="mean": the saved sweep predates the "first" default
+            cells.append((f"nacl_rf{rf:g}", r, kvjax.NACLPress(
+                compression_ratio=r, random_fraction=rf, seed=0, gqa="mean")))
         cells.append(("snapkv", r, kvjax.SnapKVPress(compression_ratio=r)))
         cells.append(("random", r, kvjax.RandomPress(compression_ratio=r, seed=0)))
     return cells

@@ -123,12 +123,12 @@ class NACLPress(ScorerPress):
     budgets reach n, is kept whole (so `capacity` may exceed the kvpress count). Counts use
     f32 arithmetic, identically in jit and on the host.
 
-    GQA (`gqa`): the paper is written for multi-head attention. Default "mean": the G query
-    heads of a kv group are averaged, so the ranking is the group's and the random share's
-    softmax has one head's temperature (the official code samples from one head's summed
-    probabilities). "sum" ranks the same with a G times sharper softmax; "first" is the
-    official flash-attention path (kv head j reads query head j: all kv heads use heads of
-    group 0).
+    GQA (`gqa`): the paper is written for multi-head attention. Default "first": the official
+    code's flash-attention path (kv head j ranks by query head j, so every kv head reads a
+    head of group 0), which beats SnapKV at equal bytes in every measured cell (docs/nacl.md).
+    "mean" (the earlier default: each kv group's own query heads averaged, the random
+    share's softmax at one head's temperature) and "sum" (same ranking, G times sharper
+    softmax) remain options.
 
     Options that are not NACL's defaults (docs/nacl.md has the ablations):
       proxy_tokens: > 0: the proxies are exactly the last `proxy_tokens` prompt tokens (the
@@ -158,7 +158,7 @@ class NACLPress(ScorerPress):
     proxy_keep_ratio: float | None = None
     random_keep_ratio: float | None = None
     chunk_size: int = DEFAULT_CHUNK
-    gqa: str = "mean"
+    gqa: str = "first"
     proxy_tokens: int = 0
     kernel_size: int = 1
     question_proxies: bool = False

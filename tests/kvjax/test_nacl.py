@@ -118,7 +118,8 @@ def test_proxy_scores_match_full_softmax(causal, gqa):
 def test_proxy_tokens_and_pooling_match_numpy():
     """proxy_tokens=4: exactly the last 4 prompt rows of each sequence; kernel_size=5:
     avg-pooled along tokens (zero padding, divided by 5) after the group mean."""
-    press = NACLPress(compression_ratio=0.5, proxy_tokens=4, kernel_size=5, chunk_size=8)
+    press = NACLPress(compression_ratio=0.5, proxy_tokens=4, kernel_size=5, chunk_size=8,
+                      gqa="mean")
     assert press.obs_spec == ObsSpec(window=4)
     q, k, lengths, _, got = _proxy_inputs(press)
     want = _group_reference(_brute_scores(q, k, lengths, [4, 4], True), 2, "mean")

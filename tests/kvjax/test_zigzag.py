@@ -123,7 +123,8 @@ def test_uniform_allocator_keeps_snapkv_indices(model, ratio, kernel_size, pooli
 
 
 def test_store_bytes_follow_budgets_with_one_compilation(model):
-    press = ZigZagKVPress(compression_ratio=0.6, window_size=W)
+    # a low floor makes the per-input budgets differ widely on this tiny model
+    press = ZigZagKVPress(compression_ratio=0.6, window_size=W, budget_floor_ratio=0.2)
     loops.prefill.clear_cache()
     _, cache = _prefill(model, press)
     _, cache2 = _prefill(model, press, prompts=[PROMPTS[1], PROMPTS[0][:50]])
