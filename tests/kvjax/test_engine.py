@@ -461,3 +461,21 @@ def test_preempted_requests_resume_with_the_same_tokens(model):
     assert res.finish_reason == "error" and "need 312 pool slots" in res.error
     assert len(res.tokens) == 32 and small.stats().slots_used == 0
     assert res.tokens == _generate(model, prompts[0], 60, knorm)[:32]
+
+
+def test_seeded_sampling_resumes_after_preemption(model):
+    """The preemption setup above with sampled requests (TopK, Temperature, own keys): the
+    preempted request resumes with the key its slot held, so both sequences equal
+    `generate` alone with the same sampler and key."""
+    eng = _engine_of(model, 600, max_running=2, max_tail=8)
+    rng = np.random.RandomState(3)
+    prompts = [list(rng.randint(1, VOCAB, 40)) for _ in range(2)]
+    samplers = [kvjax.TopK(k=20), kvjax.Temperature(temperature=0.8)]
+    keys = [jax.random.key(11), jax.random.key(12)]
+    reqs = [eng.submit(ids, max_new_tokens=30, sampler=s, rng=k)
+            for ids, s, k in zip(prompts, samplers, keys)]
+    eng.run()
+    assert reqs[1].preemptions >= 1
+    for req, ids, s, k in zip(reqs, prompts, samplers, keys):
+        assert req.result().tokens == _generate(model, ids, 30, sampler=s, rng=k), req.id
+    assert eng.stats().slots_used == 0
