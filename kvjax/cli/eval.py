@@ -35,6 +35,11 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--presses", type=_csv(str), default=("full",),
                    help="'full' and/or press registry names (class defaults)")
     p.add_argument("--ratios", type=_csv(float), default=(0.5, 0.75, 0.9))
+    p.add_argument("--threshold-presses", type=_csv(str), default=(),
+                   help="presses to run as kvjax.ThresholdPress(press, t) at each --thresholds "
+                        "value (e.g. kvzap; plotted at the ratio each reached)")
+    p.add_argument("--thresholds", type=_csv(float), default=(),
+                   help="thresholds for --threshold-presses (kvzap: log scores, e.g. -6,-4,-2)")
     p.add_argument("--samples", type=int, default=20, help="samples per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
@@ -99,8 +104,9 @@ def _run(args) -> Path:
 
     grid = Grid(tasks=args.tasks, lengths=args.lengths, presses=args.presses,
                 ratios=args.ratios, samples=args.samples, seed=args.seed,
-                question_aware=args.question_aware)
-    check_kvjax_presses(grid.presses)
+                question_aware=args.question_aware, threshold_presses=args.threshold_presses,
+                thresholds=args.thresholds)
+    check_kvjax_presses(grid.presses, grid)
     check_decode_scorers(grid)
     if args.out.exists() and not args.out.is_dir():  # resumable folder, but not a file
         raise NotADirectoryError(f"--out {str(args.out)!r} is not a directory")

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvjax import loops
 from kvjax.eval.sample import Sample
-from kvjax.memory import memory_report
+from kvjax.memory import achieved_ratio, memory_report
 from kvjax.plan import plan_request, prefill_parts
 from kvjax.sampling import Greedy
 
@@ -38,6 +38,8 @@ class Answer:
       decode_s: question append + decode; error: why no answer was produced ("" if one was).
       store_rows: rows R of the compressed store (the "model" size on a mesh that divides the
         kv heads, else 1; docs/architecture.md, "Meshes").
+      achieved_ratio: the compression ratio the context reached (`kvjax.achieved_ratio`;
+        what a `ThresholdPress` chose for this input).
     """
 
     text: str
@@ -52,6 +54,7 @@ class Answer:
     compress_s: float = 0.0
     error: str = ""
     store_rows: int = 1
+    achieved_ratio: float = 0.0
 
 
 def prefill_key(press, *, with_hook: bool = True) -> tuple:
@@ -127,6 +130,7 @@ def _decode_one(pipeline, plan, logits, prompt, q_ids, max_new_tokens, times,
     jax.block_until_ready(state.cache)
     t1 = time.perf_counter()
     context_kv_bytes = int(memory_report(state.cache).kv_bytes_needed)
+    reached = float(achieved_ratio(state.cache, [n_context])[0])
     state = append_tokens(pipeline, state, q_ids)
     state = loops.decode(pipeline.fn, pipeline.params, state, jnp.int32(max_new_tokens),
                          loops.eos_array(pipeline.tokenizer.eos_ids), sampler=Greedy(),
@@ -138,4 +142,5 @@ def _decode_one(pipeline, plan, logits, prompt, q_ids, max_new_tokens, times,
                   kv_bytes_needed=int(report.kv_bytes_needed), bytes_held=int(report.bytes_held),
                   context_kv_bytes=context_kv_bytes, n_context=n_context,
                   n_question=len(q_ids), prefill_s=times[0], compress_s=times[1] + t1 - t0,
-                  decode_s=t2 - t1, store_rows=int(cache.store.k.shape[1]))
+                  decode_s=t2 - t1, store_rows=int(cache.store.k.shape[1]),
+                  achieved_ratio=reached)

@@ -32,11 +32,14 @@ def _lines(rows: list[dict], value_key: str) -> tuple[dict, dict]:
     lines = defaultdict(list)
     for r in rows:
         lib, c = r["meta"].get("library", "kvjax"), r["cell"]
-        point = (c["ratio"], r.get("context_kv_bytes") or 0.0, r[value_key])
-        if c["press"] == FULL:
+        press, ratio = c["press"], c["ratio"]
+        if c.get("threshold") is not None:  # at the ratio it reached
+            press, ratio = f"{press} (threshold)", r.get("achieved_ratio") or 0.0
+        point = (ratio, r.get("context_kv_bytes") or 0.0, r[value_key])
+        if press == FULL:
             full[lib] = point
         else:
-            lines[(lib, c["press"])].append(point)
+            lines[(lib, press)].append(point)
     return {k: ([full[k[0]]] if k[0] in full else []) + sorted(v) for k, v in lines.items()}, full
 
 
@@ -49,7 +52,9 @@ def _figure(panels: dict, value_key: str, x_axis: str, ylabel: str, path: Path):
     cols = min(3, n)
     rows_n = -(-n // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.8 * rows_n), squeeze=False)
-    presses = sorted({r["cell"]["press"] for rows in panels.values() for r in rows} - {FULL})
+    presses = sorted({r["cell"]["press"] + (" (threshold)" if r["cell"].get("threshold")
+                                            is not None else "")
+                      for rows in panels.values() for r in rows} - {FULL})
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(presses)}
     for ax, ((task, length, qa), rows) in zip(axes.flat, panels.items()):
         lines, full = _lines(rows, value_key)
@@ -66,7 +71,7 @@ def _figure(panels: dict, value_key: str, x_axis: str, ylabel: str, path: Path):
                     mfc="black" if lib == "kvjax" else "none",
                     label="full cache" if lib == "kvjax" else f"full cache ({lib})")
         ax.set_title(f"{task}, {length} tokens" + (" (question-aware)" if qa else ""))
-        ax.set_xlabel("compression ratio" if x_axis == "ratio"
+        ax.set_xlabel("compression ratio (reached, for thresholds)" if x_axis == "ratio"
                       else "KV cache of the compressed context, MiB")
         ax.set_ylabel(ylabel)
         if value_key == "accuracy":

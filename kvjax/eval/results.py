@@ -19,7 +19,9 @@ SUMMARY_FILES = ("summary.json",)
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One point of the grid: a task at a context length under a press and ratio.
+    """One point of the grid: a task at a context length under a press and ratio, or under
+    `kvjax.ThresholdPress(press, threshold)` when `threshold` is set (ratio 0: it follows the
+    input, and each record says what it reached).
 
     `press` is a registry name or "full" (no compression, ratio 0).
     """
@@ -29,16 +31,23 @@ class Cell:
     press: str
     ratio: float
     question_aware: bool = False
+    threshold: float | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"{self.ratio=} must be in [0, 1)")
         if self.press == FULL and self.ratio != 0.0:
             raise ValueError(f"{self.ratio=} must be 0 for the full cache")
+        if self.threshold is not None and (self.press == FULL or self.ratio != 0.0
+                                           or math.isnan(self.threshold)):
+            raise ValueError(f"threshold={self.threshold} needs a press, ratio 0 and a number "
+                             f"(got press={self.press!r}, ratio={self.ratio})")
 
     @property
     def name(self) -> str:
         qa = "__qa" if self.question_aware else ""
+        if self.threshold is not None:
+            return f"{self.task}__{self.length}__{self.press}__t{self.threshold:g}{qa}"
         return f"{self.task}__{self.length}__{self.press}__{self.ratio:g}{qa}"
 
 
@@ -78,7 +87,8 @@ def cell_result(cell: Cell, meta: dict, records: dict[int, dict]) -> dict:
     errors = sorted({r["error"] for r in rows if r.get("error")})
     out = {"cell": dataclasses.asdict(cell), "meta": meta, "n_samples": len(rows),
            "accuracy": None if errors else _mean([r["score"] for r in rows])}
-    for key in ("kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context", "kept_share"):
+    for key in ("kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context", "kept_share",
+                "achieved_ratio"):
         out[key] = _mean([r.get(key) for r in rows])
     for key in ("prefill_s", "compress_s", "decode_s"):  # medians: the first call compiles
         out[key] = _median([r.get(key) for r in rows])
@@ -130,9 +140,10 @@ def summary_tables(results: Iterable[dict]) -> str:
         groups.setdefault(key, []).append(r)
     parts = []
     for (task, length, library, qa), rows in sorted(groups.items()):
-        ratios = sorted({r["cell"]["ratio"] for r in rows if r["cell"]["press"] != FULL})
-        presses = sorted({r["cell"]["press"] for r in rows}, key=lambda p: (p != FULL, p))
-        by = {(r["cell"]["press"], r["cell"]["ratio"]): r for r in rows}
+        plain = [r for r in rows if r["cell"].get("threshold") is None]
+        ratios = sorted({r["cell"]["ratio"] for r in plain if r["cell"]["press"] != FULL})
+        presses = sorted({r["cell"]["press"] for r in plain}, key=lambda p: (p != FULL, p))
+        by = {(r["cell"]["press"], r["cell"]["ratio"]): r for r in plain}
         n = max(r["n_samples"] for r in rows)
         mode = "question-aware" if qa else "question-agnostic"
         parts.append(f"### {task}, {length} tokens, {library}, {mode} ({n} samples)\n")
@@ -153,7 +164,24 @@ def summary_tables(results: Iterable[dict]) -> str:
             cost = " / ".join(_cost_text(c) for c in cells)
             parts.append(f"| {p} | {acc} | {mib} | {cost} |")
         parts.append("")
+        parts += threshold_table(rows)
     return "\n".join(parts)
+
+
+def threshold_table(rows: list[dict]) -> list[str]:
+    """Markdown lines for a group's ThresholdPress cells: accuracy against the ratio reached."""
+    cells = sorted((r for r in rows if r["cell"].get("threshold") is not None),
+                   key=lambda r: (r["cell"]["press"], r["cell"]["threshold"]))
+    if not cells:
+        return []
+    out = ["| ThresholdPress over | threshold | accuracy % | achieved ratio (mean) | "
+           "compressed context KV MiB |", "|---|---|---|---|---|"]
+    for r in cells:
+        ratio = r.get("achieved_ratio")
+        out.append(f"| {r['cell']['press']} | {r['cell']['threshold']:g} | {_acc_text(r)} | "
+                   f"{'-' if ratio is None else f'{ratio:.3f}'} | "
+                   f"{fmt_mib(r.get('context_kv_bytes'))} |")
+    return out + [""]
 
 
 def library_pivot(results: Iterable[dict], libraries: Sequence[str] = ("kvjax", "kvpress")) -> str:

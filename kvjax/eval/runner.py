@@ -8,6 +8,7 @@ samples, and asking for more samples extends the cells (sample i never depends o
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from kvjax.presses.decode_budget import RatioOfSeen
 from kvjax.presses.decode_scores import decode_scores
 from kvjax.presses.decoding import DecodingPress
 from kvjax.presses.registry import make_press, press_names
+from kvjax.presses.threshold import ThresholdPress
 
 AnswerFn = Callable[[Sample, Sequence[Cell]], list[Answer]]
 # (task, length, sample index, cells lacking it) -> one record per cell
@@ -41,6 +43,8 @@ class Grid:
     samples: int
     seed: int = 0
     question_aware: bool = False
+    threshold_presses: tuple[str, ...] = ()  # each as ThresholdPress at every threshold
+    thresholds: tuple[float, ...] = ()
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS and t not in PERPLEXITY_TASKS]
@@ -55,6 +59,11 @@ class Grid:
             raise ValueError(f"{self.ratios=} must all be in (0, 1)")
         if any(p != FULL for p in self.presses) and not self.ratios:
             raise ValueError(f"{self.presses=} need at least one ratio")
+        if bool(self.threshold_presses) != bool(self.thresholds):
+            raise ValueError(f"{self.threshold_presses=} and {self.thresholds=}: give both "
+                             "(ThresholdPress over each press at each threshold) or neither")
+        if any(math.isnan(t) for t in self.thresholds):
+            raise ValueError(f"{self.thresholds=} must be numbers")
 
     def cells(self) -> list[Cell]:
         """Cells in (task, length, press, ratio) order."""
@@ -62,6 +71,10 @@ class Grid:
         for task, length, press in itertools.product(self.tasks, self.lengths, self.presses):
             for ratio in ([0.0] if press == FULL else self.ratios):
                 out.append(Cell(task, length, press, ratio, self.question_aware))
+        for task, length, press in itertools.product(self.tasks, self.lengths,
+                                                     self.threshold_presses):
+            out += [Cell(task, length, press, 0.0, self.question_aware, threshold=t)
+                    for t in self.thresholds]
         return out
 
 
@@ -74,22 +87,33 @@ def record(sample: Sample, answer: Answer) -> dict:
            "recall": recall(answer.text, sample.answers)}
     row.update({k: getattr(answer, k) for k in (
         "kv_bytes_needed", "bytes_held", "context_kv_bytes", "n_context", "n_question",
-        "prefill_s", "compress_s", "decode_s")})
+        "achieved_ratio", "prefill_s", "compress_s", "decode_s")})
     if answer.error:
         row["error"] = answer.error
     return row
 
 
 def build_press(cell: Cell):
-    """The kvjax press of a cell (registry class defaults, e.g. SnapKV window 64), or None."""
-    return None if cell.press == FULL else make_press(cell.press, cell.ratio)
+    """The kvjax press of a cell (registry class defaults, e.g. SnapKV window 64), None for
+    the full cache, or `ThresholdPress(press, threshold)` for a threshold cell."""
+    if cell.press == FULL:
+        return None
+    if cell.threshold is not None:
+        return ThresholdPress(press=make_press(cell.press, 0.0), threshold=cell.threshold)
+    return make_press(cell.press, cell.ratio)
 
 
-def check_kvjax_presses(presses) -> None:
-    """Raise ValueError naming any press that is neither "full" nor in the kvjax registry."""
+def check_kvjax_presses(presses, grid: Grid | None = None) -> None:
+    """Raise ValueError naming any press that is neither "full" nor in the kvjax registry, or
+    (with `grid`) a threshold cell whose press has no scale a threshold could mean."""
     unknown = [p for p in presses if p != FULL and p not in press_names()]
     if unknown:
         raise ValueError(f"unknown presses {unknown}; known: full, {', '.join(press_names())}")
+    if grid is not None:
+        check_kvjax_presses(grid.threshold_presses)
+        for cell in grid.cells():
+            if cell.threshold is not None:
+                build_press(cell)  # ThresholdPress refuses a scorer without a scale
 
 
 def kvjax_answer_fn(pipeline) -> AnswerFn:

@@ -38,7 +38,7 @@ def test_cells_summary_and_plots(run_dir):
                            for p in ("full__0", "snapkv__0.5"))
     cell = json.loads((out / "niah_single__256__snapkv__0.5.json").read_text())
     assert cell["cell"] == {"task": "niah_single", "length": 256, "press": "snapkv",
-                            "ratio": 0.5, "question_aware": False}
+                            "ratio": 0.5, "question_aware": False, "threshold": None}
     assert cell["meta"]["library"] == "kvjax" and cell["n_samples"] == 2
     assert [r["index"] for r in cell["records"]] == [0, 1]
     assert [r["depth"] for r in cell["records"]] == [0.0, 1.0]
