@@ -100,6 +100,33 @@ def prefill_cache(model, tokens, lengths, *, tail_capacity: int, press=None, hoo
     return logits, kvjax.compress(press, prompt, tail_capacity=tail_capacity, hook=hook)
 
 
+def kept_all(cache) -> list:
+    """Every (layer, sequence)'s kept positions per kv head, as lists (layer-major)."""
+    import kvjax
+    return [[kvjax.kept_positions(cache, layer)[b][h].tolist()
+             for h in range(cache.store.n_kv_heads)]
+            for layer in range(cache.n_layers) for b in range(cache.store.k.shape[0])]
+
+
+def greedy_stepwise(fn, params, logits, cache, n_new: int, merge):
+    """Greedy decode of a batch, one token per step; after each step the cache becomes
+    `merge(cache)` unless that returns None (the caller's decode-time merge).
+    Returns (tokens [B, n_new], the last cache)."""
+    import jax
+    import jax.numpy as jnp
+    b = cache.batch_size
+    step = jax.jit(lambda p, tok, c: fn.decode(p, tok, jnp.ones((b,), jnp.int32), c))
+    out = []
+    for _ in range(n_new):
+        tok = np.asarray(logits).argmax(-1)
+        out.append(tok)
+        step_logits, cache = step(params, jnp.asarray(tok[:, None]), cache)
+        logits = step_logits[:, 0]
+        merged = merge(cache)
+        cache = cache if merged is None else merged
+    return np.stack(out, 1), cache
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop jax's compiled programs after every test module: the whole suite in one process

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import greedy_stepwise
 from flax import nnx
 
 import kvjax
@@ -139,17 +140,16 @@ def _check_against_numpy(model, press, dp, rule, score, window, *, hooked=None):
     plan = kvjax.plan.plan_request(fn, prompts, max_new_tokens=n_new, press=press,
                                    decoding_press=dp)
     logits, cache = kvjax.prefill.prefill_request(fn, params, plan)
-    step = jax.jit(lambda p, tok, c: fn.decode(p, tok, jnp.array([1, 1]), c))
-    out, merges = [], 0
-    for _ in range(n_new):
-        tok = np.asarray(logits).argmax(-1)
-        out.append(tok)
-        step_logits, cache = step(params, jnp.asarray(tok[:, None]), cache)
-        logits = step_logits[:, 0]
-        if int(cache.tail.count.max()) >= interval:
-            cache, merges = _numpy_merge(cache, rule, score, window), merges + 1
-    assert merges == n_new // interval
-    assert got.tokens.tolist() == np.stack(out, 1).tolist()
+    merges = []
+
+    def merge(c):
+        if int(c.tail.count.max()) < interval:
+            return None
+        merges.append(1)
+        return _numpy_merge(c, rule, score, window)
+    out, cache = greedy_stepwise(fn, params, logits, cache, n_new, merge)
+    assert len(merges) == n_new // interval
+    assert got.tokens.tolist() == out.tolist()
     for layer in range(cache.n_layers):
         want, have = kvjax.kept_positions(cache, layer), kvjax.kept_positions(got.cache, layer)
         for w_seq, h_seq in zip(want, have):

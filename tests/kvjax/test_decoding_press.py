@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import greedy_stepwise
 from flax import nnx
 
 import kvjax
@@ -94,16 +95,10 @@ def test_matches_stepwise_numpy_reference(model, name, scorer):
     tokens, lengths = loops.pad_prompts(prompts)
     logits, cache = loops.prefill(fn, params, jnp.asarray(tokens), jnp.asarray(lengths),
                                   tail_capacity=interval, press=press)
-    out = []
-    step = jax.jit(lambda p, tok, c: fn.decode(p, tok, jnp.array([1, 1]), c))
-    for _ in range(n_new):
-        tok = np.asarray(logits).argmax(-1)
-        out.append(tok)
-        step_logits, cache = step(params, jnp.asarray(tok[:, None]), cache)
-        logits = step_logits[:, 0]
-        if int(cache.tail.count.max()) >= interval:
-            cache = _numpy_merge(cache, choose)
-    assert got.tokens.tolist() == np.stack(out, 1).tolist()
+    out, cache = greedy_stepwise(
+        fn, params, logits, cache, n_new,
+        lambda c: _numpy_merge(c, choose) if int(c.tail.count.max()) >= interval else None)
+    assert got.tokens.tolist() == out.tolist()
     np.testing.assert_array_equal(np.asarray(got.cache.store.length),
                                   np.asarray(cache.store.length))  # segments keep their size
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import kept_all
 from flax import nnx
 
 import kvjax
@@ -362,10 +363,7 @@ def test_missing_observation_is_a_clear_error(model, prompts):
         press.seed = 2
 
 
-def _kept_all(cache):
-    return [[kvjax.kept_positions(cache, layer)[b][h].tolist()
-             for h in range(cache.store.n_kv_heads)]
-            for layer in range(cache.n_layers) for b in range(cache.store.k.shape[0])]
+_kept_all = kept_all
 
 
 def test_question_proxies_are_the_question_tokens(model, prompts):

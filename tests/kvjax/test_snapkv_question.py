@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import kept_all
 from flax import nnx
 
 import kvjax
@@ -33,10 +34,7 @@ def prompts():
     return [list(rng.randint(0, 101, n)) for n in (57, 41)]
 
 
-def _kept_all(cache):
-    return [[kvjax.kept_positions(cache, layer)[b][h].tolist()
-             for h in range(cache.store.n_kv_heads)]
-            for layer in range(cache.n_layers) for b in range(cache.store.k.shape[0])]
+_kept_all = kept_all
 
 
 def test_scores_are_the_question_rows_mean_attention():
