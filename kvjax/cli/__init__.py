@@ -14,6 +14,7 @@ handlers import the library on use. `python -m kvjax.cli` is the `kvjax` command
 """
 
 import argparse
+import sys
 
 from kvjax.cli.common import build_press, parse_press_args, run_command
 from kvjax.cli.context import add_context_parsers
@@ -37,5 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NUMBER_LISTS = ("--thresholds",)  # options whose comma lists may start with a minus sign
+
+
+def attach_number_lists(argv: list[str]) -> list[str]:
+    """argv with `--thresholds -6,-4` joined into `--thresholds=-6,-4` (argparse would read a
+    value like -6,-4 as an unknown option)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in NUMBER_LISTS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(build_parser().parse_args(attach_number_lists(argv)))

@@ -69,3 +69,11 @@ def test_bad_threshold_grids_are_named():
         check_kvjax_presses(knorm.presses, knorm)
     with pytest.raises(ValueError, match="unknown presses"):
         check_kvjax_presses((), Grid(**base, threshold_presses=("nope",), thresholds=(1.0,)))
+
+
+def test_negative_threshold_lists_parse_without_equals():
+    from kvjax.cli import attach_number_lists, build_parser
+    argv = ["eval", "--threshold-presses", "kvzap", "--thresholds", "-6,-4.5", "--out", "x"]
+    assert build_parser().parse_args(attach_number_lists(argv)).thresholds == (-6.0, -4.5)
+    assert attach_number_lists(["eval", "--thresholds", "0.5,0.9"]) == [
+        "eval", "--thresholds", "0.5,0.9"]
