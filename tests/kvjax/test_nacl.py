@@ -392,27 +392,6 @@ def test_question_proxies_are_the_question_tokens(model, prompts):
     assert _kept_all(plain.cache) == _kept_all(ratio.cache)
 
 
-def test_pipeline_passes_the_question_span():
-    """`Pipeline.run(question_aware=True)` hands NACL the question's own tokens (a character
-    tokenizer: the question's token count is its length)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-    from eval_helpers import char_tokenizer, tiny_model
-    pipe = kvjax.Pipeline(tiny_model(), char_tokenizer())
-    context, question = "The door code is 4417. " * 8, " Which code opens the door?"
-    press = NACLPress(compression_ratio=0.6, random_fraction=0.0, question_proxies=True)
-    got = pipe.run(context, question, press=press, question_aware=True, max_new_tokens=2)
-    want = pipe.run(context, question, question_aware=True, max_new_tokens=2,
-                    press=dataclasses.replace(press, question_proxies=False,
-                                              proxy_tokens=len(question)))
-    assert _kept_all(got.cache) == _kept_all(want.cache)
-    assert got.tokens == want.tokens
-    ratio = pipe.run(context, question, question_aware=True, max_new_tokens=2,
-                     press=dataclasses.replace(press, question_proxies=False))
-    assert _kept_all(ratio.cache) != _kept_all(got.cache)  # the span changed what was kept
-
-
 @pytest.mark.parametrize("span, says", [([58, 3], "outside the prompt"), ([-1, 3], "outside"),
                                         ([3], "an int per prompt"), ([1.5, 2], "int per")])
 def test_a_question_span_outside_the_prompt_is_refused(model, prompts, span, says):

@@ -1,6 +1,7 @@
-"""SnapKVPress(question_window=True): the window is the question's own tokens when the caller
-knows its span; scores against a numpy softmax over exactly those rows, kept sets against
-SnapKV with that window on each prompt alone, and the span through Pipeline."""
+"""Presses that read the question's span. SnapKVPress(question_window=True): the window is the
+question's own tokens when the caller knows it; scores against a numpy softmax over exactly
+those rows, kept sets against SnapKV with that window on each prompt alone; and the span
+through Pipeline for SnapKV and NACL (`question_proxies`)."""
 
 import dataclasses
 import math
@@ -92,17 +93,33 @@ def test_keeps_what_a_window_of_the_question_keeps(model, prompts):
     assert _kept_all(plain.cache) == _kept_all(usual.cache)
 
 
-def test_pipeline_passes_the_question_span():
-    """`Pipeline.run(question_aware=True)` makes the question SnapKV's window (a character
-    tokenizer: the question's token count is its length)."""
+SPAN_PRESSES = {  # a press reading the span, and its form with the span's length fixed
+    "snapkv": (lambda: kvjax.SnapKVPress(compression_ratio=0.6, window_size=8,
+                                         question_window=True),
+               lambda p, n: dataclasses.replace(p, question_window=False, window_size=n)),
+    "nacl": (lambda: kvjax.NACLPress(compression_ratio=0.6, random_fraction=0.0,
+                                     question_proxies=True),
+             lambda p, n: dataclasses.replace(p, question_proxies=False, proxy_tokens=n)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPAN_PRESSES))
+def test_pipeline_passes_the_question_span(name):
+    """`Pipeline.run(question_aware=True)` hands the question's span to the press (SnapKV's
+    window, NACL's proxies): it keeps what the fixed form with the question's length keeps
+    (a character tokenizer: the question's token count is its length), not the default's."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
     from eval_helpers import char_tokenizer, tiny_model
     pipe = kvjax.Pipeline(tiny_model(), char_tokenizer())
     context, question = "The door code is 4417. " * 8, " Which code opens the door?"
-    press = kvjax.SnapKVPress(compression_ratio=0.6, window_size=8, question_window=True)
+    make, fixed = SPAN_PRESSES[name]
+    press = make()
     got = pipe.run(context, question, press=press, question_aware=True, max_new_tokens=2)
     want = pipe.run(context, question, question_aware=True, max_new_tokens=2,
-                    press=dataclasses.replace(press, question_window=False,
-                                              window_size=len(question)))
-    assert _kept_all(got.cache) == _kept_all(want.cache)
+                    press=fixed(press, len(question)))
+    assert kept_all(got.cache) == kept_all(want.cache)
     assert got.tokens == want.tokens
+    default = pipe.run(context, question, question_aware=True, max_new_tokens=2,
+                       press=fixed(press, 0) if name == "nacl" else
+                       dataclasses.replace(press, question_window=False))
+    assert kept_all(default.cache) != kept_all(got.cache)  # the span changed what was kept
