@@ -6,8 +6,9 @@ hooks themselves live with the presses that bring them:
     `compression_interval` steps `after_step` merges each layer's tail into its segments;
   * `RingDecode` (kvjax/presses/ring.py, UNComp's official decode): no tail; `decode_layer`
     attends over a layer's segment plus the new token and re-selects the segment at once.
-Both rewrite segments in place (`kvjax.cache.write_view`) and keep every segment's size, so
-they work over every allocator's table. A hook is a frozen dataclass (static); the cache
+Both rewrite segments in place (`kvjax.cache.write_view`), within the room the store gave
+every segment (its size, or a growing budget's room: `segment_room`), so they work over every
+allocator's table. A hook is a frozen dataclass (static); the cache
 carries it (`KVCache.hook`), so models never see it.
 """
 
