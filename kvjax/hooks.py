@@ -26,6 +26,7 @@ class DecodeHook:
     needs_extra = False  # the store carries per-slot state (`init_extra`)
     tail_state = False  # the tail carries a score per slot (`Tail.score`)
     scores_hidden = False  # decode_layer hands the new tokens' hidden states to the hook
+    needs_out_proj = False  # an attention-owning hook also gets hidden= and out_proj= (W_O)
     attachable = True  # may join a cache compressed without it (`Pipeline.ask`)
 
     @property

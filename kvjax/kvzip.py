@@ -84,24 +84,35 @@ class RepeatScoring(DecodeHook):
     chunk_size: int
     prefix_length: int
     n_sink: int = 4
+    plus: bool = False  # KVzip+: rows / ||h||, columns * ||W_O v|| (kvzip_plus_normalization)
 
     owns_attention = True
+
+    @property
+    def needs_out_proj(self):
+        return self.plus
 
     def tail_slots(self, out_len, reserved):
         return 0
 
     def decode_layer(self, q, k, v, positions, n_new, cache, layer, *, sliding_window=None,
-                     scale=None):
+                     scale=None, hidden=None, out_proj=None):
         """q [B, Q, N, H] repeat queries at positions [B, Q] (starting at the prompt length)
-        -> (out [B, Q, N, H] over context + repeat tokens, cache with the chunk's scores)."""
+        -> (out [B, Q, N, H] over context + repeat tokens, cache with the chunk's scores).
+        With `plus`: hidden [B, Q, D] the repeat tokens' attention input and out_proj
+        [N * H, D] the layer's W_O."""
         store = cache.store
         view = layer_view(store, layer)  # the whole uncompressed prompt: slot t = position t
         start = self.prefix_length + self.chunk * self.chunk_size
         stop = start + chunk_width(view.capacity, self.prefix_length, self.chunk,
                                    self.chunk_size)
+        weights = None
+        if self.plus:
+            weights = plus_weights(hidden, out_proj, view.v[:, :, start:stop])
         out, scores = repeat_attention(
             q, k, v, positions, n_new, view, start=start, stop=stop,
-            n_sink=min(self.n_sink, start), scale=scale, sliding_window=sliding_window)
+            n_sink=min(self.n_sink, start), scale=scale, sliding_window=sliding_window,
+            weights=weights)
         idx, ok = slot_index(store, layer, stop - start, start=start)
         b = idx.shape[0]
         flat = jnp.where(ok, idx, store.rows * store.slots).reshape(b, -1)
@@ -112,15 +123,37 @@ class RepeatScoring(DecodeHook):
         return out, dataclasses.replace(cache, store=store)
 
 
+def plus_weights(hidden: jax.Array, out_proj: jax.Array,
+                 v_chunk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """KVzip+'s normalisation (the KVzap paper; kvpress's `kvzip_plus_normalization`).
+
+    Args:
+      hidden: [B, Q, D] the repeat tokens' attention input; out_proj: [N * H, D] W_O;
+      v_chunk: [B, K, C, H] the chunk's values.
+
+    Returns:
+      (1 / ||h_q|| [B, Q], ||W_O[head n] v_t|| [B, K, G, C]) in f32: a score is the repeat
+      attention divided by its row's input norm, times what its entry writes to the
+      residual stream through each query head.
+    """
+    b, n_kv, c, h = v_chunk.shape
+    d = out_proj.shape[-1]
+    inv_h = 1.0 / jnp.linalg.norm(hidden.astype(jnp.float32), axis=-1)
+    wo = out_proj.astype(jnp.float32).reshape(n_kv, -1, h, d)  # [K, G, H, D]
+    wov = jnp.einsum("bkch,kghd->bkgcd", v_chunk.astype(jnp.float32), wo)
+    return inv_h, jnp.linalg.norm(wov, axis=-1)
+
+
 def repeat_attention(q, k, v, positions, n_new, view, *, start: int, stop: int, n_sink: int,
-                     scale=None, sliding_window=None):
+                     scale=None, sliding_window=None, weights=None):
     """The repeat tokens' attention and their KVzip scores, from one set of logits.
 
     Args:
       q: [B, Q, N, H] post-RoPE repeat queries; k, v: [B, Q, K, H] their keys and values;
       positions: [B, Q]; n_new: [B] real repeat tokens; view: the layer's uncompressed prompt
       (k [B, K, T, H], pos, length); [start, stop): the chunk (static); n_sink: the first
-      keys also in the score's softmax subset (static).
+      keys also in the score's softmax subset (static); weights: KVzip+'s
+      (1 / ||h|| [B, Q], ||W_O v|| [B, K, G, stop - start]) from `plus_weights`, or None.
 
     Returns:
       out [B, Q, N, H] (softmax over every context key and the earlier repeat tokens, as the
@@ -161,6 +194,8 @@ def repeat_attention(q, k, v, positions, n_new, view, *, start: int, stop: int, 
         outs.append(o / jnp.maximum(denom, 1e-30).transpose(0, 3, 1, 2, 4))
         sub = jnp.sum(jnp.where(subset, ec, 0.0), -1, keepdims=True) + er.sum(-1, keepdims=True)
         p = ec[..., start:stop] / jnp.maximum(sub, 1e-30)  # the chunk's columns
+        if weights is not None:
+            p = p * weights[0][:, None, None, lo:hi, None] * weights[1][:, :, :, None, :]
         p = jnp.where(q_ok[:, None, None, lo:hi, None], p, 0.0)
         best = jnp.maximum(best, p.max(axis=(2, 3)))
     out = jnp.concatenate(outs, axis=1).reshape(b, t, n, h).astype(q.dtype)
@@ -208,12 +243,14 @@ class RepeatPass:
 
     Attributes:
       repeat: the instruction ids; chunk_size: context tokens per pass; n_sink: keys always in
-        the softmax subset.
+        the softmax subset; plus: KVzip+ scores (`plus_weights`; the model passes hidden= and
+        out_proj= to `kvjax.decode_layer`).
     """
 
     repeat: RepeatPrompt
     chunk_size: int = 2048
     n_sink: int = 4
+    plus: bool = False
 
     def __call__(self, fn, params, tokens, prompt, attn_impl):
         """-> the Prompt with every layer's `obs.token_scores` [B, K, T] set."""
@@ -233,7 +270,7 @@ class RepeatPass:
             ids, n_new = repeat_ids(tokens, group.lengths, self.repeat, i, self.chunk_size)
             hook = RepeatScoring(chunk=i, chunk_size=self.chunk_size,
                                  prefix_length=self.repeat.prefix_length,
-                                 n_sink=self.n_sink)
+                                 n_sink=self.n_sink, plus=self.plus)
             c = dataclasses.replace(cache, store=store, hook=hook)
             _, c = fn.decode(params, ids, n_new, c, attn_impl=attn_impl)
             store = c.store

@@ -73,7 +73,8 @@ def begin_decode(cache: KVCache, n_tokens: int,
 def decode_layer(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                  n_new: jax.Array, cache: KVCache, layer, *, sliding_window: int | None = None,
                  attn_impl: str = "auto", scale: float | None = None,
-                 hidden: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                 hidden: jax.Array | None = None,
+                 out_proj: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Store the new tokens of layer `layer` and attend over its kept entries + tail.
 
     Args:
@@ -82,6 +83,9 @@ def decode_layer(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
       cache: the cache after `begin_decode`; layer: the layer index (static or traced).
       hidden: [B, T, D] the attention's input (after the layer's norm); only decode hooks
         that score tokens from hidden states (a DecodingPress over KVzap) need it.
+      out_proj: [N * H, D] the layer's output projection (W_O, input rows in head order);
+        only hooks that weigh entries by what they write to the residual stream need it
+        (KVzip+'s repeat pass, `KVzipPress(kvzip_plus_normalization=True)`).
 
     Returns:
       out [B, T, N, H] and the cache. A decode hook that owns attention (UNComp's ring)
@@ -90,8 +94,15 @@ def decode_layer(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
     """
     hook = cache.hook
     if hook is not None and hook.owns_attention:
+        extra = {}
+        if hook.needs_out_proj:
+            if hidden is None or out_proj is None:
+                raise ValueError(f"{type(hook).__name__} weighs entries by the attention's "
+                                 "input and output projection: pass hidden= and out_proj= "
+                                 "(W_O, [N * H, D]) to kvjax.decode_layer")
+            extra = dict(hidden=hidden, out_proj=out_proj)
         return hook.decode_layer(q, k, v, positions, n_new, cache, layer,
-                                 sliding_window=sliding_window, scale=scale)
+                                 sliding_window=sliding_window, scale=scale, **extra)
     start = cache.tail.count - n_new.astype(jnp.int32)
     cache = dataclasses.replace(cache, tail=write_tail(cache.tail, layer, k, v, start))
     if hook is not None and hook.scores_hidden:

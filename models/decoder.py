@@ -75,7 +75,7 @@ class Attention(nnx.Module):
         q, k, v, _ = self._qkv(x, positions)
         o, cache = kvjax.decode_layer(q, k, v, positions, n_new, cache, layer,
                                       sliding_window=self.sliding_window, attn_impl=attn_impl,
-                                      hidden=x)
+                                      hidden=x, out_proj=self.o_proj.kernel[...])
         return self._out(o), cache
 
 

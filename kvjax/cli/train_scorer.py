@@ -46,6 +46,8 @@ def add_train_scorer_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=_D.weight_decay)
     p.add_argument("--chunk-size", type=int, default=_D.chunk_size, help="KVzip chunk size")
     p.add_argument("--n-sink", type=int, default=_D.n_sink)
+    p.add_argument("--kvzip-plus", action="store_true",
+                   help="train on KVzip+ scores (the KVzap paper's target)")
     p.add_argument("--seed", type=int, default=_D.seed)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32")
     p.add_argument("--no-progress", action="store_true")
@@ -67,7 +69,8 @@ def cmd_train_scorer(args) -> int:
                       tokens_per_context=args.tokens_per_context,
                       heldout_fraction=args.heldout_fraction, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      chunk_size=args.chunk_size, n_sink=args.n_sink, seed=args.seed)
+                      chunk_size=args.chunk_size, n_sink=args.n_sink,
+                      kvzip_plus=args.kvzip_plus, seed=args.seed)
     texts = None
     if args.text:
         texts = [Path(f).read_text(encoding="utf-8") for f in args.text]
@@ -94,12 +97,15 @@ def _command(args) -> str:
                 "heldout_fraction": _D.heldout_fraction, "epochs": _D.epochs,
                 "batch_size": _D.batch_size, "lr": _D.lr, "weight_decay": _D.weight_decay,
                 "chunk_size": _D.chunk_size, "n_sink": _D.n_sink, "seed": _D.seed,
-                "dtype": "float32"}
+                "kvzip_plus": _D.kvzip_plus, "dtype": "float32"}
     for name, default in defaults.items():
         value = getattr(args, name)
         if value == default:
             continue
         flag = "--" + name.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+            continue
         for v in (value if isinstance(value, list) else [value]):
             parts += [flag, shlex.quote(str(v))]
     return " ".join(parts)

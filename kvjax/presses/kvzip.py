@@ -76,11 +76,17 @@ class KVzipPress(Press):
     the press through `kvjax.Pipeline` / `kvjax eval` / the CLI, which bind the tokenizer
     (`with_tokenizer`). A tokenizer without a chat template gets the plain prompt; a context
     shorter than a chunk is repeated whole.
+
+    `kvzip_plus_normalization=True` gives KVzip+ (the KVzap paper's score, kvpress's option of
+    the same name): each repeat row's attention is divided by the norm of its attention input
+    and each entry's weighed by ||W_O v|| per query head, what it writes to the residual
+    stream. The model passes `out_proj=` to `kvjax.decode_layer` (kvjax's own models do).
     """
 
     layerwise: bool = False
     n_sink: int = 4
     chunk_size: int = 2048
+    kvzip_plus_normalization: bool = False
     repeat: RepeatPrompt | None = None
 
     def __post_init__(self):
@@ -112,7 +118,7 @@ class KVzipPress(Press):
         if self.compression_ratio == 0:
             return None
         return RepeatPass(repeat=self._repeat(), chunk_size=self.chunk_size,
-                          n_sink=self.n_sink)
+                          n_sink=self.n_sink, plus=self.kvzip_plus_normalization)
 
     def stages(self):
         if self.compression_ratio == 0:

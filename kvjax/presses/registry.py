@@ -46,6 +46,12 @@ def _kvzap(compression_ratio=0.0, weights="smollm2"):
     return KVzapPress(compression_ratio=compression_ratio, weights=weights)
 
 
+def _kvzip_plus(compression_ratio=0.0, **kwargs):
+    """KVzip+ (the KVzap paper's score): KVzipPress(kvzip_plus_normalization=True)."""
+    return KVzipPress(compression_ratio=compression_ratio, kvzip_plus_normalization=True,
+                      **kwargs)
+
+
 def _snap_knorm(compression_ratio=0.0, **kwargs):
     half = 1 - (1 - compression_ratio) ** 0.5
     return ComposedPress(presses=(SnapKVPress(compression_ratio=half, **kwargs),
@@ -68,6 +74,9 @@ PRESSES = {
                                                                    suffix=(10,))),
               "context reconstruction: attention from a repeat of the context "
               "(arXiv 2505.23416; the tokenizer gives the repeat prompt)"),
+    "kvzip_plus": (_kvzip_plus, dict(chunk_size=48, repeat=RepeatPrompt(
+        first=(7, 8, 9), part=(7, 8), suffix=(10,))),
+        "KVzip+: repeat attention / ||h|| x ||W_O v|| (arXiv 2601.07891)"),
     # The example weights fit any model (the registry tests run tiny random models): an
     # untrained random projection (kvjax.kvzap.UntrainedWeights), which tests the press's
     # mechanics, not its quality; by name the press defaults to the shipped SmolLM2 weights.

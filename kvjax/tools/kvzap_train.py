@@ -51,6 +51,8 @@ class TrainConfig:
       heldout_fraction: share of the paragraphs kept for held-out contexts.
       epochs, batch_size, lr, weight_decay, clip: AdamW with a cosine decay over all steps.
       chunk_size, n_sink: KVzip's (the repeat pass's) settings.
+      kvzip_plus: train on KVzip+ scores (the KVzap paper's target: repeat attention divided
+        by the row's input norm, times ||W_O v||; `KVzipPress(kvzip_plus_normalization=True)`).
       seed: paragraphs split, contexts, sampled positions, initial weights, batch order.
     """
 
@@ -67,6 +69,7 @@ class TrainConfig:
     clip: float = 1.0
     chunk_size: int = 2048
     n_sink: int = 4
+    kvzip_plus: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -243,7 +246,7 @@ def kvzip_targets(model, tokenizer, contexts, cfg: TrainConfig, *, progress: boo
     # scores, a repeat pass of the context's length rather than chunk_size's)
     longest = max(len(ids) for ids in contexts) - repeat.prefix_length
     observer = RepeatPass(repeat=repeat, chunk_size=min(cfg.chunk_size, longest),
-                          n_sink=cfg.n_sink)
+                          n_sink=cfg.n_sink, plus=cfg.kvzip_plus)
     out = []
     for ids in tqdm(contexts, desc=desc, disable=not progress):
         tokens = jnp.asarray([ids], jnp.int32)
@@ -391,8 +394,7 @@ def train_scorer(model, tokenizer, cfg: TrainConfig = TrainConfig(), *, texts=No
     n_layers, d = x.shape[1:]
     info = {"model": model_name, "signature": [n_layers, d, y.shape[2]],
             "corpus": source, "config": cfg.to_dict(),
-            "target": "log(max(KVzip score, 1e-8)) from kvjax's KVzipPress repeat pass "
-                      "(kvpress 0.5.5 KVzipPress scores, not KVzip+)",
+            "target": target_name(cfg),
             "n_train_rows": int(x.shape[0]), "command": command}
     weights = KVzapWeights.from_params(cfg.scorer, params, info)
     rho, over = evaluate(weights, held_data, start)
@@ -406,6 +408,15 @@ def train_scorer(model, tokenizer, cfg: TrainConfig = TrainConfig(), *, texts=No
     return TrainResult(weights=weights, train_loss=history, heldout_loss=held_loss,
                        heldout_spearman=rho, heldout_overlap=over,
                        seconds={"data": t1 - t0, "train": t2 - t1, "eval": t3 - t2})
+
+
+def target_name(cfg: TrainConfig) -> str:
+    """What the weights predict, for their info."""
+    if cfg.kvzip_plus:
+        return ("log(max(KVzip+ score, 1e-8)) from kvjax's KVzipPress repeat pass with "
+                "kvzip_plus_normalization=True (the KVzap paper's target)")
+    return ("log(max(KVzip score, 1e-8)) from kvjax's KVzipPress repeat pass "
+            "(kvpress 0.5.5 KVzipPress scores, not KVzip+)")
 
 
 def result_metrics(result: TrainResult) -> dict:

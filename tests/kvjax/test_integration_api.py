@@ -87,7 +87,8 @@ class ForeignDecoder(nnx.Module):
         box = [cache]  # a Python loop over layers (no scan) threads the cache by hand
 
         def attend(i, q, k, v, q_pre, x):
-            o, box[0] = kvjax.decode_layer(q, k, v, pos, n_new, box[0], i, attn_impl=attn_impl)
+            o, box[0] = kvjax.decode_layer(q, k, v, pos, n_new, box[0], i, attn_impl=attn_impl,
+                                           hidden=x, out_proj=self.blocks[i].out.kernel[...])
             return o, None
 
         logits, _ = self._run(tokens, pos, attend)

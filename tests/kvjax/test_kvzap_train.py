@@ -14,9 +14,10 @@ import models
 from kvjax import cli
 from kvjax.corpus import corpus_paragraphs
 from kvjax.kvzap import MLPScorer, load_weights, scorer_named
-from kvjax.tools.kvzap_train import (TrainConfig, build_contexts, rankdata, spearman,
-                                     text_paragraphs, top_overlap, train_scorer)
-from kvpress_kvzip_ref import CHATML_TEMPLATE, tiny_llama
+from kvjax.tools.kvzap_train import (TrainConfig, build_contexts, context_ids, kvzip_targets,
+                                     rankdata, spearman, text_paragraphs, top_overlap,
+                                     train_scorer)
+from kvpress_kvzip_ref import CHATML_TEMPLATE, kvzip_reference, tiny_llama
 
 CFG = dict(n_train=4, n_heldout=2, context_tokens=96, tokens_per_context=64, epochs=15,
            batch_size=64)
@@ -29,14 +30,14 @@ def _ascii_text(n=30):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    _, path = tiny_llama(tmp_path_factory.mktemp("kvzap_train"), chat_template=CHATML_TEMPLATE)
+    hf, path = tiny_llama(tmp_path_factory.mktemp("kvzap_train"), chat_template=CHATML_TEMPLATE)
     model, tok = models.load(path, progress=False, dtype=jnp.float32)
-    return model, tok, path
+    return model, tok, path, hf
 
 
 @pytest.fixture(scope="module")
 def trained(tiny):
-    model, tok, _ = tiny
+    model, tok, *_ = tiny
     return {kind: train_scorer(model, tok, TrainConfig(scorer=scorer_named(kind, hd), **CFG),
                                texts=[_ascii_text()], progress=False)
             for kind, hd in (("linear", None), ("mlp", 16))}
@@ -56,7 +57,7 @@ def test_loss_decreases_and_heldout_correlation_is_reported(trained, kind):
 
 
 def test_same_seed_same_weights(tiny, trained):
-    model, tok, _ = tiny
+    model, tok, *_ = tiny
     again = train_scorer(model, tok, TrainConfig(**CFG), texts=[_ascii_text()], progress=False)
     assert again.weights == trained["linear"].weights
     for a, b in zip(again.weights.arrays, trained["linear"].weights.arrays):
@@ -67,7 +68,7 @@ def test_same_seed_same_weights(tiny, trained):
 
 
 def test_trained_weights_drive_the_press(tiny, trained):
-    model, _, _ = tiny
+    model, *_ = tiny
     press = kvjax.KVzapPress(compression_ratio=0.5, weights=trained["mlp"].weights,
                              allocation="uniform")
     ids = [list(np.random.RandomState(0).randint(0, 128, 60))]
@@ -77,13 +78,13 @@ def test_trained_weights_drive_the_press(tiny, trained):
 
 
 def test_train_scorer_command(tiny, tmp_path, capsys):
-    _, _, path = tiny
+    _, _, path, _ = tiny
     text = tmp_path / "text.txt"
     text.write_text(_ascii_text())
     argv = ["train-scorer", "--model", str(path), "--out", str(tmp_path / "run"), "--text",
             str(text), "--n-train", "3", "--n-heldout", "1", "--context-tokens", "64",
             "--tokens-per-context", "32", "--epochs", "5", "--batch-size", "32",
-            "--no-progress"]
+            "--kvzip-plus", "--no-progress"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "held-out Spearman per layer" in out
@@ -91,6 +92,9 @@ def test_train_scorer_command(tiny, tmp_path, capsys):
     assert meta["signature"] == [3, 96, 2] and len(meta["metrics"]["heldout_spearman"]) == 3
     assert meta["info"]["command"].startswith(f"kvjax train-scorer --model {path} --out DIR")
     assert "--n-train 3" in meta["info"]["command"]
+    assert meta["info"]["command"].endswith("--kvzip-plus")
+    assert meta["info"]["target"].startswith("log(max(KVzip+ score")
+    assert meta["info"]["config"]["kvzip_plus"] is True
     w = load_weights(tmp_path / "run")
     assert w == load_weights(tmp_path / "run" / "kvzap.npz")
     assert (tmp_path / "run" / "checkpoint").is_dir()
@@ -102,8 +106,23 @@ def test_train_scorer_command(tiny, tmp_path, capsys):
     assert "already holds a checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("plus", [False, True], ids=["kvzip", "kvzip_plus"])
+def test_targets_are_kvpress_kvzip_scores(tiny, plus):
+    """The training targets are log KVzip (or KVzip+, the KVzap paper's) scores: kvpress's
+    KVzipPress on the same weights and context gives them."""
+    model, tok, _, hf = tiny
+    ids = context_ids(tok, text_paragraphs([_ascii_text(3)])[0][:150])
+    cfg = TrainConfig(**CFG, kvzip_plus=plus)
+    (_, logs), = kvzip_targets(model, tok, [ids], cfg, progress=False)  # [L, T, K]
+    ref = kvzip_reference(hf, np.asarray([ids]), 0.5, kvzip_plus_normalization=plus)
+    want = np.log(np.maximum(ref["scores"][:, 0], 1e-8)).transpose(0, 2, 1)
+    np.testing.assert_allclose(logs, want, atol=2e-4)
+    other = kvzip_reference(hf, np.asarray([ids]), 0.5, kvzip_plus_normalization=not plus)
+    assert not np.allclose(other["scores"], ref["scores"], atol=1e-3)
+
+
 def test_heldout_paragraphs_are_not_trained_on(tiny):
-    _, tok, _ = tiny
+    _, tok, *_ = tiny
     paras = text_paragraphs([_ascii_text(40)])
     cfg = TrainConfig(n_train=3, n_heldout=2, context_tokens=200)
     train, held = build_contexts(tok, paras, cfg, prefix_length=17)
@@ -131,7 +150,7 @@ def test_rank_statistics_against_brute_force():
 
 
 def test_bad_training_inputs(tiny):
-    _, tok, _ = tiny
+    _, tok, *_ = tiny
     with pytest.raises(ValueError, match="scorer='mlp' must be"):
         TrainConfig(scorer="mlp")
     with pytest.raises(ValueError, match="'tree' is not 'linear' or 'mlp'"):

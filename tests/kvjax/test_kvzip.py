@@ -46,7 +46,10 @@ def _ours(model, tok, ids, press):
 
 @pytest.mark.parametrize("ratio, kwargs", [(0.5, {}), (0.75, {}),
                                            (0.5, dict(chunk_size=32)),
-                                           (0.6, dict(layerwise=True))])
+                                           (0.6, dict(layerwise=True)),
+                                           (0.5, dict(kvzip_plus_normalization=True)),
+                                           (0.7, dict(kvzip_plus_normalization=True,
+                                                      chunk_size=32))])
 def test_scores_and_kept_positions_match_kvpress(setup, ratio, kwargs):
     hf, model, tok, ids = setup
     ref = kvzip_reference(hf, ids, ratio, **kwargs)
