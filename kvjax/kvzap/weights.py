@@ -30,7 +30,10 @@ FORMAT_VERSION = 1
 # 512 tokens of the kvjax.eval corpus, seed 0; about 5 minutes on 2 CPU cores), then
 # `cp DIR/kvzap.npz kvjax/kvzap/smollm2_135m_linear.npz`; its info records the recipe and the
 # held-out rank correlation (tests/kvjax/test_kvzap_smollm2.py reproduces the latter).
-SHIPPED = {"smollm2": "smollm2_135m_linear.npz"}
+# smollm2_plus: `kvjax train-scorer --model smollm2 --kvzip-plus --out DIR` (the same recipe on
+# KVzip+ scores, the KVzap paper's target), then `cp DIR/kvzap.npz
+# kvjax/kvzap/smollm2_135m_linear_plus.npz`.
+SHIPPED = {"smollm2": "smollm2_135m_linear.npz", "smollm2_plus": "smollm2_135m_linear_plus.npz"}
 META_FILE = "kvzap.json"  # in a directory written by `save_dir` (train-scorer --out)
 NPZ_FILE = "kvzap.npz"
 CHECKPOINT_DIR = "checkpoint"
@@ -337,13 +340,17 @@ def _init_cached(kind, n_layers, d_model, n_kv_heads, seed):
 class ShippedWeights:
     """The shipped weights that fit the model the press meets, matched by its shapes
     (n_layers, d_model, n_kv_heads) at trace time: KVzapPress's default. A model no shipped
-    weights fit is a ValueError naming its shapes and how to train weights for it."""
+    weights fit is a ValueError naming its shapes and how to train weights for it.
+    `kvzip_plus=True` takes the shipped weights trained on KVzip+ scores instead."""
+
+    kvzip_plus: bool = False
 
     def resolve(self, n_layers: int, d_model: int, n_kv_heads: int) -> KVzapWeights:
         got = (int(n_layers), int(d_model), int(n_kv_heads))
         for name in sorted(SHIPPED):
             weights = _shipped_cached(name)
-            if weights.signature == got:
+            plus = bool(weights.metadata.get("config", {}).get("kvzip_plus", False))
+            if weights.signature == got and plus == self.kvzip_plus:
                 return weights
         have = ", ".join(f"{n} {_shipped_cached(n).signature}" for n in sorted(SHIPPED))
         raise ValueError(

@@ -1,6 +1,6 @@
 """Every press by name, with example arguments: drives the CLI and the generic tests."""
 
-from kvjax.kvzap.weights import UntrainedWeights
+from kvjax.kvzap.weights import ShippedWeights, UntrainedWeights
 from kvjax.presses.adakv import AdaKVPress
 from kvjax.presses.composed import ComposedPress
 from kvjax.presses.expected_attention import ExpectedAttentionPress
@@ -46,6 +46,12 @@ def _kvzap(compression_ratio=0.0, weights="smollm2"):
     return KVzapPress(compression_ratio=compression_ratio, weights=weights)
 
 
+def _kvzap_plus(compression_ratio=0.0, weights=ShippedWeights(kvzip_plus=True), **kwargs):
+    """KVzap with the shipped weights trained on KVzip+ scores (the KVzap paper's target)
+    that fit the model, unless `weights=` names others."""
+    return KVzapPress(compression_ratio=compression_ratio, weights=weights, **kwargs)
+
+
 def _kvzip_plus(compression_ratio=0.0, **kwargs):
     """KVzip+ (the KVzap paper's score): KVzipPress(kvzip_plus_normalization=True)."""
     return KVzipPress(compression_ratio=compression_ratio, kvzip_plus_normalization=True,
@@ -82,6 +88,8 @@ PRESSES = {
     # mechanics, not its quality; by name the press defaults to the shipped SmolLM2 weights.
     "kvzap": (_kvzap, dict(weights=UntrainedWeights(seed=0)), "learned linear/MLP scorer of "
               "hidden states approximating KVzip (arXiv 2601.07891; weights=smollm2|DIR)"),
+    "kvzap_plus": (_kvzap_plus, dict(weights=UntrainedWeights(seed=0)), "KVzap trained on "
+                   "KVzip+ scores (the paper's target; shipped for SmolLM2)"),
     "expected_attention": (ExpectedAttentionPress, dict(n_future_positions=64),
                            "closed-form expected attention of future queries"),
     "random": (RandomPress, dict(seed=0), "uniformly random tokens (baseline)"),

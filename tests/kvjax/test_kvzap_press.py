@@ -161,6 +161,18 @@ def test_default_weights_refuse_a_model_no_shipped_file_fits(setup):
         _kept(model, ids, kvjax.KVzapPress(compression_ratio=0.5))
 
 
+def test_shipped_weights_by_target():
+    """ShippedWeights() takes the SmolLM2 file trained on KVzip scores, kvzip_plus=True the one
+    trained on KVzip+ scores (each file's own recipe says which)."""
+    from kvjax.kvzap import ShippedWeights, shipped_weights
+    kvzip = ShippedWeights().resolve(30, 576, 3)
+    plus = ShippedWeights(kvzip_plus=True).resolve(30, 576, 3)
+    assert kvzip == shipped_weights("smollm2") and plus == shipped_weights("smollm2_plus")
+    assert kvzip != plus
+    assert "KVzip+" in plus.metadata["target"] and "not KVzip+" in kvzip.metadata["target"]
+    assert plus.metadata["command"] == "kvjax train-scorer --model smollm2 --out DIR --kvzip-plus"
+
+
 def test_bad_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         kvjax.KVzapPress(compression_ratio=0.5, weights=str(tmp_path / "missing"))

@@ -14,9 +14,10 @@ from kvjax.tools.kvzap_train import TrainConfig, build_contexts, evaluate, kvzip
 pytestmark = pytest.mark.slow
 
 # Measured when the file was made (python benchmarks/kvzap_cost.py / kvjax train-scorer output):
-# mean held-out Spearman 0.76 over the 30 layers, worst layer 0.64.
+# mean held-out Spearman 0.76 over the 30 layers, worst layer 0.64 (KVzip targets) and 0.56
+# (KVzip+ targets).
 MIN_MEAN_SPEARMAN = 0.7
-MIN_LAYER_SPEARMAN = 0.55
+MIN_LAYER_SPEARMAN = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +26,10 @@ def smollm2():
     return models.load("smollm2", dtype="float32", progress=False)
 
 
-def test_shipped_heldout_rank_correlation(smollm2):
+@pytest.mark.parametrize("name", ["smollm2", "smollm2_plus"])  # KVzip, KVzip+ targets
+def test_shipped_heldout_rank_correlation(smollm2, name):
     model, tok = smollm2
-    w = shipped_weights()
+    w = shipped_weights(name)
     meta = w.metadata
     cfg = TrainConfig.from_dict(meta["config"])
     from kvjax.corpus import corpus_paragraphs
