@@ -157,13 +157,14 @@ class KVCache:
       tail: tokens appended later (`Tail`).
       next_pos: [B] int32 position of the next token; continues from the original prompt
         length however many slots survived compression.
-      hook: static decode-time hook (`kvjax.hooks.DecodeHook`: periodic merge, ring), or None.
+      hook: the decode-time hook (`kvjax.hooks.DecodeHook`: periodic merge, ring), or None;
+        a pytree whose leaves are only its value fields (a threshold), static otherwise.
     """
 
     store: KVStore
     tail: Tail
     next_pos: jax.Array
-    hook: "DecodeHook | None" = dataclasses.field(metadata=dict(static=True), default=None)
+    hook: "DecodeHook | None" = None
 
     @property
     def n_layers(self) -> int:
@@ -176,7 +177,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by every array of the cache (what device memory really holds)."""
-        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+        return sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(self))
 
     def view(self, layer, width: int | None = None) -> LayerView:
         """Layer `layer`'s segments as a dense LayerView (see `layer_view`)."""

@@ -8,7 +8,7 @@ hooks themselves live with the presses that bring them:
     attends over a layer's segment plus the new token and re-selects the segment at once.
 Both rewrite segments in place (`kvjax.cache.write_view`), within the room the store gave
 every segment (its size, or a growing budget's room: `segment_room`), so they work over every
-allocator's table. A hook is a frozen dataclass (static); the cache
+allocator's table. A hook is a frozen dataclass, static but for its `value_fields`; the cache
 carries it (`KVCache.hook`), so models never see it.
 """
 
@@ -17,10 +17,21 @@ import jax.numpy as jnp
 
 from kvjax.cache import KVCache
 from kvjax.observation import ObsSpec
+from kvjax.values import register_values
 
 
 class DecodeHook:
-    """Base class: no decode-time compression (tokens accumulate in the tail)."""
+    """Base class: no decode-time compression (tokens accumulate in the tail).
+
+    Every subclass (a frozen dataclass) is a pytree whose leaves are its `value_fields`, also
+    inside nested fields (a DecodingPress's budget threshold): the cache carries the hook, so
+    a new value of those never recompiles the decode loop (`kvjax.values`)."""
+
+    value_fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register_values(cls)
 
     owns_attention = False  # decode_layer delegates attention to the hook
     needs_extra = False  # the store carries per-slot state (`init_extra`)

@@ -85,13 +85,13 @@ def observe_prompt(fn, params, tokens, prompt, *, observer, attn_impl="auto"):
                         resolve_attn_impl(attn_impl))
 
 
-@functools.partial(jax.jit, static_argnames=("press", "tail_capacity", "hook", "quant", "mesh",
-                                             "decode_len"))
+@functools.partial(jax.jit, static_argnames=("tail_capacity", "quant", "mesh", "decode_len"))
 def compress_cache(press, prompt, *, tail_capacity, hook=None, quant=None, mesh=None,
                    decode_len=0):
     """The prompt compressed by `press` into a new KVCache (the Prompt's buffers survive, so
     other presses can compress the same prefill). `decode_len`: the generated-token buffer,
-    for a decode hook whose budget grows segments."""
+    for a decode hook whose budget grows segments. `press` and `hook` are pytrees whose
+    leaves are their value fields (a threshold: `kvjax.values`), static otherwise."""
     return _compress_body(press, prompt, tail_capacity, hook, quant, mesh, decode_len)
 
 
@@ -105,8 +105,8 @@ def compress_prompt(press, prompt, plan) -> KVCache:
     return compress_cache(press, prompt, **plan.compress_parts())
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "press", "attn_impl",
-                                             "hook", "quant", "question_rows", "decode_len"))
+@functools.partial(jax.jit, static_argnames=("fn", "tail_capacity", "attn_impl", "quant",
+                                             "question_rows", "decode_len"))
 def prefill(fn, params, tokens, lengths, *, tail_capacity, press=None, attn_impl="auto",
             hook=None, quant=None, question_len=None, question_rows: int = 0,
             decode_len: int = 0):

@@ -1,6 +1,7 @@
 """The press protocol: frozen, hashable dataclasses made of parts (docs/architecture.md).
 
-A press is a static jit argument. It never reads the model and never mutates itself. It is a
+A press is a static jit argument, or a pytree one whose only leaves are its `value_fields`
+(ThresholdPress's threshold: `kvjax.values`). It never reads the model and never mutates itself. It is a
 sequence of token *stages*, each a scorer (scores per kv head) x an allocator (how many slots
 every layer and kv head keeps) x a selector (which slots, given scores and budgets), plus an
 optional channel pruner (ThinK) and optional hooks: a decode-time hook (periodic merge, ring
@@ -18,6 +19,7 @@ import typing
 import jax
 
 from kvjax.observation import ObsSpec
+from kvjax.values import register_values
 from kvjax.presses.parts import (Stage, StaticSize, TopK, Uniform, check_fields,
                                   validate_ratio)
 
@@ -62,6 +64,12 @@ class Press(abc.ABC):
     """
 
     compression_ratio: float = 0.0
+    # fields jit traces rather than keys on (kvjax/values.py): a new value never recompiles
+    value_fields: typing.ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register_values(cls)
 
     def __post_init__(self):
         check_fields(self)

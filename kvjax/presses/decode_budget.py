@@ -9,8 +9,9 @@ A budget is a frozen dataclass with two methods:
     its neighbour;
   * `keep(length, n_valid, seen, scores)`: the traced budget [B, K] of one merge.
 The budget of each merge is computed inside the jitted loop (a new prompt or output never
-recompiles); the budget's own value (size, ratio, threshold) is part of the static hook, so a
-new value compiles once, like a press's compression_ratio.
+recompiles). A threshold is a value the loop traces (`value_fields`, kvjax/values.py): a new
+threshold never recompiles. A size or a ratio sets the store's room, a static shape, so a new
+one compiles once, like a press's compression_ratio.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class KeepSize:
     """Every segment keeps the size the prefill compression gave it (the default): memory is
     bounded by the compressed prompt plus `compression_interval` tail slots."""
 
+    value_fields = ()  # sizes and ratios shape the store: static (kvjax/values.py)
+
     def room(self, width: int, seen_bound: int) -> int | None:
         return None
 
@@ -46,6 +49,7 @@ class FixedSize:
     together (kvpress's `DecodingPress(target_size=...)`); it grows to `size`, then stays."""
 
     size: int
+    value_fields = ()
 
     def __post_init__(self):
         check_fields(self)
@@ -68,6 +72,7 @@ class RatioOfSeen:
     processed so far (prompt and generated: kvpress's ratio decoding budget, kvpress #230)."""
 
     compression_ratio: float
+    value_fields = ()
 
     def __post_init__(self):
         check_fields(self)
@@ -93,9 +98,12 @@ class ScoreThreshold:
     `memory_report(...).prefix_tokens` counts what is kept."""
 
     threshold: float
+    value_fields = ("threshold",)  # data: a new threshold never recompiles
 
     def __post_init__(self):
         check_fields(self)
+        if not isinstance(self.threshold, jax.core.Tracer):
+            object.__setattr__(self, "threshold", float(self.threshold))  # one traced dtype
 
     def room(self, width, seen_bound):
         return max(width, seen_bound)

@@ -38,6 +38,9 @@ def check_fields(obj) -> None:
     hints = typing.get_type_hints(type(obj))
     for field in dataclasses.fields(obj):
         value, kinds = getattr(obj, field.name), _kinds(hints.get(field.name))
+        if field.name in getattr(type(obj), "value_fields", ()) and isinstance(
+                value, jax.core.Tracer):  # a value traced inside jit, checked when built
+            continue
         where = f"{type(obj).__name__}({field.name}={value!r})"
         if value is None and type(None) in kinds:
             continue

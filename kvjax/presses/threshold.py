@@ -59,8 +59,8 @@ class Threshold(Allocator):
 class ThresholdPress(WrapperPress):
     """Keep what `press` scores at or above `threshold` in every layer and kv head.
 
-    Budgets are data (a new input never recompiles; a new threshold value compiles once, as
-    a new compression_ratio does) and bounded by the prompt:
+    Budgets are data and so is the threshold (a `value_fields` entry, traced by jit: neither a
+    new input nor a new threshold recompiles), bounded by the prompt:
     the store `kvjax.compress` writes is sized for the whole prompt (its bytes are the bound),
     while the serving engine's pool (`kvjax.Engine`) and `memory_report(...).prefix_tokens`
     hold and count only the kept entries; `achieved_ratio(cache, prompt_lengths)` reports the
@@ -87,6 +87,7 @@ class ThresholdPress(WrapperPress):
     decoding: bool = False
     compression_interval: int = 64
     sliding_window_size: int = 0
+    value_fields = ("threshold",)  # traced by jit: a new threshold never recompiles
 
     def __post_init__(self):
         check_fields(self)
@@ -111,6 +112,7 @@ class ThresholdPress(WrapperPress):
         if self.compression_ratio != 0:
             raise ValueError(f"ThresholdPress(compression_ratio={self.compression_ratio}): the "
                              "ratio follows the input; see kvjax.achieved_ratio")
+        object.__setattr__(self, "threshold", float(self.threshold))  # one dtype when traced
         if self.decoding and scale != "log":
             raise ValueError(f"ThresholdPress(decoding=True) over {type(self.press).__name__}: "
                              "a decode-time threshold needs log scores that mean the same at "
@@ -126,10 +128,10 @@ class ThresholdPress(WrapperPress):
         if not self.decoding:
             return super().decode_hook
         return DecodingPress(press=self.press, compression_interval=self.compression_interval,
-                             budget=ScoreThreshold(float(self.threshold)),
+                             budget=ScoreThreshold(self.threshold),
                              window_size=self.sliding_window_size)
 
     def stages(self):
         return (Stage(scorer=self.press,
-                      allocator=Threshold(float(self.threshold), self.press.score_scale),
+                      allocator=Threshold(self.threshold, self.press.score_scale),
                       selector=self.press.selector()),)

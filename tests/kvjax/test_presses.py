@@ -60,6 +60,9 @@ def test_ratio_zero_is_identity(model, prompts, name):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+GLOBAL = ("kvzip", "kvzip_plus", "kvzap", "kvzap_plus")  # one top-k over layers and heads
+
+
 def _expected_counts(name, press, layer_idx, n_layers, n):
     if name == "pyramidkv":
         return int(pyramid_budget(np.array(n), layer_idx, n_layers, press.compression_ratio,
@@ -80,14 +83,14 @@ def test_kept_counts_and_indices(model, prompts, name, ratio):
         if name == "zigzagkv":  # per-input layer budgets: the total over layers is fixed
             per_layer = [len(_kept(cache, l, b, 0)) for l in range(n_layers)]
             assert sum(per_layer) == n_layers * math.ceil(round(n * (1 - ratio), 6))
-        if name in ("kvzip", "kvzip_plus", "kvzap"):  # one top-k over every layer and head: fixed total
+        if name in GLOBAL:  # one top-k over every layer and head: fixed total
             total = sum(len(_kept(cache, l, b, h)) for l in range(n_layers) for h in range(n_kv))
             assert total == math.ceil(round(n_layers * n_kv * n * (1 - ratio), 6))
     for li in range(n_layers):
         for b, n in enumerate(LENGTHS):
             want = _expected_counts(name, press, li, n_layers, n)
             counts = np.array([len(_kept(cache, li, b, h)) for h in range(n_kv)])
-            if name in ("kvzip", "kvzip_plus", "kvzap"):
+            if name in GLOBAL:
                 pass  # per-layer and per-head budgets both vary (the total is checked above)
             elif name == "zigzagkv":
                 assert len(set(counts.tolist())) == 1  # one budget for all kv heads of a layer
@@ -114,7 +117,7 @@ PROTECTED = {
     "tova": lambda n: [n - 1],
     "expected_attention": lambda n: range(4), "kvzip": lambda n: range(4),
     "kvzip_plus": lambda n: range(4),
-    "kvzap": lambda n: range(4),
+    "kvzap": lambda n: range(4), "kvzap_plus": lambda n: range(4),
     "nacl": lambda n: [0, 1] + list(range(n - round(0.05 * n), n)),  # n_sink=2, recent 5%
     # scorers with no sinks or window: nothing is kept by definition
     "observed_attention": None, "knorm": None, "keydiff": None, "random": None,

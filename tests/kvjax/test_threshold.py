@@ -130,6 +130,38 @@ def test_the_engine_pool_holds_exactly_what_a_threshold_keeps(model):
         assert req.result().tokens == out.tokens[0, :out.lengths[0]].tolist()
 
 
+def test_a_new_threshold_never_recompiles(model):
+    """The threshold is a traced value (kvjax/values.py): prefill and the decode loop compile
+    once across thresholds, in prefill and while decoding, and each run keeps what a
+    ThresholdPress built for that threshold alone keeps (the kept sets differ by threshold)."""
+    from kvjax import prefill as prefill_mod
+    weights = UntrainedWeights(seed=1)
+    prompts = _prompts([61, 48], seed=11)
+
+    def run(t, decoding):
+        press = kvjax.ThresholdPress(press=kvjax.KVzapPress(weights=weights), threshold=t,
+                                     decoding=decoding, compression_interval=4)
+        return kvjax.generate(model, prompts, max_new_tokens=9, press=press)
+
+    for decoding in (False, True):
+        run(-0.5, decoding)  # warm-up: one compilation of each
+        before = (prefill_mod.prefill._cache_size(), loops.decode._cache_size())
+        lengths = [np.asarray(run(t, decoding).cache.store.length) for t in (-0.2, 0.0, 0.3)]
+        assert (prefill_mod.prefill._cache_size(), loops.decode._cache_size()) == before
+        assert not np.array_equal(lengths[0], lengths[2])
+    # the traced threshold keeps what the numpy selection of its own scores keeps
+    press = kvjax.ThresholdPress(press=kvjax.KVzapPress(weights=weights), threshold=0.3)
+    kept, scores, lens, _ = _kept_and_scores(model, prompts, press)
+    out = run(0.3, False)
+    for b, n in enumerate(lens):
+        for li in range(len(scores)):
+            got = kvjax.kept_positions(out.cache, li)[b]
+            for h, pos in enumerate(got):
+                s = scores[li][b, h, :n]
+                want = np.flatnonzero((s >= 0.3) | (np.arange(n) < 4))
+                np.testing.assert_array_equal(np.sort(pos[pos < n]), want)
+
+
 @pytest.mark.parametrize("make, says", [
     (lambda: kvjax.ThresholdPress(press=kvjax.KnormPress(), threshold=0.5), "no calibrated"),
     (lambda: kvjax.ThresholdPress(press=kvjax.SnapKVPress(), threshold=1.5), "share of"),

@@ -86,8 +86,10 @@ class Marked(ScorerPress):
 
 
 def _optional_members() -> set[str]:
-    """Every public member `Press` defines but its abstract `stages` and its fields."""
+    """Every public member `Press` defines but its abstract `stages`, its fields and its
+    class-level declarations (`value_fields`: each class names its own)."""
     fields = {f.name for f in dataclasses.fields(Press)}
+    fields |= {n for n, t in Press.__annotations__.items() if "ClassVar" in str(t)}
     return {name for name, value in vars(Press).items()
             if not name.startswith("_") and name not in fields
             and not getattr(value, "__isabstractmethod__", False)}
