@@ -4,8 +4,8 @@ its cache on, so a new value never recompiles.
 A press or decode hook is a frozen dataclass that jit sees as a pytree whose leaves are the
 fields its class names in `value_fields` (for instance `ThresholdPress.threshold`), found
 also inside fields holding such objects or tuples of them (`DecodingPress.budget`,
-`ComposedPress.presses`); every other field is part
-of the pytree's static structure, so it keys the compilation as a static argument would.
+`ComposedPress.presses`); every other field is part of the pytree's static structure, so it
+keys the compilation as a static argument would.
 A class joins by calling `register_values(cls)` (`Press` and `DecodeHook` do it for every
 subclass). A value must not change a static shape: sizes and ratios that size the store stay
 static fields; thresholds are values. A press or hook that comes out of a jitted call holds
