@@ -1,6 +1,6 @@
 """ThinK's claim on our model: channel pruning alone (full token cache) and on top of SnapKV 0.5
-(λ 0.4, 0.5, and with value-channel pruning), needle in a haystack on SmolLM2, accuracy and KV
-bytes in one run. ThinK alone isolates what the channel pruning costs; on top of SnapKV it
+(λ 0.4, 0.5, and with value-channel pruning), and SnapKV alone at the same bytes as each of the
+latter, needle in a haystack on SmolLM2, accuracy and KV bytes in one run. ThinK alone isolates what the channel pruning costs; on top of SnapKV it
 answers the paper's claim (less memory than the token press alone at equal accuracy).
 
     python benchmarks/think_niah.py [--tokens 2048] [--samples 10] [--question-aware]
@@ -22,7 +22,8 @@ from kvjax.demo import needle_sample  # noqa: E402
 
 
 def configs(window: int):
-    snap = kvjax.SnapKVPress(compression_ratio=0.5, window_size=window)
+    snap_at = lambda r: kvjax.SnapKVPress(compression_ratio=r, window_size=window)  # noqa: E731
+    snap = snap_at(0.5)
 
     def think(lk, lv=0.0, press=snap):
         return kvjax.ThinKPress(key_channel_compression_ratio=lk, window_size=window,
@@ -33,7 +34,11 @@ def configs(window: int):
             "ThinK 0.5 + values 0.25 alone": think(0.5, 0.25, press=None),
             "SnapKV 0.5": snap, "SnapKV 0.5 + ThinK 0.4": think(0.4),
             "SnapKV 0.5 + ThinK 0.5": think(0.5),
-            "SnapKV 0.5 + ThinK 0.5 + values 0.25": think(0.5, 0.25)}
+            "SnapKV 0.5 + ThinK 0.5 + values 0.25": think(0.5, 0.25),
+            # SnapKV alone at the bytes of SnapKV 0.5 + ThinK: (1 - r) = 0.5 (2 - lk - lv) / 2
+            "SnapKV 0.6 (bytes of + ThinK 0.4)": snap_at(0.6),
+            "SnapKV 0.625 (bytes of + ThinK 0.5)": snap_at(0.625),
+            "SnapKV 0.6875 (bytes of + ThinK 0.5 + values 0.25)": snap_at(0.6875)}
 
 
 def main(argv=None):
