@@ -36,14 +36,14 @@ TINY_HF = {
 }
 
 
-def tiny_decoder(**overrides):
+def tiny_decoder(seed: int = 0, **overrides):
     """A tiny random `models.Decoder` (4 q heads, 2 kv heads, vocab 97) for generate tests."""
     from flax import nnx
 
     import models
     kw = dict(n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=256)
     kw.update(overrides)
-    return models.Decoder(models.ModelConfig.tiny(**kw), rngs=nnx.Rngs(0))
+    return models.Decoder(models.ModelConfig.tiny(**kw), rngs=nnx.Rngs(seed))
 
 
 def random_prompts(lengths, seed: int = 1, vocab: int = 97) -> list[list[int]]:

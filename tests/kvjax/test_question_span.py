@@ -12,11 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import kept_all
-from flax import nnx
+from conftest import kept_all, random_prompts, tiny_decoder
 
 import kvjax
-import models
 from kvjax import loops
 from kvjax.cache import LayerView
 from kvjax.observation import Observation
@@ -25,14 +23,12 @@ from kvjax.presses.snapkv import question_window_scores
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = models.ModelConfig.tiny(n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=101)
-    return models.Decoder(cfg, rngs=nnx.Rngs(1))
+    return tiny_decoder(seed=1, n_layers=2, n_heads=6, vocab_size=101)
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = np.random.RandomState(0)
-    return [list(rng.randint(0, 101, n)) for n in (57, 41)]
+    return random_prompts((57, 41), seed=0, vocab=101)
 
 
 _kept_all = kept_all
